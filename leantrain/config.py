@@ -1,0 +1,112 @@
+"""TrainConfig: every knob of a training run, as one flat dataclass saved to ``config.json``.
+
+Flat on purpose: the CLI maps one flag to one field, and a run folder's config.json can be edited by hand and
+fed back with ``leantrain train --config``. Method-specific fields are ignored by methods that do not use them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train on -------------------------------------------------------------------------------------
+    task: str = "classify"  # "classify" (sentence classification) | "causal-lm"
+    model: str = "minilm"  # "minilm" (embedded MiniLM-L6), "tiny" (random 2-layer BERT, for tests) or a folder
+    data: str = "vader"  # "vader" | "bible" | path to .csv/.jsonl with text,label columns
+    val_data: str | None = None  # optional separate validation file; else a deterministic split of `data`
+    train_size: int | None = 4000  # stratified subset of the training split (None = all of it)
+    val_size: int | None = 1000  # subset of the validation split (None = all of it)
+    max_length: int = 64  # tokens per sentence
+    # --- how to train -----------------------------------------------------------------------------------------
+    method: str = "lora"  # registry name, see leantrain.methods.available_methods()
+    optim: str = "adamw"  # registry name, see leantrain.optim.available_optimizers()
+    lr: float | None = None  # None = the method's default learning rate
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    epochs: float | None = None  # train for this many passes over the data ...
+    steps: int | None = None  # ... or exactly this many optimizer steps (wins over epochs); default 1 epoch
+    batch_size: int = 16
+    grad_accum: int = 1  # micro-batches per optimizer step
+    warmup_ratio: float = 0.06  # linear warm-up, then linear decay to 0
+    grad_clip: float | None = 1.0  # max global grad norm; None disables clipping
+    nan_policy: str = "stop"  # "stop" | "skip": what to do when the loss or a gradient is not finite
+    seed: int = 0
+    device: str = "auto"  # "auto" picks cuda when present, else cpu
+    # --- adapters (LoRA family, VeRA, MiSS, SHiRA) -------------------------------------------------------------
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str = "all-linear"  # "all-linear", comma-separated module names, or a regex (prefix "re:")
+    init: str = "default"  # LoRA init: default | gaussian | pissa | pissa_fast
+    lora_plus_ratio: float | None = None  # LoRA+: lr of B = ratio * lr of A (e.g. 16); None = plain LoRA
+    mask: str = "random"  # SHiRA mask: random | magnitude | gradient | snip
+    fraction: float | None = None  # SHiRA: share of each matrix that trains (overrides the r-based count)
+    miss_variant: str = "default"  # MiSS: default | bat
+    quantize: str | None = None  # frozen base: None | "nf4" | "int8"
+    # --- projected optimizers (GaLore, GradNormLoRP) -----------------------------------------------------------
+    gap: int = 200  # steps between projector refreshes
+    proj_scale: float = 0.25  # GaLore alpha
+    svd: str = "randomized"  # "full" | "randomized" projector refresh
+    block_size: int = 256  # block size of 8/4-bit optimizer states
+    # --- DLRT -----------------------------------------------------------------------------------------------
+    tau: float = 0.1  # truncation tolerance relative to the singular values of S
+    # --- language modelling (task=causal-lm) --------------------------------------------------------------------
+    init_weights: str = "pretrained"  # "pretrained" | "scratch"
+    arch: str | None = None  # "llama" for from-scratch pre-training
+    preset: str | None = None  # model size preset for --init scratch
+    activation_checkpointing: bool = False
+    # --- output -----------------------------------------------------------------------------------------------
+    out: str = "runs/latest"
+    save_every: int = 0  # write a checkpoint every N steps (0 = only at the end)
+    eval_every: int = 0  # validate every N steps (0 = only at the end)
+    resume: bool = False  # continue from the newest checkpoint in `out`
+    progress: bool = True  # show a progress bar
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form options for third-party methods
+
+    def __post_init__(self) -> None:
+        if isinstance(self.betas, list):
+            self.betas = tuple(self.betas)  # JSON round trip turns tuples into lists
+        checks = [
+            (self.lr is None or self.lr > 0, "lr", self.lr, "must be > 0"),
+            (self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0"),
+            (self.epochs is None or self.epochs > 0, "epochs", self.epochs, "must be > 0"),
+            (self.steps is None or self.steps > 0, "steps", self.steps, "must be > 0"),
+            (self.batch_size > 0, "batch_size", self.batch_size, "must be > 0"),
+            (self.grad_accum > 0, "grad_accum", self.grad_accum, "must be > 0"),
+            (self.max_length > 1, "max_length", self.max_length, "must be > 1"),
+            (0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "must be in [0, 1)"),
+            (self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip, "must be > 0"),
+            (self.nan_policy in ("stop", "skip"), "nan_policy", self.nan_policy, "must be 'stop' or 'skip'"),
+            (self.rank > 0, "rank", self.rank, "must be > 0"),
+            (self.save_every >= 0, "save_every", self.save_every, "must be >= 0"),
+            (self.eval_every >= 0, "eval_every", self.eval_every, "must be >= 0"),
+            (self.train_size is None or self.train_size > 0, "train_size", self.train_size, "must be > 0"),
+            (self.val_size is None or self.val_size > 0, "val_size", self.val_size, "must be > 0"),
+            (self.tau > 0, "tau", self.tau, "must be > 0"),
+            (self.gap > 0, "gap", self.gap, "must be > 0"),
+            (self.fraction is None or 0 < self.fraction <= 1, "fraction", self.fraction, "must be in (0, 1]"),
+            (self.task in ("classify", "causal-lm"), "task", self.task, "must be 'classify' or 'causal-lm'"),
+        ]
+        for ok, name, value, why in checks:
+            if not ok:
+                raise ValueError(f"TrainConfig.{name}={value!r} {why}")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))

