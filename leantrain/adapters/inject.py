@@ -1,0 +1,171 @@
+"""inject(): the single way to put any registered adapter into any nn.Module.
+
+Targets are chosen by ``config.target_modules``:
+  * a list of names -- PEFT's rule: a module matches when its full name equals the entry or ends with
+    ``"." + entry`` (so ``["query", "value"]`` hits every attention block);
+  * ``"re:<regex>"`` -- full match of the module name (a PEFT file's plain-string target is treated the same);
+  * ``"all-linear"`` -- every nn.Linear / quantized Linear.
+``config.exclude_modules`` removes modules the same way; when it is None the task head (any module whose name
+contains a component ``classifier``, ``lm_head`` or ``score``) is excluded for "all-linear" and regex targets,
+never for an explicit list (naming a module explicitly is taken as intent).
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import AdapterLayer
+from .registry import is_linear_like, spec_for_config
+
+HEAD_NAMES = ("classifier", "lm_head", "score")
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    """Every wrapped layer of ``model`` with its module name."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            yield name, module
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of all adapters present in ``model``, in insertion order."""
+    seen: dict[str, None] = {}
+    for _, layer in adapter_layers(model):
+        seen.update(dict.fromkeys(layer.adapters))
+    return list(seen)
+
+
+def adapter_config(model: nn.Module, name: str) -> Any:
+    """The config an adapter was created with (raises KeyError listing the adapters present)."""
+    for _, layer in adapter_layers(model):
+        if name in layer.configs:
+            return layer.configs[name]
+    raise KeyError(f"model has no adapter named {name!r} (adapters: {adapter_names(model)})")
+
+
+def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, effective module) for every module not inside a wrapper; a wrapper stands for its base layer."""
+    out: list[tuple[str, nn.Module]] = []
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(module, AdapterLayer):
+            inside.append(name)
+            out.append((name, module.base_layer))
+        else:
+            out.append((name, module))
+    return out
+
+
+def _suffix_match(name: str, entries: list[str]) -> bool:
+    return any(name == e or name.endswith("." + e) for e in entries)
+
+
+def _matches(name: str, spec: str | list[str]) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec.removeprefix("re:"), name) is not None
+    return _suffix_match(name, list(spec))
+
+
+def _is_head(name: str) -> bool:
+    return any(part in HEAD_NAMES for part in name.split("."))
+
+
+def resolve_targets(model: nn.Module, target_modules: str | list[str], exclude_modules: Any = None) -> list[str]:
+    """Module names selected by the target/exclude rules above. Unknown list entries raise ValueError."""
+    candidates = _candidates(model)
+    names = [n for n, _ in candidates]
+    if isinstance(target_modules, str) and target_modules == "all-linear":
+        chosen = [n for n, m in candidates if is_linear_like(m)]
+    elif isinstance(target_modules, str):
+        pattern = target_modules.removeprefix("re:")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"target_modules regex {pattern!r} is invalid: {exc}") from exc
+        chosen = [n for n in names if re.fullmatch(pattern, n)]
+    else:
+        entries = list(target_modules)
+        if not entries:
+            raise ValueError("target_modules is empty; give module names, 're:<regex>' or 'all-linear'")
+        for entry in entries:
+            if not any(_suffix_match(n, [entry]) for n in names):
+                pool = sorted(set(names) | {n.rsplit(".", 1)[-1] for n in names})
+                close = difflib.get_close_matches(entry, pool, n=5, cutoff=0.5)
+                hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+                raise ValueError(f"target module {entry!r} matches no module of {type(model).__name__}{hint}")
+        chosen = [n for n in names if _suffix_match(n, entries)]
+    if exclude_modules is None:
+        if not isinstance(target_modules, (list, tuple)):
+            chosen = [n for n in chosen if not _is_head(n)]
+    elif exclude_modules:
+        chosen = [n for n in chosen if not _matches(n, exclude_modules)]
+    if not chosen:
+        raise ValueError(f"target_modules={target_modules!r} selects no module of {type(model).__name__}")
+    return chosen
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def inject(model: nn.Module, config: Any, name: str = "default", calib: Any = None) -> list[str]:
+    """Add adapter ``name`` described by ``config`` to ``model`` in place; return the wrapped module names.
+
+    Freezes every non-adapter parameter and makes the new adapter's parameters trainable (other adapters keep
+    their flags). ``calib`` is handed to ``config.prepare(model, targets, calib)`` when the config defines it.
+    """
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name must be a non-empty string without dots, got {name!r}")
+    spec = spec_for_config(config)
+    if name in adapter_names(model):
+        raise ValueError(f"model already has an adapter named {name!r}; delete it or choose another name")
+    targets = resolve_targets(model, config.target_modules, getattr(config, "exclude_modules", None))
+    plan: list[tuple[str, nn.Module, type]] = []
+    for target in targets:
+        module = model.get_submodule(target)
+        base = module.base_layer if isinstance(module, AdapterLayer) else module
+        layer_cls = spec.layer_for(base)
+        if layer_cls is None:
+            raise TypeError(f"{spec.peft_type} cannot wrap module {target!r} of type {type(base).__name__}")
+        if isinstance(module, AdapterLayer) and type(module) is not layer_cls:
+            raise TypeError(
+                f"module {target!r} already holds {type(module).__name__} adapters; one adapter kind per layer"
+            )
+        plan.append((target, module, layer_cls))
+    prepare = getattr(config, "prepare", None)
+    if callable(prepare):
+        prepare(model, targets, calib)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for target, module, layer_cls in plan:
+        if isinstance(module, AdapterLayer):
+            layer = module
+        else:
+            layer = layer_cls(module)
+            _set_submodule(model, target, layer)
+        layer.layer_name = target
+        layer.add_adapter(name, config)
+    for _, layer in adapter_layers(model):
+        if name in layer.adapters:
+            for p in layer.adapters[name].parameters():
+                p.requires_grad_(True)
+    return targets
+
+
+def trainable_adapter_parameters(model: nn.Module, name: str | None = None) -> list[tuple[str, torch.Tensor]]:
+    """(full name, parameter) of the adapters' parameters (all adapters, or only ``name``)."""
+    out = []
+    for layer_name, layer in adapter_layers(model):
+        for adapter, module in layer.adapters.items():
+            if name is None or adapter == name:
+                out.extend((f"{layer_name}.adapters.{adapter}.{k}", p) for k, p in module.named_parameters())
+    return out

@@ -1,0 +1,227 @@
+"""LoRA and its variants: rsLoRA scaling, DoRA, PiSSA init (one config, one layer per module type).
+
+LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685):  y = W x + s·B A dropout(x),  s = alpha / r.
+rsLoRA (Kalajdzievski 2023, https://arxiv.org/abs/2312.03732): s = alpha / sqrt(r), rank-stable updates.
+DoRA (Liu et al. 2024, https://arxiv.org/abs/2402.09353): y = (m / ||W + s·BA||_row) ⊙ (W + s·BA) x + b with the
+  norm detached (paper §4.3); m starts at ||W||_row. Supported on Linear.
+PiSSA (Meng et al. 2024, https://arxiv.org/abs/2404.02948): A, B start as the top-r singular triplets of W and W is
+  replaced by the residual, so the output is unchanged at init. "pissa_fast" uses torch.svd_lowrank.
+Formulas, key names and defaults follow /work/shared/methods/lora_family.md (PEFT's LoRA).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import AdapterLayer, base_weight, layer_shape, set_base_weight
+from .registry import register_adapter
+
+LORA_INITS = ("default", "gaussian", "pissa", "pissa_fast", "random")
+
+
+@dataclass
+class LoraConfig:
+    """One LoRA adapter. ``init``: "default" (Kaiming-uniform A, zero B), "gaussian" (A ~ N(0, 1/r), zero B),
+    "pissa" (exact SVD), "pissa_fast" (randomized SVD, ``pissa_niter`` power iterations) or "random" (B random
+    too: output differs from the base at init, used by tests)."""
+
+    peft_type: ClassVar[str] = "LORA"
+
+    r: int = 8
+    alpha: float = 16.0
+    target_modules: str | list[str] = "all-linear"  # names (suffix match), "re:<regex>" or "all-linear"
+    exclude_modules: str | list[str] | None = None  # None = skip the task head for all-linear / regex targets
+    dropout: float = 0.0
+    use_rslora: bool = False  # s = alpha / sqrt(r) instead of alpha / r
+    use_dora: bool = False
+    init: str = "default"
+    pissa_niter: int = 4  # power iterations of the fast randomized SVD (PEFT's "pissa_niter_<k>")
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # module-name regex -> r (PEFT semantics)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)  # module-name regex -> alpha
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        for key, r in [("r", self.r), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]:
+            if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+                raise ValueError(f"LoraConfig.{key}={r!r} must be a positive integer")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoraConfig.dropout={self.dropout!r} must be in [0, 1)")
+        if self.init not in LORA_INITS:
+            raise ValueError(f"LoraConfig.init={self.init!r}; choose one of {', '.join(LORA_INITS)}")
+        if self.pissa_niter < 0:
+            raise ValueError(f"LoraConfig.pissa_niter={self.pissa_niter!r} must be >= 0")
+
+    def rank_alpha(self, layer_name: str) -> tuple[int, float]:
+        """r and alpha for one layer after rank_pattern / alpha_pattern (PEFT: regex matching a name suffix)."""
+
+        def lookup(patterns: dict, default: Any) -> Any:
+            for key, value in patterns.items():
+                if re.match(rf"(.*\.)?({key})$", layer_name):
+                    return value
+            return default
+
+        return lookup(self.rank_pattern, self.r), float(lookup(self.alpha_pattern, self.alpha))
+
+    def scaling(self, r: int, alpha: float) -> float:
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Adapters train in fp32 on a half-precision base (PEFT's autocast_adapter_dtype); same dtype otherwise."""
+    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class LoraParams(nn.Module):
+    """Tensors of one LoRA adapter: ``lora_A`` (r, in), ``lora_B`` (out, r), optional DoRA ``magnitude``."""
+
+    def __init__(self, r: int, n_in: int, n_out: int, scaling: float, dropout: float, dora: bool,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.r, self.scaling = r, scaling
+        self.lora_A = nn.Parameter(torch.empty(r, n_in, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.empty(n_out, r, dtype=dtype, device=device))
+        self.magnitude = nn.Parameter(torch.empty(n_out, dtype=dtype, device=device)) if dora else None
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+
+class LoraLinear(AdapterLayer):
+    """LoRA / rsLoRA / DoRA / PiSSA on nn.Linear (or a quantized Linear with ``dequantize()``)."""
+
+    peft_keys = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
+
+    def create_adapter(self, name: str, config: LoraConfig) -> nn.Module:
+        where = getattr(self, "layer_name", type(self.base_layer).__name__)
+        r, alpha = config.rank_alpha(where)
+        n_in, n_out = self.in_features, self.out_features
+        if r > min(n_in, n_out):
+            raise ValueError(f"LoRA r={r} exceeds min(in, out)={min(n_in, n_out)} of layer {where!r} ({n_in}->{n_out})")
+        weight = base_weight(self.base_layer)
+        p = LoraParams(r, n_in, n_out, config.scaling(r, alpha), config.dropout, config.use_dora,
+                       adapter_dtype(weight), weight.device)
+        with torch.no_grad():
+            if config.init in ("pissa", "pissa_fast"):
+                pissa_init(self.base_layer, p, niter=None if config.init == "pissa" else config.pissa_niter)
+            else:
+                init_lora(p.lora_A, p.lora_B, config.init)
+            if p.magnitude is not None:
+                w = base_weight(self.base_layer).to(p.lora_A.dtype)
+                p.magnitude.copy_(torch.linalg.norm(w + p.scaling * (p.lora_B @ p.lora_A), dim=1))
+        return p
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        p = self.adapters[name]
+        dtype = base_weight(self.base_layer).dtype
+        return (p.scaling * (p.lora_B @ p.lora_A)).to(dtype)
+
+    def adapter_output(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        p = self.adapters[name]
+        x = x.to(p.lora_A.dtype)
+        dx = p.dropout(x)
+        lora = F.linear(F.linear(dx, p.lora_A), p.lora_B) * p.scaling
+        if p.magnitude is None:
+            return lora
+        w = base_weight(self.base_layer).to(x.dtype)
+        norm = torch.linalg.norm(w + p.scaling * (p.lora_B @ p.lora_A).detach(), dim=1).detach()
+        scale = p.magnitude / norm
+        if isinstance(p.dropout, nn.Identity) or not self.training:
+            wx = base_out.to(x.dtype)
+            if self.bias is not None:
+                wx = wx - self.bias.to(x.dtype)
+        else:  # PEFT recomputes the base term on the dropped-out input
+            wx = F.linear(dx, w)
+        return (scale - 1) * wx + scale * lora
+
+    def merge_one(self, name: str) -> None:
+        p = self.adapters[name]
+        if p.magnitude is None:
+            return super().merge_one(name)
+        w = base_weight(self.base_layer)
+        full = w.to(p.lora_A.dtype) + p.scaling * (p.lora_B @ p.lora_A)
+        norm = torch.linalg.norm(full, dim=1)
+        p.merged_norm = norm.detach().clone()  # unmerge needs the norm used here (spec §3 pitfall)
+        set_base_weight(self.base_layer, ((p.magnitude / norm)[:, None] * full).to(w.dtype))
+
+    def unmerge_one(self, name: str) -> None:
+        p = self.adapters[name]
+        if p.magnitude is None:
+            return super().unmerge_one(name)
+        w = base_weight(self.base_layer)
+        factor = (p.magnitude / p.merged_norm)[:, None]
+        restored = w.to(p.lora_A.dtype) / factor - p.scaling * (p.lora_B @ p.lora_A)
+        set_base_weight(self.base_layer, restored.to(w.dtype))
+        del p.merged_norm
+
+
+class LoraEmbedding(AdapterLayer):
+    """LoRA on nn.Embedding: ΔW = s·(B A)^T with A (r, num_embeddings), B (dim, r) (PEFT's layout)."""
+
+    peft_keys = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
+
+    def create_adapter(self, name: str, config: LoraConfig) -> nn.Module:
+        where = getattr(self, "layer_name", "embedding")
+        r, alpha = config.rank_alpha(where)
+        num, dim = layer_shape(self.base_layer)
+        if r > min(num, dim):
+            raise ValueError(f"LoRA r={r} exceeds min(num_embeddings, dim)={min(num, dim)} of layer {where!r}")
+        if config.use_dora or config.init in ("pissa", "pissa_fast"):
+            raise TypeError(f"{where!r}: DoRA and PiSSA are implemented for Linear layers only, not nn.Embedding")
+        weight = self.base_layer.weight
+        p = LoraParams(r, num, dim, config.scaling(r, alpha), 0.0, False, adapter_dtype(weight), weight.device)
+        with torch.no_grad():  # PEFT: A zeros, B normal (reversed w.r.t. Linear) so the output starts unchanged
+            if config.init == "random":
+                nn.init.normal_(p.lora_A)
+            else:
+                nn.init.zeros_(p.lora_A)
+            nn.init.normal_(p.lora_B)
+        return p
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        p = self.adapters[name]
+        return (p.scaling * (p.lora_B @ p.lora_A).T).to(self.base_layer.weight.dtype)
+
+    def adapter_output(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        p = self.adapters[name]
+        e = self.base_layer
+        after_a = F.embedding(x, p.lora_A.T, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse)
+        return (after_a @ p.lora_B.T) * p.scaling
+
+
+def init_lora(a: torch.Tensor, b: torch.Tensor, how: str) -> None:
+    """PEFT's Linear init: Kaiming-uniform(a=√5) or N(0, 1/r) A and zero B; "random" leaves B random too."""
+    if how == "gaussian":
+        nn.init.normal_(a, std=1 / a.shape[0])
+    else:
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    if how == "random":
+        nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+    else:
+        nn.init.zeros_(b)
+
+
+def pissa_init(base: nn.Module, p: LoraParams, niter: int | None) -> None:
+    """Top-r SVD of W into A, B (scaled so s·BA is the rank-r part) and write the residual back into W."""
+    w = base_weight(base)
+    wf = w.to(torch.float32)
+    r, s = p.r, p.scaling
+    if niter is None:
+        v, sig, uh = torch.linalg.svd(wf, full_matrices=False)
+        v, sig, uh = v[:, :r], sig[:r], uh[:r]
+    else:
+        v, sig, u = torch.svd_lowrank(wf, q=r, niter=niter)
+        uh = u.T
+    root = torch.sqrt(sig / s)
+    a = root[:, None] * uh
+    b = v * root[None, :]
+    p.lora_A.copy_(a.to(p.lora_A.dtype))
+    p.lora_B.copy_(b.to(p.lora_B.dtype))
+    set_base_weight(base, (wf - s * (b @ a)).to(w.dtype))
+
+
+register_adapter(LoraConfig, LoraLinear, extra_layers={nn.Embedding: LoraEmbedding})
