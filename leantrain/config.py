@@ -26,21 +26,22 @@ class TrainConfig:
     method: str = "lora"  # registry name, see leantrain.methods.available_methods()
     optim: str = "adamw"  # registry name, see leantrain.optim.available_optimizers()
     lr: float | None = None  # None = the method's default learning rate
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
+    head_lr: float | None = None  # lr of the fresh task head; None = max(lr, 1e-3)
+    weight_decay: float = 0.01  # decoupled weight decay (AdamW-style)
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam moment decay rates
     epochs: float | None = None  # train for this many passes over the data ...
     steps: int | None = None  # ... or exactly this many optimizer steps (wins over epochs); default 1 epoch
-    batch_size: int = 16
+    batch_size: int = 16  # sentences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     warmup_ratio: float = 0.06  # linear warm-up, then linear decay to 0
     grad_clip: float | None = 1.0  # max global grad norm; None disables clipping
     nan_policy: str = "stop"  # "stop" | "skip": what to do when the loss or a gradient is not finite
-    seed: int = 0
+    seed: int = 0  # seeds head init, adapter init, dropout and batch order (not the data split)
     device: str = "auto"  # "auto" picks cuda when present, else cpu
     # --- adapters (LoRA family, VeRA, MiSS, SHiRA) -------------------------------------------------------------
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    rank: int = 8  # adapter rank r (LoRA family, VeRA), block size (MiSS), projection rank (GaLore), DLRT max rank
+    alpha: float = 16.0  # LoRA scaling numerator: scale = alpha / r (alpha / sqrt(r) for rslora)
+    dropout: float = 0.0  # dropout on the adapter input
     targets: str = "all-linear"  # "all-linear", comma-separated module names, or a regex (prefix "re:")
     init: str = "default"  # LoRA init: default | gaussian | pissa | pissa_fast
     lora_plus_ratio: float | None = None  # LoRA+: lr of B = ratio * lr of A (e.g. 16); None = plain LoRA
@@ -65,6 +66,8 @@ class TrainConfig:
     save_every: int = 0  # write a checkpoint every N steps (0 = only at the end)
     eval_every: int = 0  # validate every N steps (0 = only at the end)
     resume: bool = False  # continue from the newest checkpoint in `out`
+    stop_at: int | None = None  # end this invocation after this step (the schedule still plans for `steps`)
+    overwrite: bool = False  # replace an existing run folder instead of refusing
     progress: bool = True  # show a progress bar
     extra: dict[str, Any] = field(default_factory=dict)  # free-form options for third-party methods
 
@@ -73,6 +76,8 @@ class TrainConfig:
             self.betas = tuple(self.betas)  # JSON round trip turns tuples into lists
         checks = [
             (self.lr is None or self.lr > 0, "lr", self.lr, "must be > 0"),
+            (self.head_lr is None or self.head_lr > 0, "head_lr", self.head_lr, "must be > 0"),
+            (self.stop_at is None or self.stop_at > 0, "stop_at", self.stop_at, "must be > 0"),
             (self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0"),
             (self.epochs is None or self.epochs > 0, "epochs", self.epochs, "must be > 0"),
             (self.steps is None or self.steps > 0, "steps", self.steps, "must be > 0"),

@@ -1,0 +1,203 @@
+"""Atomic, pickle-free checkpoints: safetensors for tensors, JSON for everything else.
+
+Layout of ``RUN/checkpoints/step-000100/``: ``model.safetensors`` (the method's trainable state),
+``optimizer.safetensors`` + ``optimizer.json`` (optimizer state_dict split into tensors and the rest),
+``trainer.json`` (step, metrics so far) + RNG states inside ``trainer.safetensors``, and ``manifest.json`` with
+the sha256 of every file. A checkpoint is written to a temporary folder, fsynced, then renamed into place, and
+``RUN/checkpoints/latest`` (a one-line file) is replaced atomically last; a folder without a valid manifest is
+torn and is never loaded. The previous checkpoint is kept until a newer one is complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+KEEP = 2  # complete checkpoints kept on disk
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, torn or does not match the model it is loaded into."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small file atomically (temp file in the same folder + rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        save_file(_contiguous(tensors), tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared or non-contiguous storage; clone() gives each tensor its own.
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+
+
+# --- optimizer state <-> (tensors, json) ----------------------------------------------------------------------
+
+def split_state_dict(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer ``state_dict()`` into flat tensors and a JSON-able remainder."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(value: Any, key: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensors[key] = value
+            return {"__tensor__": key}
+        if isinstance(value, dict):
+            return {"__dict__": [[walk(k, f"{key}.k{i}"), walk(v, f"{key}.{i}")] for i, (k, v) in enumerate(value.items())]}
+        if isinstance(value, (list, tuple)):
+            return {"__list__" if isinstance(value, list) else "__tuple__": [walk(v, f"{key}.{i}") for i, v in enumerate(value)]}
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        raise TypeError(f"optimizer state entry {key!r} has type {type(value).__name__}; only tensors and numbers "
+                        "can be checkpointed")
+
+    return tensors, walk(state, "s")
+
+
+def join_state_dict(tensors: dict[str, torch.Tensor], tree: Any) -> Any:
+    def build(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "__tensor__" in node:
+                key = node["__tensor__"]
+                if key not in tensors:
+                    raise CheckpointError(f"optimizer checkpoint lacks tensor {key!r}")
+                return tensors[key]
+            if "__dict__" in node:
+                return {build(k): build(v) for k, v in node["__dict__"]}
+            if "__list__" in node:
+                return [build(v) for v in node["__list__"]]
+            if "__tuple__" in node:
+                return tuple(build(v) for v in node["__tuple__"])
+        return node
+
+    return build(tree)
+
+
+# --- whole checkpoints ------------------------------------------------------------------------------------------
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tensor], optimizer_state: dict,
+                    trainer_state: dict[str, Any], rng: dict[str, torch.Tensor]) -> Path:
+    """Write ``step-N`` atomically, point ``latest`` at it, and prune older complete checkpoints."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step-{step:07d}-"))
+    try:
+        save_file(_contiguous(model_state), tmp / "model.safetensors")
+        opt_tensors, opt_tree = split_state_dict(optimizer_state)
+        save_file(_contiguous(opt_tensors), tmp / "optimizer.safetensors")
+        (tmp / "optimizer.json").write_text(json.dumps(opt_tree))
+        save_file(_contiguous(rng), tmp / "trainer.safetensors")
+        (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
+        files = sorted(p.name for p in tmp.iterdir())
+        manifest = {"step": step, "files": {name: _digest(tmp / name) for name in files}}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        for p in tmp.iterdir():
+            with p.open("rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_text_atomic(root / "latest", final.name + "\n")
+    complete = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in complete[:-KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / "latest"
+    if not pointer.is_file():
+        return None
+    return root / pointer.read_text().strip()
+
+
+def verify_checkpoint(path: Path) -> dict:
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete (no manifest.json)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"checkpoint {path}: manifest.json is corrupt ({exc.msg})") from exc
+    for name, digest in manifest.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path} is missing {name}")
+        if _digest(file) != digest:
+            raise CheckpointError(f"checkpoint {path}: {name} is corrupt (sha256 mismatch)")
+    return manifest
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, Any], dict[str, torch.Tensor]]:
+    """Return (model_state, optimizer_state, trainer_state, rng) after verifying every file's digest."""
+    verify_checkpoint(path)
+    try:
+        model_state = load_file(path / "model.safetensors")
+        opt_state = join_state_dict(load_file(path / "optimizer.safetensors"),
+                                    json.loads((path / "optimizer.json").read_text()))
+        rng = load_file(path / "trainer.safetensors")
+    except (SafetensorError, OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from exc
+    trainer = json.loads((path / "trainer.json").read_text())
+    return model_state, opt_state, trainer, rng
+
+
+def previous_checkpoint(path: Path) -> Path | None:
+    older = sorted(p for p in path.parent.glob("step-*") if p.is_dir() and p.name < path.name)
+    return older[-1] if older else None

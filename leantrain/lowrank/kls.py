@@ -1,0 +1,80 @@
+"""Pure tensor math of the KLS integrator (spec: /work/shared/methods/dlrt.md, Sections 2-3).
+
+Kept free of modules and optimizers so each piece is tested against the formulas on its own.
+Paper: Schotthöfer et al., "Low-rank lottery tickets", NeurIPS 2022, https://arxiv.org/abs/2205.13571.
+"""
+from __future__ import annotations
+
+import torch
+
+# Optimizer-state keys holding running averages of squared gradients (Adam/AdamW, RMSprop, Adagrad): they are
+# moved to a new basis with the element-wise squared change of basis, which keeps them >= 0.
+SECOND_MOMENT_KEYS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"})
+
+
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def orth(a: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of the columns of ``a`` (reduced Householder QR, sign-fixed so diag(R) >= 0).
+
+    The sign fix makes orth([U0 | K]) start with U0 itself when U0 is orthonormal, so a basis that is merely
+    augmented keeps its old directions in place (and optimizer state can be carried over by the same map).
+    Householder Q is orthonormal even when ``a`` is rank-deficient (spec Section 7).
+    """
+    q, r = torch.linalg.qr(a.to(_work_dtype(a)), mode="reduced")
+    d = torch.sign(torch.diagonal(r))
+    d = torch.where(d == 0, torch.ones_like(d), d)
+    return (q * d).to(a.dtype)
+
+
+def augment(u0: torch.Tensor, k1: torch.Tensor) -> torch.Tensor:
+    """Û = orth([U0 | K1]) with min(n, 2r) columns; span(Û) ⊇ span(U0), so Û S̃ V̂ᵀ = W0 exactly."""
+    return orth(torch.cat([u0, k1], dim=1))
+
+
+def truncation_rank(sigma: torch.Tensor, tau: float, absolute: bool = False) -> int:
+    """Smallest r with ||σ[r:]||₂ < ϑ, ϑ = τ·||σ||₂ (relative, default) or ϑ = τ (absolute).
+
+    The clean rule of spec Section 2 (the reference code's loop skips the last singular value -- an
+    off-by-one we do not copy). ``sigma`` must be sorted descending.
+    """
+    if tau <= 0:
+        raise ValueError(f"truncation tolerance tau={tau!r} must be > 0")
+    s2 = sigma.detach().to(torch.float64) ** 2
+    tails = torch.flip(torch.cumsum(torch.flip(s2, [0]), 0), [0]).sqrt()  # tails[j] = ||σ[j:]||
+    theta = tau if absolute else tau * float(s2.sum().sqrt())
+    return int((tails >= theta).sum())
+
+
+def transport(t: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None,
+              squared: bool = False) -> torch.Tensor:
+    """t' = A t Bᵀ for a change of basis (A: new×old rows, B: new×old columns); A∘A, B∘B if ``squared``.
+
+    For a first moment m (a matrix in old coordinates) this is the exact projection of the W-space direction
+    U_old m V_oldᵀ onto the new bases. Second moments are not linear in the basis; the squared map is the
+    diagonal approximation (exact when the change of basis is a signed permutation, e.g. pure augmentation).
+    """
+    out = t
+    if left is not None:
+        a = left * left if squared else left
+        out = a.to(out.dtype) @ out
+    if right is not None:
+        b = right * right if squared else right
+        out = out @ b.to(out.dtype).T
+    return out.contiguous()
+
+
+def svd_truncate(s_hat: torch.Tensor, tau: float | None, min_rank: int, max_rank: int, absolute: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD of Ŝ (a×b) and the kept rank: returns (P_r a×r1, σ_r, Q_r b×r1) with Ŝ ≈ P_r diag(σ_r) Q_rᵀ.
+
+    ``tau=None`` keeps min(max_rank, a, b) directions (no adaptivity). Bounds clamp the τ rule.
+    """
+    p, sigma, qh = torch.linalg.svd(s_hat.to(_work_dtype(s_hat)), full_matrices=False)
+    k = sigma.shape[0]
+    r1 = k if tau is None else truncation_rank(sigma, tau, absolute)
+    r1 = max(min_rank, min(r1, max_rank, k))
+    dt = s_hat.dtype
+    return p[:, :r1].to(dt), sigma[:r1].to(dt), qh[:r1].T.to(dt)  # Q = Qhᵀ (spec pitfall: not Qh)

@@ -1,0 +1,331 @@
+"""The training loop of ``leantrain train``, top to bottom.
+
+config -> data -> model (+ optional quantized base) -> method.apply -> optimizer (+ method's wrapper) -> loop:
+closure(zero_grad, forward, backward, clip, finite check) -> optimizer.step(closure) -> log -> eval -> checkpoint.
+
+``optimizer.step(closure)`` is used for every optimizer so that integrators which need several forward/backward
+passes per step (DLRT's KLS) fit the same loop. The learning-rate schedule (linear warm-up, linear decay) is a
+pure function of the step, and batches are a pure function of (seed, step), so resuming needs only the
+checkpointed tensors and RNG state to continue exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import resource
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .data import Batcher, ClassificationData, load_classification
+from .methods import default_trainable_state, get_method, head_module
+from .models import build_classifier, load_tokenizer
+from .optim.registry import build_optimizer
+from .report import StepLog, plot_losses, read_jsonl, write_summary
+
+# Fields that may differ between the original run and a --resume invocation.
+RUNTIME_FIELDS = {"resume", "stop_at", "progress", "save_every", "eval_every", "steps", "overwrite", "device"}
+CALIBRATION_BATCHES = 4
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def lr_factor(step: int, total: int, warmup_ratio: float) -> float:
+    """Linear warm-up over ``warmup_ratio`` of the run, then linear decay to zero (step is 0-based)."""
+    warmup = int(total * warmup_ratio)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
+    if cfg.steps is not None:
+        return cfg.steps
+    return max(1, math.ceil((cfg.epochs or 1.0) * batches_per_epoch / cfg.grad_accum))
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    cuda = [state[k] for k in sorted(state) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    total = 0
+    for state in getattr(optimizer, "state", {}).values():
+        if isinstance(state, dict):
+            total += tensor_bytes(state.values())
+    return total
+
+
+def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, TrainConfig]:
+    """Validate the output folder; on --resume return the saved config (runtime fields from the new one)."""
+    run_dir = Path(cfg.out)
+    saved = run_dir / "config.json"
+    if cfg.resume:
+        if not saved.is_file():
+            raise FileNotFoundError(f"--resume: {run_dir} has no config.json to resume from")
+        old = TrainConfig.load(saved)
+        changed = [k for k, v in vars(cfg).items() if k not in RUNTIME_FIELDS and getattr(old, k) != v
+                   and v != getattr(TrainConfig(), k)]
+        if changed:
+            raise ValueError(f"--resume: option(s) {', '.join(changed)} differ from {saved}; drop them to resume")
+        runtime = {k: getattr(cfg, k) for k in RUNTIME_FIELDS if getattr(cfg, k) != getattr(TrainConfig(), k)}
+        return run_dir, replace(old, **runtime)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not cfg.overwrite:
+            raise FileExistsError(f"run folder {run_dir} is not empty; pass --resume to continue it or "
+                                  "--overwrite to replace it")
+        shutil.rmtree(run_dir)
+    return run_dir, cfg
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batcher: Batcher, device: torch.device, batch_size: int = 64) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    correct, loss_sum, count = 0, 0.0, 0
+    for batch in batcher.in_order(batch_size):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(batch["input_ids"], batch["attention_mask"]).float()
+        loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
+        correct += (logits.argmax(-1) == batch["labels"]).sum().item()
+        count += len(batch["labels"])
+    model.train(was_training)
+    return {"accuracy": correct / max(1, count), "loss": loss_sum / max(1, count)}
+
+
+def tfidf_baseline(data: ClassificationData) -> float | None:
+    """TF-IDF + logistic regression accuracy on the same split (the bar a fine-tuned encoder should clear)."""
+    try:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.linear_model import LogisticRegression
+    except ImportError:
+        return None
+    vec = TfidfVectorizer(ngram_range=(1, 2), min_df=1, sublinear_tf=True)
+    x = vec.fit_transform(data.train.texts)
+    clf = LogisticRegression(max_iter=2000, C=4.0).fit(x, data.train.labels)
+    return float((clf.predict(vec.transform(data.val.texts)) == data.val.labels).mean())
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    if cfg.task == "causal-lm":
+        from .lm.train import train_lm
+
+        return train_lm(cfg)
+    started = time.time()
+    # 1. Validate everything that can fail before the run folder is touched.
+    method = get_method(cfg.method)
+    run_dir, cfg = prepare_run_dir(cfg)
+    device = pick_device(cfg.device)
+    data = load_classification(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    torch.manual_seed(cfg.seed)
+    model = build_classifier(cfg.model, len(data.label_names), cfg.seed).to(device)
+    train_batches = Batcher(data.train, tokenizer, cfg.max_length, cfg.batch_size, cfg.seed)
+    val_batches = Batcher(data.val, tokenizer, cfg.max_length, cfg.batch_size, cfg.seed)
+
+    def loss_on(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        return F.cross_entropy(model(batch["input_ids"], batch["attention_mask"]).float(), batch["labels"])
+
+    def calib(m: torch.nn.Module):
+        for i in range(CALIBRATION_BATCHES):
+            yield loss_on(train_batches.batch(i))
+
+    # 2. Shape the model: optional quantized frozen base, then the method.
+    if cfg.quantize:
+        from .quant import quantize
+
+        bits = {"nf4": 4, "int8": 8}.get(cfg.quantize)
+        if bits is None:
+            raise ValueError(f"--quantize {cfg.quantize!r}: choose nf4 or int8")
+        quantize(model.encoder, bits=bits, targets=cfg.targets)
+    groups = method.apply(model, cfg, calib)
+    head = head_module(model)
+    lr = cfg.lr if cfg.lr is not None else method.default_lr
+    if head is not None:
+        for p in head.parameters():
+            p.requires_grad_(True)
+        groups.append({"params": list(head.parameters()), "name": "head", "lr": cfg.head_lr or max(lr, 1e-3)})
+    optimizer = build_optimizer(cfg.optim, groups, cfg, lr)
+    if hasattr(method, "wrap_optimizer"):
+        optimizer = method.wrap_optimizer(optimizer, model, cfg)
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    names = {id(p): n for n, p in model.named_parameters()}
+    steps_total = total_steps(cfg, len(train_batches))
+    steps_end = min(steps_total, cfg.stop_at or steps_total)
+
+    # 3. Fresh run or resume.
+    start_step = 0
+    if cfg.resume:
+        path = ckpt.latest_checkpoint(run_dir)
+        if path is None:
+            raise FileNotFoundError(f"--resume: {run_dir} has no checkpoint (was --save-every set?)")
+        try:
+            model_state, opt_state, trainer, rng = ckpt.load_checkpoint(path)
+        except ckpt.CheckpointError as exc:
+            prev = ckpt.previous_checkpoint(path)
+            hint = f"; the previous checkpoint {prev} is intact: delete {path.name} to resume from it" if prev else ""
+            raise ckpt.CheckpointError(f"{exc}{hint}") from exc
+        if hasattr(method, "load_trainable_state"):
+            method.load_trainable_state(model, model_state)
+        else:
+            _load_trainable(model, model_state)
+        optimizer.load_state_dict(opt_state)
+        _set_rng_state(rng)
+        start_step = trainer["step"]
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.write_text_atomic(run_dir / "config.json", cfg.to_json() + "\n")
+        ckpt.write_text_atomic(run_dir / "labels.json", json.dumps(data.label_names) + "\n")
+    log = StepLog(run_dir / "metrics.jsonl", resume_step=start_step if cfg.resume else None)
+
+    def trainable_state() -> dict[str, torch.Tensor]:
+        hook = getattr(method, "trainable_state", None)
+        return hook(model) if hook else default_trainable_state(model)
+
+    def save(step: int) -> None:
+        ckpt.save_checkpoint(run_dir, step, trainable_state(), optimizer.state_dict(),
+                             {"wall_time": time.time() - started}, _rng_state())
+
+    # 4. The loop.
+    skipped = 0
+    state = {"step": start_step}
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=device)
+        for micro in range(cfg.grad_accum):
+            loss = loss_on(train_batches.batch(state["step"] * cfg.grad_accum + micro)) / cfg.grad_accum
+            loss.backward()
+            total += loss.detach()
+        norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or float("inf"))
+        if not (torch.isfinite(total) and torch.isfinite(norm)):
+            bad = next((names.get(id(p), "?") for p in trainable
+                        if p.grad is not None and not torch.isfinite(p.grad).all()), "the loss")
+            if cfg.nan_policy == "stop":
+                raise FloatingPointError(f"step {state['step'] + 1}: non-finite loss or gradient (first in {bad}); "
+                                         "rerun with --nan-policy skip to skip such steps")
+            optimizer.zero_grad(set_to_none=True)
+        return total
+
+    model.train()
+    bar = tqdm(total=steps_end, initial=start_step, disable=not cfg.progress, desc=f"{cfg.method}/{cfg.optim}",
+               unit="step", dynamic_ncols=True)
+    ema, tick = None, time.time()
+    for step in range(start_step, steps_end):
+        state["step"] = step
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lr_factor(step, steps_total, cfg.warmup_ratio)
+        loss = optimizer.step(closure)
+        value = float(loss)
+        if not math.isfinite(value):
+            skipped += 1
+        record: dict[str, Any] = {"step": step + 1, "loss": value, "lr": optimizer.param_groups[0]["lr"]}
+        metrics_hook = getattr(method, "metrics", None)
+        if metrics_hook:
+            record.update(metrics_hook(model))
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < steps_end:
+            ev = evaluate(model, val_batches, device)
+            record.update(val_loss=ev["loss"], val_accuracy=ev["accuracy"])
+        log.write(record)
+        if math.isfinite(value):
+            ema = value if ema is None else 0.95 * ema + 0.05 * value
+        now = time.time()
+        bar.set_postfix(loss=f"{ema:.4f}" if ema is not None else "nan",
+                        ex_s=f"{cfg.batch_size * cfg.grad_accum / max(now - tick, 1e-9):.1f}")
+        tick = now
+        bar.update(1)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0:
+            save(step + 1)
+    bar.close()
+
+    if steps_end < steps_total:  # an interrupted (--stop-at) invocation: leave a checkpoint, not a summary
+        if not (cfg.save_every and steps_end % cfg.save_every == 0):
+            save(steps_end)
+        log.close()
+        return {"step": steps_end, "stopped_early": True}
+
+    # 5. Final evaluation, artifacts and summary (metrics.json marks the run complete).
+    final = evaluate(model, val_batches, device)
+    log.write({"step": steps_end, "val_loss": final["loss"], "val_accuracy": final["accuracy"]})
+    log.close()
+    if head is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
+                  str(run_dir / "head.safetensors"))
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in trainable_state().items()},
+              str(run_dir / "trainable.safetensors"))
+    if hasattr(method, "save_artifacts"):
+        method.save_artifacts(model, run_dir, cfg)
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    train_losses = [r["loss"] for r in records if "loss" in r and math.isfinite(r["loss"])]
+    trainable_now = [p for p in model.parameters() if p.requires_grad]
+    metrics = {
+        "method": cfg.method,
+        "optim": cfg.optim,
+        "val_accuracy": final["accuracy"],
+        "val_loss": final["loss"],
+        "majority_baseline_accuracy": data.majority_accuracy(),
+        "tfidf_baseline_accuracy": tfidf_baseline(data),
+        "train_loss_last": sum(train_losses[-20:]) / max(1, len(train_losses[-20:])) if train_losses else None,
+        "steps": steps_end,
+        "skipped_steps": skipped,
+        "train_examples": len(data.train),
+        "val_examples": len(data.val),
+        "wall_time_s": time.time() - started,
+        "trainable_params": sum(p.numel() for p in trainable_now),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "param_bytes": tensor_bytes(model.parameters()) + tensor_bytes(model.buffers()),
+        "grad_bytes": tensor_bytes(trainable_now),
+        "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "device": str(device),
+    }
+    if metrics_hook:
+        metrics.update(metrics_hook(model))
+    plot_losses(records, run_dir / "loss.png", title=f"{cfg.method} + {cfg.optim} on {cfg.data}")
+    write_summary(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def _load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy checkpointed tensors into the model, checking names and shapes first (nothing changes on error)."""
+    current = dict(model.named_parameters())
+    current.update(dict(model.named_buffers()))
+    for key, value in state.items():
+        if key not in current:
+            raise ckpt.CheckpointError(f"checkpoint tensor {key!r} does not exist in the model")
+        if tuple(current[key].shape) != tuple(value.shape):
+            raise ckpt.CheckpointError(f"checkpoint tensor {key!r} has shape {tuple(value.shape)}, "
+                                       f"model expects {tuple(current[key].shape)}")
+    with torch.no_grad():
+        for key, value in state.items():
+            current[key].copy_(value)
