@@ -10,7 +10,6 @@ checkpointed tensors and RNG state to continue exactly.
 """
 from __future__ import annotations
 
-import json
 import math
 import resource
 import shutil
@@ -20,15 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .data import Batcher, ClassificationData, load_classification
 from .methods import default_trainable_state, get_method, head_module
-from .models import build_classifier, load_tokenizer
 from .optim.registry import build_optimizer
 from .report import StepLog, plot_losses, read_jsonl, write_summary
 
@@ -105,58 +101,30 @@ def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, TrainConfig]:
     return run_dir, cfg
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, batcher: Batcher, device: torch.device, batch_size: int = 64) -> dict[str, float]:
-    was_training = model.training
-    model.eval()
-    correct, loss_sum, count = 0, 0.0, 0
-    for batch in batcher.in_order(batch_size):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(batch["input_ids"], batch["attention_mask"]).float()
-        loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
-        correct += (logits.argmax(-1) == batch["labels"]).sum().item()
-        count += len(batch["labels"])
-    model.train(was_training)
-    return {"accuracy": correct / max(1, count), "loss": loss_sum / max(1, count)}
+def build_task(cfg: TrainConfig, device: torch.device):
+    """The task object owns data + model and answers batch/loss/evaluate (see leantrain/classify.py)."""
+    if cfg.task == "causal-lm":
+        from .lm.task import CausalLMTask
 
+        return CausalLMTask(cfg, device)
+    from .classify import ClassificationTask
 
-def tfidf_baseline(data: ClassificationData) -> float | None:
-    """TF-IDF + logistic regression accuracy on the same split (the bar a fine-tuned encoder should clear)."""
-    try:
-        from sklearn.feature_extraction.text import TfidfVectorizer
-        from sklearn.linear_model import LogisticRegression
-    except ImportError:
-        return None
-    vec = TfidfVectorizer(ngram_range=(1, 2), min_df=1, sublinear_tf=True)
-    x = vec.fit_transform(data.train.texts)
-    clf = LogisticRegression(max_iter=2000, C=4.0).fit(x, data.train.labels)
-    return float((clf.predict(vec.transform(data.val.texts)) == data.val.labels).mean())
+    return ClassificationTask(cfg, device)
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    if cfg.task == "causal-lm":
-        from .lm.train import train_lm
-
-        return train_lm(cfg)
     started = time.time()
     # 1. Validate everything that can fail before the run folder is touched.
     method = get_method(cfg.method)
     run_dir, cfg = prepare_run_dir(cfg)
     device = pick_device(cfg.device)
-    data = load_classification(cfg)
-    tokenizer = load_tokenizer(cfg.model)
     torch.manual_seed(cfg.seed)
-    model = build_classifier(cfg.model, len(data.label_names), cfg.seed).to(device)
-    train_batches = Batcher(data.train, tokenizer, cfg.max_length, cfg.batch_size, cfg.seed)
-    val_batches = Batcher(data.val, tokenizer, cfg.max_length, cfg.batch_size, cfg.seed)
-
-    def loss_on(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        return F.cross_entropy(model(batch["input_ids"], batch["attention_mask"]).float(), batch["labels"])
+    task = build_task(cfg, device)
+    model = task.model
 
     def calib(m: torch.nn.Module):
         for i in range(CALIBRATION_BATCHES):
-            yield loss_on(train_batches.batch(i))
+            yield task.loss(task.batch(i))
 
     # 2. Shape the model: optional quantized frozen base, then the method.
     if cfg.quantize:
@@ -165,7 +133,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         bits = {"nf4": 4, "int8": 8}.get(cfg.quantize)
         if bits is None:
             raise ValueError(f"--quantize {cfg.quantize!r}: choose nf4 or int8")
-        quantize(model.encoder, bits=bits, targets=cfg.targets)
+        quantize(model, bits=bits, targets=cfg.targets)
     groups = method.apply(model, cfg, calib)
     head = head_module(model)
     lr = cfg.lr if cfg.lr is not None else method.default_lr
@@ -180,7 +148,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         group.setdefault("initial_lr", group["lr"])
     trainable = [p for p in model.parameters() if p.requires_grad]
     names = {id(p): n for n, p in model.named_parameters()}
-    steps_total = total_steps(cfg, len(train_batches))
+    steps_total = total_steps(cfg, task.batches_per_epoch())
     steps_end = min(steps_total, cfg.stop_at or steps_total)
 
     # 3. Fresh run or resume.
@@ -205,7 +173,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_text_atomic(run_dir / "config.json", cfg.to_json() + "\n")
-        ckpt.write_text_atomic(run_dir / "labels.json", json.dumps(data.label_names) + "\n")
+        task.write_run_files(run_dir)
     log = StepLog(run_dir / "metrics.jsonl", resume_step=start_step if cfg.resume else None)
 
     def trainable_state() -> dict[str, torch.Tensor]:
@@ -224,7 +192,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
-            loss = loss_on(train_batches.batch(state["step"] * cfg.grad_accum + micro)) / cfg.grad_accum
+            loss = task.loss(task.batch(state["step"] * cfg.grad_accum + micro)) / cfg.grad_accum
             loss.backward()
             total += loss.detach()
         norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or float("inf"))
@@ -254,8 +222,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if metrics_hook:
             record.update(metrics_hook(model))
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < steps_end:
-            ev = evaluate(model, val_batches, device)
-            record.update(val_loss=ev["loss"], val_accuracy=ev["accuracy"])
+            record.update({f"val_{k}": v for k, v in task.evaluate().items()})
         log.write(record)
         if math.isfinite(value):
             ema = value if ema is None else 0.95 * ema + 0.05 * value
@@ -275,12 +242,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         return {"step": steps_end, "stopped_early": True}
 
     # 5. Final evaluation, artifacts and summary (metrics.json marks the run complete).
-    final = evaluate(model, val_batches, device)
-    log.write({"step": steps_end, "val_loss": final["loss"], "val_accuracy": final["accuracy"]})
+    final = {f"val_{k}": v for k, v in task.evaluate().items()}
+    log.write({"step": steps_end, **final})
     log.close()
-    if head is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
-                  str(run_dir / "head.safetensors"))
+    task.save_artifacts(run_dir)
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in trainable_state().items()},
               str(run_dir / "trainable.safetensors"))
     if hasattr(method, "save_artifacts"):
@@ -291,15 +256,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     metrics = {
         "method": cfg.method,
         "optim": cfg.optim,
-        "val_accuracy": final["accuracy"],
-        "val_loss": final["loss"],
-        "majority_baseline_accuracy": data.majority_accuracy(),
-        "tfidf_baseline_accuracy": tfidf_baseline(data),
+        **final,
+        **task.summary(),
         "train_loss_last": sum(train_losses[-20:]) / max(1, len(train_losses[-20:])) if train_losses else None,
         "steps": steps_end,
         "skipped_steps": skipped,
-        "train_examples": len(data.train),
-        "val_examples": len(data.val),
         "wall_time_s": time.time() - started,
         "trainable_params": sum(p.numel() for p in trainable_now),
         "total_params": sum(p.numel() for p in model.parameters()),

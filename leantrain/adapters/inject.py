@@ -120,8 +120,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def inject(model: nn.Module, config: Any, name: str = "default", calib: Any = None) -> list[str]:
     """Add adapter ``name`` described by ``config`` to ``model`` in place; return the wrapped module names.
 
-    Freezes every non-adapter parameter and makes the new adapter's parameters trainable (other adapters keep
-    their flags). ``calib`` is handed to ``config.prepare(model, targets, calib)`` when the config defines it.
+    Freezes every parameter except the new adapter's (earlier adapters are frozen too: the newest one trains). ``calib`` is handed to ``config.prepare(model, targets, calib)`` when the config defines it.
     """
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"adapter name must be a non-empty string without dots, got {name!r}")
@@ -169,3 +168,14 @@ def trainable_adapter_parameters(model: nn.Module, name: str | None = None) -> l
             if name is None or adapter == name:
                 out.extend((f"{layer_name}.adapters.{adapter}.{k}", p) for k, p in module.named_parameters())
     return out
+
+
+def delete(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` everywhere; a layer left without adapters is replaced by its base layer."""
+    layers = [(n, layer) for n, layer in adapter_layers(model) if name in layer.adapters]
+    if not layers:
+        raise KeyError(f"model has no adapter named {name!r} (adapters: {adapter_names(model)})")
+    for layer_name, layer in layers:
+        layer.delete_adapter(name)
+        if not layer.adapters:
+            _set_submodule(model, layer_name, layer.base_layer)

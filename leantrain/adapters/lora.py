@@ -72,6 +72,48 @@ class LoraConfig:
     def scaling(self, r: int, alpha: float) -> float:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
+    # ---- PEFT adapter_config.json mapping ----------------------------------------------------------------------
+    def to_peft_dict(self, targets: list[str]) -> dict[str, Any]:
+        init = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "random": False,
+                "pissa_fast": f"pissa_niter_{self.pissa_niter}"}[self.init]
+        return {
+            "r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout, "target_modules": targets,
+            "exclude_modules": None, "bias": "none", "fan_in_fan_out": False, "use_rslora": self.use_rslora,
+            "use_dora": self.use_dora, "init_lora_weights": init, "modules_to_save": None,
+            "layers_to_transform": None, "layers_pattern": None, "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern), "lora_bias": False,
+        }
+
+    @classmethod
+    def from_peft_dict(cls, d: dict[str, Any]) -> "LoraConfig":
+        unsupported = [("bias", "none"), ("fan_in_fan_out", False), ("lora_bias", False),
+                       ("layers_to_transform", None), ("use_qalora", False), ("layer_replication", None),
+                       ("target_parameters", None), ("trainable_token_indices", None)]
+        for key, ok in unsupported:
+            if d.get(key, ok) not in (ok, [], {}):
+                raise ValueError(f"adapter_config.json: {key}={d[key]!r} is not supported by leantrain's LoRA")
+        init = d.get("init_lora_weights", True)
+        niter = 4
+        if init is True:
+            init = "default"
+        elif init is False:
+            init = "random"
+        elif isinstance(init, str) and init.startswith("pissa_niter_"):
+            init, niter = "pissa_fast", int(init.removeprefix("pissa_niter_"))
+        elif init not in ("gaussian", "pissa"):
+            raise ValueError(f"adapter_config.json: init_lora_weights={init!r} is not supported by leantrain")
+        targets = d.get("target_modules") or "all-linear"
+        if isinstance(targets, str) and targets != "all-linear":
+            targets = "re:" + targets.removeprefix("re:")
+        exclude = d.get("exclude_modules")
+        if isinstance(exclude, str):
+            exclude = "re:" + exclude.removeprefix("re:")
+        return cls(r=int(d.get("r", 8)), alpha=float(d.get("lora_alpha", 8)), target_modules=targets,
+                   exclude_modules=exclude, dropout=float(d.get("lora_dropout", 0.0)),
+                   use_rslora=bool(d.get("use_rslora", False)), use_dora=bool(d.get("use_dora", False)),
+                   init=init, pissa_niter=niter, rank_pattern=dict(d.get("rank_pattern") or {}),
+                   alpha_pattern=dict(d.get("alpha_pattern") or {}))
+
 
 def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     """Adapters train in fp32 on a half-precision base (PEFT's autocast_adapter_dtype); same dtype otherwise."""
@@ -214,7 +256,9 @@ def pissa_init(base: nn.Module, p: LoraParams, niter: int | None) -> None:
         v, sig, uh = torch.linalg.svd(wf, full_matrices=False)
         v, sig, uh = v[:, :r], sig[:r], uh[:r]
     else:
-        v, sig, u = torch.svd_lowrank(wf, q=r, niter=niter)
+        with torch.random.fork_rng(devices=[wf.device] if wf.device.type == "cuda" else []):
+            torch.manual_seed(0)  # deterministic, so loading a saved PiSSA adapter rebuilds the same residual
+            v, sig, u = torch.svd_lowrank(wf, q=r, niter=niter)
         uh = u.T
     root = torch.sqrt(sig / s)
     a = root[:, None] * uh

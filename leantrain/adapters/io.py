@@ -1,0 +1,209 @@
+"""save/load adapters in PEFT's on-disk format (adapter_config.json + adapter_model.safetensors).
+
+A leantrain adapter directory loads with ``peft.PeftModel.from_pretrained(model, dir)`` and a PEFT adapter
+directory loads with :func:`load`. Tensor keys are PEFT's: ``base_model.model.<module path>.<peft key>`` for
+per-layer tensors (``lora_A.weight``, ``lora_magnitude_vector``, ``vera_lambda_b``, ``shira_indices``, ...) and
+``base_model.<key>`` for model-level ones (VeRA's ``vera_A``/``vera_B``). See spec §7 in
+/work/shared/methods/lora_family.md.
+
+Config <-> JSON: a config class may define ``to_peft_dict(targets) -> dict`` and a classmethod
+``from_peft_dict(d) -> config`` to map its fields onto PEFT's names. Without them the dataclass fields are
+written as they are (plus ``peft_type``) and read back by field name, unknown keys ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import AdapterLayer
+from .inject import _candidates, _suffix_match, adapter_config, adapter_layers, adapter_names, delete, inject
+from .registry import spec_for_config, spec_for_peft_type
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+LAYER_PREFIX = "base_model.model."
+SHARED_PREFIX = "base_model."
+PEFT_VERSION = "0.21.2"  # the PEFT release this format was checked against
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write via a temp file in the same folder + os.replace, so a crash never leaves a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def compact_targets(model: nn.Module, targets: list[str]) -> list[str]:
+    """Short PEFT target list: the distinct last name components when they select exactly ``targets``
+    under PEFT's suffix rule, else the full module names (always exact)."""
+    suffixes = sorted({t.rsplit(".", 1)[-1] for t in targets})
+    selected = {n for n, _ in _candidates(model) if _suffix_match(n, suffixes)}
+    return suffixes if selected == set(targets) else sorted(targets)
+
+
+def config_to_peft_dict(config: Any, targets: list[str]) -> dict[str, Any]:
+    if hasattr(config, "to_peft_dict"):
+        body = dict(config.to_peft_dict(targets))
+    else:
+        body = {k: v for k, v in dataclasses.asdict(config).items()}
+        body["target_modules"] = targets
+    body["peft_type"] = type(config).peft_type
+    body.setdefault("task_type", None)
+    body.setdefault("base_model_name_or_path", None)
+    body.setdefault("revision", None)
+    body.setdefault("inference_mode", True)
+    body.setdefault("peft_version", PEFT_VERSION)
+    return body
+
+
+def config_from_peft_dict(values: dict[str, Any]) -> Any:
+    """Build the leantrain config for a PEFT ``adapter_config.json`` dict (unknown peft_type -> ValueError)."""
+    if "peft_type" not in values:
+        raise ValueError(f"{CONFIG_NAME} has no 'peft_type' key")
+    spec = spec_for_peft_type(str(values["peft_type"]))
+    cls = spec.config_cls
+    if hasattr(cls, "from_peft_dict"):
+        return cls.from_peft_dict(values)
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def _layers_of(model: nn.Module, name: str) -> list[tuple[str, AdapterLayer]]:
+    return [(n, layer) for n, layer in adapter_layers(model) if name in layer.adapters]
+
+
+def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """All tensors of adapter ``name`` under PEFT's keys (CPU, contiguous)."""
+    layers = _layers_of(model, name)
+    state: dict[str, torch.Tensor] = {}
+    for layer_name, layer in layers:
+        for key, value in layer.peft_state(name).items():
+            state[f"{LAYER_PREFIX}{layer_name}.{key}"] = value
+    if layers:
+        for key, value in layers[0][1].shared_state(name).items():
+            state[f"{SHARED_PREFIX}{key}"] = value
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def _save_one(model: nn.Module, directory: Path, name: str) -> None:
+    from safetensors.torch import save_file
+
+    config = adapter_config(model, name)
+    targets = [n for n, _ in _layers_of(model, name)]
+    body = config_to_peft_dict(config, compact_targets(model, targets))
+    state = adapter_state(model, name)
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    text = json.dumps(body, indent=2, sort_keys=True)
+    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+
+
+def save(model: nn.Module, directory: str | Path, name: str | None = None) -> list[str]:
+    """Write adapter(s) in PEFT's layout; return the adapter names written.
+
+    ``name`` given: that adapter goes to the root of ``directory`` (loadable by PeftModel.from_pretrained).
+    ``name=None``: every adapter; "default" (or a sole adapter) at the root, others in ``directory/<name>/``
+    like PEFT's ``save_pretrained``.
+    """
+    directory = Path(directory)
+    names = adapter_names(model)
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no adapters to save; call leantrain.adapters.inject first")
+    if name is not None:
+        if name not in names:
+            raise KeyError(f"model has no adapter named {name!r} (adapters: {names})")
+        _save_one(model, directory, name)
+        return [name]
+    for n in names:
+        root = n == "default" or len(names) == 1
+        _save_one(model, directory if root else directory / n, n)
+    return names
+
+
+def read_adapter_files(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config dict, tensors) of an adapter directory; never unpickles (legacy .bin via weights_only)."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{str(directory)!r} has no {CONFIG_NAME}")
+    values = json.loads(config_path.read_text())
+    if (directory / WEIGHTS_NAME).is_file():
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(directory / WEIGHTS_NAME))
+    elif (directory / LEGACY_WEIGHTS_NAME).is_file():
+        tensors = torch.load(directory / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{str(directory)!r} has no {WEIGHTS_NAME}")
+    return values, tensors
+
+
+def load(model: nn.Module, directory: str | Path, name: str = "default", trainable: bool = False) -> list[str]:
+    """Create adapter ``name`` from a PEFT-format directory (wrapping layers as needed) and load its tensors.
+
+    The adapter is frozen unless ``trainable``. Tensors for plain modules (PEFT ``modules_to_save``, e.g. a head)
+    are copied into those modules. Shape mismatches raise ValueError naming the key and both shapes; keys that
+    fit no module raise KeyError. Returns the wrapped module names.
+    """
+    values, tensors = read_adapter_files(directory)
+    config = config_from_peft_dict(values)
+    targets = inject(model, config, name)
+    try:
+        _load_tensors(model, name, dict(tensors))
+    except Exception:
+        delete(model, name)  # leave the model as it was (PiSSA's residual base aside)
+        raise
+    for _, layer in _layers_of(model, name):
+        for p in layer.adapters[name].parameters():
+            p.requires_grad_(trainable)
+    return targets
+
+
+def _load_tensors(model: nn.Module, name: str, remaining: dict[str, torch.Tensor]) -> None:
+    layers = _layers_of(model, name)
+    for layer_name, layer in layers:
+        prefix = f"{LAYER_PREFIX}{layer_name}."
+        mine = {k[len(prefix):]: remaining.pop(k) for k in list(remaining) if k.startswith(prefix)}
+        layer.load_peft_state(name, mine, where=layer_name)
+    shared = {k[len(SHARED_PREFIX):]: remaining.pop(k) for k in list(remaining)
+              if k.startswith(SHARED_PREFIX) and not k.startswith(LAYER_PREFIX)}
+    layers[0][1].load_shared_state(name, shared)
+    _load_plain_modules(model, remaining)
+
+
+def _load_plain_modules(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy leftover ``base_model.model.<param path>`` tensors (PEFT modules_to_save) into the model."""
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    for key, value in tensors.items():
+        path = key.removeprefix(LAYER_PREFIX)
+        path = path.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
+        if not key.startswith(LAYER_PREFIX) or path not in params:
+            raise KeyError(f"adapter file key {key!r} fits no adapter layer or parameter of {type(model).__name__}")
+        target = params[path]
+        if tuple(target.shape) != tuple(value.shape):
+            raise ValueError(f"shape mismatch for {key}: file has {tuple(value.shape)}, "
+                             f"model expects {tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(value.to(dtype=target.dtype, device=target.device))
+
+
+def saved_config(directory: str | Path) -> Any:
+    """The leantrain config stored in an adapter directory."""
+    return config_from_peft_dict(json.loads((Path(directory) / CONFIG_NAME).read_text()))
+
+
+__all__ = ["adapter_state", "load", "read_adapter_files", "save", "saved_config", "spec_for_config"]

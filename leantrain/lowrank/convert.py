@@ -1,0 +1,151 @@
+"""Turn chosen dense nn.Linear / nn.Conv2d layers of any model into DLRT low-rank layers, in place.
+
+From a dense init the factors are the truncated SVD of W (so the converted model starts as close to the dense one
+as the kept rank allows); from scratch they are random orthonormal bases with S = diag(sorted |N(0,1)|) as in the
+reference code. Paper: Schotthöfer et al. 2022, https://arxiv.org/abs/2205.13571.
+
+Target rules (same as leantrain's adapters): "all-linear" = every nn.Linear except the task head (a module whose
+name has a component ``classifier``, ``lm_head`` or ``score``); "all" adds Conv2d; a list or comma-separated
+string of names matches a module whose full name equals the entry or ends with "." + entry; "re:<regex>" is a
+full match of the module name.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .kls import truncation_rank
+from .layers import LowRankConv2d, LowRankLinear, LowRankMixin
+
+HEAD_NAMES = ("classifier", "lm_head", "score")
+Bound = int | Mapping[str, int] | None
+
+
+def _is_head(name: str) -> bool:
+    return any(part in HEAD_NAMES for part in name.split("."))
+
+
+def resolve_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
+    """Names of the dense layers ``targets`` selects (see module docstring); unknown names raise."""
+    kinds: tuple[type, ...] = (nn.Linear,)
+    if targets in ("all-linear", "all"):
+        if targets == "all":
+            kinds = (nn.Linear, nn.Conv2d)
+        return [n for n, m in model.named_modules() if type(m) in kinds and n and not _is_head(n)]
+    kinds = (nn.Linear, nn.Conv2d)
+    if isinstance(targets, str) and targets.startswith("re:"):
+        rx = re.compile(targets[3:])
+        found = [n for n, m in model.named_modules() if type(m) in kinds and rx.fullmatch(n)]
+        found = [n for n in found if not _is_head(n)]
+    else:
+        entries = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
+        found = [n for n, m in model.named_modules()
+                 if type(m) in kinds and any(n == e or n.endswith("." + e) for e in entries)]
+        for e in entries:
+            if not any(n == e or n.endswith("." + e) for n in found):
+                raise ValueError(f"target {e!r} matches no nn.Linear/nn.Conv2d in {type(model).__name__}")
+    if not found:
+        raise ValueError(f"targets={targets!r} match no nn.Linear/nn.Conv2d in {type(model).__name__}")
+    return found
+
+
+def _bound(value: Bound, name: str, default: int) -> int:
+    if value is None:
+        return default
+    if isinstance(value, Mapping):
+        return int(value.get(name, default))
+    return int(value)
+
+
+def _dense_matrix(module: nn.Module) -> torch.Tensor:
+    return module.weight.detach().reshape(module.weight.shape[0], -1)
+
+
+def make_lowrank(module: nn.Module, name: str = "", rank: int | None = None, *, tau: float | None = None,
+                 init: str = "svd", min_rank: int | None = None, max_rank: int | None = None) -> LowRankMixin:
+    """A low-rank copy of one dense layer.
+
+    Rank choice: ``rank`` if given; else with ``init="svd"`` and ``tau`` the τ rule applied to σ(W) (the same
+    rule the integrator uses, so step 1 does not immediately cut the model); else ``max_rank``.
+    ``max_rank`` defaults to min(n, m) // 2 (reference: the augmented basis 2r then fits), raised to ``rank``
+    when a larger explicit rank is asked for; ``min_rank`` defaults to 2.
+    """
+    label = name or type(module).__name__
+    if init not in ("svd", "random"):
+        raise ValueError(f"{label}: init={init!r} must be 'svd' or 'random'")
+    if tau is not None and not tau > 0:
+        raise ValueError(f"{label}: tau={tau!r} must be > 0")
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1 or module.padding_mode != "zeros":
+            raise ValueError(f"{label}: only groups=1, padding_mode='zeros' convs convert "
+                             f"(got groups={module.groups}, padding_mode={module.padding_mode!r})")
+    elif not isinstance(module, nn.Linear):
+        raise TypeError(f"{label}: cannot convert {type(module).__name__} (nn.Linear or nn.Conv2d only)")
+    w = _dense_matrix(module)
+    n, m = w.shape
+    full = min(n, m)
+    if rank is not None and (not isinstance(rank, int) or not 1 <= rank <= full):
+        raise ValueError(f"{label}: rank={rank!r} must be an int in [1, {full}] for a {n}x{m} weight")
+    hi = max_rank if max_rank is not None else max(1, full // 2)
+    if rank is not None:
+        hi = max(hi, rank) if max_rank is None else hi
+    if not 1 <= hi <= full:
+        raise ValueError(f"{label}: max_rank={hi} must be in [1, {full}] for a {n}x{m} weight")
+    lo = min(2, hi) if min_rank is None else min(int(min_rank), hi)
+    sigma = u = vh = None
+    if init == "svd":
+        u, sigma, vh = torch.linalg.svd(w.to(torch.float64 if w.dtype == torch.float64 else torch.float32),
+                                        full_matrices=False)
+    if rank is None:
+        rank = truncation_rank(sigma, tau) if (init == "svd" and tau is not None) else hi
+    rank = max(lo, min(rank, hi))
+    if rank > hi:
+        raise ValueError(f"{label}: rank={rank} exceeds max_rank={hi}")
+    kw = dict(bias=module.bias is not None, min_rank=lo, max_rank=hi, dtype=w.dtype, device=w.device)
+    if isinstance(module, nn.Conv2d):
+        new: LowRankMixin = LowRankConv2d(module.in_channels, module.out_channels, module.kernel_size, rank,
+                                          module.stride, module.padding, module.dilation, **kw)
+    else:
+        new = LowRankLinear(module.in_features, module.out_features, rank, **kw)
+    if init == "svd":
+        new.set_factors(u[:, :rank], torch.diag(sigma[:rank]), vh[:rank].T)
+    if module.bias is not None:
+        new.bias.data.copy_(module.bias.detach())
+    new.train(module.training)
+    return new
+
+
+def convert_to_lowrank(model: nn.Module, targets: str | list[str] = "all-linear", rank: Bound = None, *,
+                       tau: float | None = None, init: str = "svd", min_rank: Bound = None,
+                       max_rank: Bound = None) -> list[str]:
+    """Replace the targeted dense layers of ``model`` in place; returns the converted module names.
+
+    ``rank``, ``min_rank``, ``max_rank`` are an int for every layer or a dict name -> int (missing names use the
+    defaults of ``make_lowrank``).
+    """
+    names = resolve_targets(model, targets)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        dense = getattr(parent, child)
+        r = None if rank is None else _bound(rank, name, 0) or None
+        new = make_lowrank(dense, name, r, tau=tau, init=init,
+                           min_rank=None if min_rank is None else _bound(min_rank, name, 2),
+                           max_rank=None if max_rank is None else _bound(max_rank, name, min(_dense_matrix(dense).shape)))
+        setattr(parent, child, new)
+    return names
+
+
+def model_params(model: nn.Module) -> dict[str, Any]:
+    """Inference parameter count of ``model`` (low-rank layers at r(n+m)+r²) and of its dense counterpart."""
+    lowrank = {n: m for n, m in model.named_modules() if isinstance(m, LowRankMixin)}
+    own = {id(p) for m in lowrank.values() for p in m.parameters()}
+    rest = sum(p.numel() for p in model.parameters() if id(p) not in own)
+    now = rest + sum(m.eval_params() for m in lowrank.values())
+    dense = rest + sum(m.dense_params() for m in lowrank.values())
+    return {"params": now, "dense_params": dense, "compression": 1.0 - now / dense if dense else 0.0,
+            "ranks": {n: m.rank for n, m in lowrank.items()}}

@@ -1,0 +1,125 @@
+"""Convert a model's linear layers to :class:`QuantLinear` and back, and merge adapters onto a quantized base.
+
+``quantize(model, bits=4)`` is what ``leantrain train --quantize nf4|int8`` calls on the encoder before the
+training method injects its adapters (QLoRA, https://arxiv.org/abs/2305.14314: frozen 4-bit base + LoRA).
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .functional import check_bits, check_block_size
+from .linear import QuantLinear
+
+HEAD_NAMES = ("classifier", "lm_head", "score")  # task heads stay dense and trainable
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _is_head(name: str) -> bool:
+    return any(part in HEAD_NAMES for part in name.split("."))
+
+
+def _matches(name: str, targets: str | Iterable[str]) -> bool:
+    if isinstance(targets, str):
+        if targets.startswith("re:"):
+            return re.fullmatch(targets[3:], name) is not None
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def target_linear_names(model: nn.Module, targets: str | Iterable[str] = "all-linear") -> list[str]:
+    """Names of the ``nn.Linear`` modules selected by ``targets``, never a task head.
+
+    ``targets``: "all-linear"; a list or comma-separated string of module names (a name matches a module whose
+    full name equals it or ends with ``"." + name``, as in PEFT); or a regex on the full name prefixed "re:".
+    Names that match nothing raise (a typo would otherwise silently leave the model dense).
+    """
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _is_head(n)]
+    if targets == "all-linear":
+        return [n for n, _ in linears]
+    if not isinstance(targets, str):
+        targets = list(targets)
+        if not all(isinstance(t, str) for t in targets):
+            raise TypeError(f"targets must be 'all-linear', a string or a list of strings, got {targets!r}")
+    chosen = [n for n, _ in linears if _matches(n, targets)]
+    if not chosen:
+        raise ValueError(f"targets={targets!r} match no nn.Linear module of {type(model).__name__} "
+                         f"(available: {sorted({n.rsplit('.', 1)[-1] for n, _ in linears})})")
+    if not isinstance(targets, str):
+        unused = [t for t in targets if not any(_matches(n, [t]) for n, _ in linears)]
+        if unused:
+            raise ValueError(f"target module(s) {unused} match no nn.Linear of {type(model).__name__}")
+    return chosen
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, bits: int = 4, targets: str | Iterable[str] = "all-linear",
+             double_quant: bool = True, block_size: int = 64, merge_policy: str = "exact") -> list[str]:
+    """Replace the targeted ``nn.Linear`` layers of ``model`` by frozen :class:`QuantLinear` in place.
+
+    bits=4 -> NF4, bits=8 -> int8, both block-wise absmax. Returns the converted module names. Heads
+    (``classifier``, ``lm_head``, ``score``) are skipped. Already-quantized layers are left alone.
+    """
+    if isinstance(bits, str):
+        bits = {"nf4": 4, "int8": 8}.get(bits.lower(), bits)  # type: ignore[assignment]
+    check_bits(bits)
+    check_block_size(block_size)
+    names = target_linear_names(model, targets)
+    for name in names:
+        linear = model.get_submodule(name)
+        _set_module(model, name, QuantLinear.from_linear(linear, bits=bits, block_size=block_size,
+                                                         double_quant=double_quant, merge_policy=merge_policy))
+    return names
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
+    """Turn every :class:`QuantLinear` (also inside adapter wrappers) back into a frozen ``nn.Linear``.
+
+    The dense weight is the dequantized codes plus any merged residual, so merged adapters are kept exactly.
+    """
+    names = list(quantized_layers(model))
+    for name in names:
+        _set_module(model, name, model.get_submodule(name).to_linear(dtype))
+    return names
+
+
+def model_nbytes(model: nn.Module) -> int:
+    """Bytes of all parameters and buffers (each shared tensor counted once)."""
+    seen: dict[int, int] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        seen[id(t)] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+@torch.no_grad()
+def merge(model: nn.Module, names: list[str] | None = None, how: str = "dense") -> dict[str, dict[str, float]]:
+    """Merge adapters into a (partly) quantized base, keeping the adapter's effect.
+
+    Merges through ``leantrain.adapters.merge`` (each :class:`QuantLinear` collects the deltas exactly in its
+    fp32 residual), then ``how="dense"`` replaces those layers by dense ``nn.Linear`` (exact, fp32-sized) and
+    ``how="requantize"`` folds the residual into new codes (small, lossy: the report gives per layer
+    ``lost`` = share of the delta norm not represented, and ``rel_error`` relative to the weight).
+    The adapter wrappers stay in place (marked merged), so ``leantrain.adapters.unmerge`` still works
+    (exact after ``dense``; after ``requantize`` it subtracts the delta from the re-quantized weight).
+    """
+    if how not in ("dense", "requantize"):
+        raise ValueError(f"how={how!r}; choose 'dense' or 'requantize'")
+    from leantrain import adapters  # the adapter core imports nothing from here; keep the dependency one-way
+
+    adapters.merge(model, names)
+    if how == "dense":
+        return {name: {"lost": 0.0, "rel_error": 0.0} for name in dequantize_model(model)}
+    return {name: layer.requantize() for name, layer in quantized_layers(model).items()}
