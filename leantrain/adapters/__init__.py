@@ -16,13 +16,18 @@ from __future__ import annotations
 from typing import Any
 
 from .base import AdapterLayer, add_to_base_weight, base_weight
-from .inject import adapter_config, adapter_layers, adapter_names, inject, resolve_targets
+from .inject import adapter_config, adapter_layers, adapter_names, delete, inject, resolve_targets
+from .io import load, save, saved_config
 from .lora import LoraConfig
+from .multi import active_adapters, combine, disable, merge, set_active, unmerge
+from .vera import VeraConfig
 from .registry import register_adapter
 
 __all__ = [
-    "AdapterLayer", "LoraConfig", "MissConfig", "ShiraConfig", "add_to_base_weight", "adapter_config",
-    "adapter_layers", "adapter_names", "base_weight", "inject", "register_adapter", "resolve_targets",
+    "AdapterLayer", "LoraConfig", "MissConfig", "ShiraConfig", "VeraConfig", "active_adapters",
+    "add_to_base_weight", "adapter_config", "adapter_layers", "adapter_names", "base_weight", "combine", "delete",
+    "disable", "inject", "load", "merge", "register_adapter", "resolve_targets", "save", "saved_config",
+    "set_active", "unmerge",
 ]
 
 _LAZY = {"ShiraConfig": ".shira", "MissConfig": ".miss"}
