@@ -1,0 +1,171 @@
+"""Measure the peak memory of a real training step, in the same unit the estimator predicts: tensor bytes.
+
+* CUDA: the caching allocator's own counters (``torch.cuda.max_memory_allocated`` after
+  ``reset_peak_memory_stats``): exact bytes handed to tensors, excluding cache slack and the CUDA context.
+* CPU: there is no allocator peak counter, and process RSS (``ru_maxrss``, VmHWM) measures something else: glibc
+  keeps freed arenas, Python objects, the tokenizer and shared libraries all count, and the high-water mark cannot
+  be reset within one process. We therefore use the torch profiler with ``profile_memory=True``, which records
+  every CPU-allocator allocation and free (signed ``nbytes`` with a timestamp). Replaying those events in time
+  order gives the exact peak of *tensor* bytes allocated during the step relative to its start; adding the bytes
+  of the tensors alive at the start (parameters, buffers, gradients and optimizer states -- unique storages)
+  gives the absolute peak. This is what ``MemoryReport.total`` models, so the two are directly comparable.
+  (The per-event records come from ``prof.profiler.kineto_results``, torch's documented-by-use but private
+  handle; ``_peak_from_profile`` falls back to the public ``prof.events()`` list if it disappears.)
+
+The first call(s) of a step allocate optimizer states lazily, so ``measure`` runs ``warmup`` steps first and
+measures the next one: the steady state of training.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class MeasuredMemory:
+    peak: int  # bytes: peak of live tensor memory during the measured step
+    resident: int  # bytes alive when the step started (weights, buffers, optimizer states, leftover grads)
+    device: str
+    method: str  # how it was measured: "cuda-allocator" | "cpu-profiler"
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(peak=self.peak, resident=self.resident, device=self.device, method=self.method)
+
+
+def _storages(tensors: Iterable[torch.Tensor]) -> int:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+    return sum(seen.values())
+
+
+def live_tensors(model: nn.Module | None, optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
+    """Tensors a training state keeps between steps: parameters, their grads, buffers, optimizer state."""
+    out: list[torch.Tensor] = []
+    if model is not None:
+        for p in model.parameters():
+            out.append(p)
+            if p.grad is not None:
+                out.append(p.grad)
+        out.extend(model.buffers())
+    if optimizer is not None:
+        stack: list[Any] = list(optimizer.state.values())
+        while stack:
+            v = stack.pop()
+            if isinstance(v, torch.Tensor):
+                out.append(v)
+            elif isinstance(v, dict):
+                stack.extend(v.values())
+            elif isinstance(v, (list, tuple)):
+                stack.extend(v)
+    return out
+
+
+def _peak_from_profile(prof: Any) -> int:
+    """Max over time of the running sum of allocator events recorded by the profiler (bytes above the start)."""
+    try:
+        events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+                  and e.device_type() == torch.autograd.DeviceType.CPU]
+    except AttributeError:  # pragma: no cover - older/newer torch without the kineto handle
+        events = [(e.time_range.start, e.cpu_memory_usage) for e in prof.events() if e.name == "[memory]"]
+    running = peak = 0
+    for _, nbytes in sorted(events, key=lambda x: x[0]):
+        running += nbytes
+        peak = max(peak, running)
+    return peak
+
+
+def measure(step: Callable[[], Any], model: nn.Module | None = None,
+            optimizer: torch.optim.Optimizer | None = None, warmup: int = 1,
+            device: str | torch.device | None = None) -> MeasuredMemory:
+    """Peak tensor memory of one call of ``step()`` after ``warmup`` calls.
+
+    ``model``/``optimizer`` tell the CPU path which tensors are alive before the step (their bytes are added to
+    the profiled peak); on CUDA the allocator already knows. ``step`` should do forward, backward,
+    ``optimizer.step()`` and ``zero_grad`` -- a real training step.
+    """
+    if warmup < 0:
+        raise ValueError(f"warmup={warmup} must be >= 0")
+    if device is None:
+        p = next(iter(model.parameters()), None) if model is not None else None
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        resident = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return MeasuredMemory(torch.cuda.max_memory_allocated(device), resident, str(device), "cuda-allocator")
+    if device.type != "cpu":
+        raise ValueError(f"measure supports cpu and cuda devices, not {device}")
+    from torch.profiler import ProfilerActivity, profile
+
+    resident = _storages(live_tensors(model, optimizer))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    return MeasuredMemory(resident + _peak_from_profile(prof), resident, "cpu", "cpu-profiler")
+
+
+def build_training_step(cfg: Any, batch_size: int, seq_len: int, num_labels: int = 2, seed: int = 0):
+    """(step, model, optimizer) for ``cfg``: leantrain's classifier, method and optimizer on a random batch.
+
+    Mirrors the training loop (forward, cross-entropy, backward, clipping, step, zero_grad with set_to_none) so
+    that the measured step is the one the estimator models.
+    """
+    from ..methods import get_method, head_module
+    from ..models import build_classifier
+    from ..optim.registry import build_optimizer
+
+    torch.manual_seed(seed)
+    model = build_classifier(cfg.model, num_labels, seed=seed)
+    method = get_method(cfg.method)
+    groups = method.apply(model, cfg)
+    head = head_module(model)
+    if head is not None:
+        for p in head.parameters():
+            p.requires_grad_(True)
+        groups = [*groups, {"params": list(head.parameters()), "name": "head"}]
+    lr = cfg.lr or method.default_lr
+    optimizer = build_optimizer(cfg.optim, groups, cfg, lr)
+    if hasattr(method, "wrap_optimizer"):
+        optimizer = method.wrap_optimizer(optimizer, model, cfg)
+    model.train()
+    vocab = model.encoder.config.vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (batch_size, seq_len), generator=gen)
+    mask = torch.ones_like(ids)
+    labels = torch.randint(0, num_labels, (batch_size,), generator=gen)
+    params = [p for g in groups for p in g["params"]]
+
+    def step() -> None:
+        def closure() -> torch.Tensor:
+            loss = torch.nn.functional.cross_entropy(model(ids, mask), labels)
+            loss.backward()
+            return loss
+
+        if hasattr(method, "wrap_optimizer"):
+            optimizer.step(closure)
+        else:
+            closure()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, model, optimizer
+
+
+def measure_config(cfg: Any, batch_size: int, seq_len: int, num_labels: int = 2, warmup: int = 1) -> MeasuredMemory:
+    """Peak memory of a steady-state training step of a ``TrainConfig`` (built with leantrain's own pieces)."""
+    step, model, optimizer = build_training_step(cfg, batch_size, seq_len, num_labels)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return measure(step, model, inner if isinstance(inner, torch.optim.Optimizer) else None, warmup=warmup)
