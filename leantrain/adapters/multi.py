@@ -145,3 +145,14 @@ def combine(model: nn.Module, names: Sequence[str], weights: Sequence[float], ne
             target.lora_B.copy_(b)
             layer.active_adapters = previous[id(layer)]
     return [ln for ln, _ in layers]
+
+
+def unload(model: nn.Module) -> list[str]:
+    """Replace every wrapped layer by its base layer (after ``merge`` this gives a plain model whose
+    state_dict matches the original architecture). Unmerged adapters are dropped; returns the unwrapped names."""
+    from .inject import _set_submodule
+
+    names = [n for n, _ in adapter_layers(model)]
+    for name in names:
+        _set_submodule(model, name, model.get_submodule(name).base_layer)
+    return names
