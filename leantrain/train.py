@@ -91,14 +91,14 @@ def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, TrainConfig]:
                    and v != getattr(TrainConfig(), k)]
         if changed:
             raise ValueError(f"--resume: option(s) {', '.join(changed)} differ from {saved}; drop them to resume")
-        runtime = {k: getattr(cfg, k) for k in RUNTIME_FIELDS if getattr(cfg, k) != getattr(TrainConfig(), k)}
+        runtime = {k: getattr(cfg, k) for k in RUNTIME_FIELDS}
+        if cfg.steps is None:  # keep the planned length unless the resume extends it
+            runtime["steps"] = old.steps
         return run_dir, replace(old, **runtime)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not cfg.overwrite:
-            raise FileExistsError(f"run folder {run_dir} is not empty; pass --resume to continue it or "
-                                  "--overwrite to replace it")
-        shutil.rmtree(run_dir)
-    return run_dir, cfg
+    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.overwrite:
+        raise FileExistsError(f"run folder {run_dir} is not empty; pass --resume to continue it or "
+                              "--overwrite to replace it")
+    return run_dir, cfg  # with --overwrite the old folder is removed only once every input has been validated
 
 
 def build_task(cfg: TrainConfig, device: torch.device):
@@ -115,8 +115,8 @@ def build_task(cfg: TrainConfig, device: torch.device):
 def train(cfg: TrainConfig) -> dict[str, Any]:
     started = time.time()
     # 1. Validate everything that can fail before the run folder is touched.
-    method = get_method(cfg.method)
     run_dir, cfg = prepare_run_dir(cfg)
+    method = get_method(cfg.method)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     task = build_task(cfg, device)
@@ -171,6 +171,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         _set_rng_state(rng)
         start_step = trainer["step"]
     else:
+        if cfg.overwrite and run_dir.exists():
+            shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_text_atomic(run_dir / "config.json", cfg.to_json() + "\n")
         task.write_run_files(run_dir)

@@ -108,6 +108,7 @@ class AdapterLayer(nn.Module):
         if self.merged_adapters:
             raise ValueError(f"cannot add adapter {name!r} while {self.merged_adapters} are merged; unmerge first")
         module = self.create_adapter(name, config)
+        module.train(self.training)  # a new dropout must follow the model's train/eval mode
         self.adapters[name] = module
         self.configs[name] = config
         if name not in self.active_adapters:

@@ -149,7 +149,7 @@ def inject(model: nn.Module, config: Any, name: str = "default", calib: Any = No
         if isinstance(module, AdapterLayer):
             layer = module
         else:
-            layer = layer_cls(module)
+            layer = layer_cls(module).train(module.training)
             _set_submodule(model, target, layer)
         layer.layer_name = target
         layer.add_adapter(name, config)

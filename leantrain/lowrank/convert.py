@@ -53,12 +53,11 @@ def resolve_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
     return found
 
 
-def _bound(value: Bound, name: str, default: int) -> int:
-    if value is None:
-        return default
+def _pick(value: Bound, name: str) -> int | None:
+    """Per-layer value of an int-or-dict option (None = use the default)."""
     if isinstance(value, Mapping):
-        return int(value.get(name, default))
-    return int(value)
+        value = value.get(name)
+    return value
 
 
 def _dense_matrix(module: nn.Module) -> torch.Tensor:
@@ -132,10 +131,8 @@ def convert_to_lowrank(model: nn.Module, targets: str | list[str] = "all-linear"
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         dense = getattr(parent, child)
-        r = None if rank is None else _bound(rank, name, 0) or None
-        new = make_lowrank(dense, name, r, tau=tau, init=init,
-                           min_rank=None if min_rank is None else _bound(min_rank, name, 2),
-                           max_rank=None if max_rank is None else _bound(max_rank, name, min(_dense_matrix(dense).shape)))
+        new = make_lowrank(dense, name, _pick(rank, name), tau=tau, init=init, min_rank=_pick(min_rank, name),
+                           max_rank=_pick(max_rank, name))
         setattr(parent, child, new)
     return names
 

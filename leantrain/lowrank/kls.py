@@ -72,7 +72,7 @@ def svd_truncate(s_hat: torch.Tensor, tau: float | None, min_rank: int, max_rank
 
     ``tau=None`` keeps min(max_rank, a, b) directions (no adaptivity). Bounds clamp the τ rule.
     """
-    p, sigma, qh = torch.linalg.svd(s_hat.to(_work_dtype(s_hat)), full_matrices=False)
+    p, sigma, qh = torch.linalg.svd(s_hat.to(torch.float64), full_matrices=False)  # tiny (2r×2r): fp64 is free
     k = sigma.shape[0]
     r1 = k if tau is None else truncation_rank(sigma, tau, absolute)
     r1 = max(min_rank, min(r1, max_rank, k))

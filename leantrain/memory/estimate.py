@@ -6,7 +6,7 @@ coexists with activations). Every formula is a count of tensor bytes; sources pe
 * LoRA / rsLoRA / PiSSA: A (r×in) + B (out×r) per adapted Linear (Hu et al. 2021); DoRA adds m (out)
   (Liu et al. 2024); VeRA: shared frozen A (r×in_max), B (out_max×r) + λ_d (r), λ_b (out) per layer
   (Kopiczko et al. 2024); MiSS: r·out (PEFT ``MissConfig``); SHiRA: K = r(out+in) or fraction·out·in values +
-  (2, K) int32 indices (PEFT ``ShiraLayer``). See /work/shared/methods/*.md.
+  their indices (``shira_index_bytes``). See /work/shared/methods/*.md.
 * GaLore (Zhao et al. 2024, Table 1): for an m×n weight (m ≤ n) states mr + 2nr (projector + two moments on the
   large side); other tensors keep dense states. GradNormLoRP: V (m×n) + g (out) replace W, V's moments are
   projected, g gets dense Adam.
@@ -115,6 +115,17 @@ def quantized_bytes(numel: int, rows: int, scheme: str) -> int:
     raise ValueError(f"quantize={scheme!r} must be one of nf4, int8")
 
 
+def shira_index_bytes(k: int, shape: tuple[int, ...], layout: str = "leantrain") -> int:
+    """Index bytes of K sparse entries: PEFT keeps int32 (2, K); leantrain's CSR layer keeps int64 flat positions,
+    the int64 permutation to the transposed layout and the int64 row pointers of S and S^T."""
+    if layout == "peft":
+        return 2 * k * 4
+    if layout == "leantrain":
+        out_f, in_f = shape
+        return 8 * (2 * k + out_f + 1 + in_f + 1)
+    raise ValueError(f"shira_layout={layout!r} must be 'leantrain' or 'peft'")
+
+
 def select_targets(spec: ModelSpec, targets: str) -> list[ParamSpec]:
     """Linear weights an adapter/DLRT/GradNormLoRP touches (same rules as leantrain.adapters.inject)."""
     lin = spec.linears()
@@ -164,7 +175,7 @@ def estimate(model: str | ModelSpec, method: str = "full", optim: str = "adamw",
              batch_size: int = 1, seq_len: int = 512, activation_checkpointing: bool = False, rank: int = 8,
              quantize: str | None = None, targets: str = "all-linear", fraction: float | None = None,
              block_size: int = 256, attention: str = "eager", layerwise: bool = False, device: str = "cpu",
-             index_bytes: int = 4, num_labels: int = 2) -> MemoryReport:
+             shira_layout: str = "leantrain", num_labels: int = 2) -> MemoryReport:
     """Estimate training memory in bytes; see the module docstring and docs/memory.md for every formula."""
     spec = model if isinstance(model, ModelSpec) else model_spec(model, num_labels)
     if method not in METHODS:
@@ -219,7 +230,7 @@ def estimate(model: str | ModelSpec, method: str = "full", optim: str = "adamw",
                 trainables.append(_Trainable(name, shape))
                 extra_weights += math.prod(shape) * elt
                 if method == "shira":
-                    extra_weights += 2 * math.prod(shape) * index_bytes
+                    extra_weights += shira_index_bytes(math.prod(shape), p.shape, shira_layout)
         if method == "vera":
             in_max = max(p.shape[1] for p in targets_l)
             out_max = max(p.shape[0] for p in targets_l)
@@ -256,8 +267,6 @@ def estimate(model: str | ModelSpec, method: str = "full", optim: str = "adamw",
     act = activation_bytes(spec, batch_size, seq_len, elt, activation_checkpointing, attention,
                            trainable_encoder=method != "head",
                            adapter_bytes_per_token=_adapter_act_per_token(method, targets_l, rank, elt))
-    if method == "shira":  # a PEFT-style layer materialises W + S and autograd keeps it for the input gradient
-        act.adapters += sum(p.numel for p in targets_l) * elt * (1 if not activation_checkpointing else 0)
     details.update({"activations.blocks": act.blocks, "activations.outside": act.outside,
                     "activations.adapters": act.adapters})
     workspace = _workspace(trainables, n_states, codec, elt, rank, device)
@@ -265,8 +274,9 @@ def estimate(model: str | ModelSpec, method: str = "full", optim: str = "adamw",
                    seq_len=seq_len, activation_checkpointing=activation_checkpointing, rank=rank,
                    quantize=quantize, device=device)
     n_train = sum(t.numel for t in trainables)
-    n_total = spec.num_params - sum(p.numel for p in targets_l if method == "dlrt") + (
-        extra_weights // elt if method in ADAPTERS or method == "dlrt" else 0)
+    kept = spec.num_params - (sum(p.numel for p in targets_l) if method == "dlrt" else 0)
+    added = sum(t.numel for t in trainables if t.name.rsplit(".", 1)[-1] not in ("weight", "bias", "V"))
+    n_total = kept + added  # parameters of the trained model (frozen bases/buffers of adapters not included)
     return MemoryReport(weights, gradients, states, act.total, workspace, n_total, n_train, setting, details)
 
 

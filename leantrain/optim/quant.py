@@ -1,0 +1,222 @@
+"""Block-wise quantization of optimizer states: dynamic (tree) and linear maps, pure PyTorch (CPU and CUDA).
+
+Paper: Dettmers et al., *8-bit Optimizers via Block-wise Quantization*, ICLR 2022, https://arxiv.org/abs/2110.02861
+(4-bit linear map without zero for the second moment: Li et al., *Memory Efficient Optimizers with 4-bit States*,
+NeurIPS 2023, https://arxiv.org/abs/2309.01507).
+
+A tensor is split into blocks of ``block_size`` consecutive elements (the last block may be shorter); each block
+is divided by its absolute maximum and every value is replaced by the index of the *nearest* entry of a sorted
+code table of at most 256 values in [-1, 1].
+
+Speed: ``torch.bucketize`` over 255 midpoints is a binary search per element and costs ~25 ns/element on CPU. We
+instead look the nearest code up in a 65 536-entry table indexed by the top 16 bits of the float32 value (sign,
+exponent, 7 mantissa bits). Each such bucket contains at most one midpoint of the code (checked when the table is
+built), so one comparison against that midpoint gives exactly ``bucketize(s, midpoints)`` -- round to nearest,
+exact ties to the lower code -- at the cost of two table gathers and two elementwise ops.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+_HI = 1 if sys.byteorder == "little" else 0  # which uint16 half of a float32 holds sign+exponent
+
+
+def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> Tensor:
+    """Sorted float32 dynamic-tree code (bitsandbytes ``create_dynamic_map``): decades 10^-k with linear fractions.
+
+    The unsigned variant spends the sign bit on one more fraction bit (for Adam's non-negative 2nd moment).
+    """
+    if not 1 <= max_exponent_bits < total_bits <= 8:
+        raise ValueError(f"dynamic_map needs 1 <= max_exponent_bits < total_bits <= 8, got "
+                         f"max_exponent_bits={max_exponent_bits}, total_bits={total_bits}")
+    data: list[float] = []
+    nsb = total_bits - 1
+    extra = 2 ** (nsb - max_exponent_bits) - 1
+    for i in range(max_exponent_bits):
+        n = 2 ** (i + nsb - max_exponent_bits + (0 if signed else 1)) + 1
+        data += _decade(i - max_exponent_bits + 1, n, signed)
+    if extra > 0:  # bitsandbytes appends these to the top decade (its loop variable leaks): keep the same table
+        data += _decade(0, extra + 1, signed)
+    data += [0.0, 1.0]
+    if len(data) > 2**total_bits:
+        raise ValueError(f"dynamic_map(signed={signed}, max_exponent_bits={max_exponent_bits}, "
+                         f"total_bits={total_bits}) has {len(data)} values > 2**{total_bits}")
+    return torch.tensor(sorted(data), dtype=torch.float32)
+
+
+def _decade(exponent: int, n_items: int, signed: bool) -> list[float]:
+    bounds = torch.linspace(0.1, 1, n_items, dtype=torch.float32)
+    means = (bounds[:-1] + bounds[1:]) / 2.0
+    vals = ((10**exponent) * means).tolist()
+    return vals + ((-(10**exponent)) * means).tolist() if signed else vals
+
+
+def linear_map(bits: int = 4, signed: bool = True) -> Tensor:
+    """Uniform code with ``2**bits`` values: signed = linspace(-1, 1); unsigned = k/2^bits for k = 1..2^bits.
+
+    The unsigned map deliberately has no zero: a second moment rounded to 0 turns m/sqrt(v) into m/eps and blows
+    the update up (the "zero-point problem" of 4-bit optimizers, Li et al. 2023, sec. 4.1).
+    """
+    if not 1 <= bits <= 8:
+        raise ValueError(f"linear_map bits must be in 1..8, got {bits}")
+    n = 2**bits
+    if signed:
+        return torch.linspace(-1.0, 1.0, n, dtype=torch.float32)
+    return torch.arange(1, n + 1, dtype=torch.float32) / n
+
+
+class CodeTable:
+    """Lookup tables for nearest-code quantization of scaled values with one code (built once, per device)."""
+
+    def __init__(self, code: Tensor) -> None:
+        code = code.detach().to("cpu", torch.float32).flatten()
+        if code.numel() < 2 or code.numel() > 256:
+            raise ValueError(f"a code table needs 2..256 values, got {code.numel()}")
+        if not bool((code[1:] > code[:-1]).all()):
+            raise ValueError("code values must be strictly increasing (sorted, no duplicates)")
+        self.code = code
+        mids = (code[:-1] + code[1:]) / 2
+        # Every float32 whose top 16 bits equal h lies between the two floats with low bits 0x0000 and 0xFFFF.
+        h = torch.arange(65536, dtype=torch.int64)
+        ends = torch.stack([(h << 16), (h << 16) | 0xFFFF]).to(torch.int64)
+        ends = torch.where(ends >= 2**31, ends - 2**32, ends).to(torch.int32).view(torch.float32)
+        big = torch.where(h < 0x8000, 3e38, -3e38).to(torch.float32).expand_as(ends)  # inf/NaN buckets -> +-max
+        ends = torch.where(torch.isfinite(ends), ends, big)
+        q = torch.bucketize(ends, mids)  # count of midpoints strictly below the value
+        lo, hi = q.min(0).values, q.max(0).values
+        if int((hi - lo).max()) > 1:
+            raise ValueError("code values are too close together for the 16-bit lookup table")
+        self.lo = lo.to(torch.uint8)
+        self.mid = torch.where(hi > lo, mids[lo.clamp_max(mids.numel() - 1)], torch.tensor(float("inf")))
+        self._dev: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
+
+    def on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """(code, lo, mid) on ``device``."""
+        if device not in self._dev:
+            self._dev[device] = (self.code.to(device), self.lo.to(device), self.mid.to(device))
+        return self._dev[device]
+
+    def nearest(self, s: Tensor) -> Tensor:
+        """Index (uint8) of the nearest code value for each element of the contiguous float32 tensor ``s``."""
+        _, lo, mid = self.on(s.device)
+        h = s.reshape(-1).view(torch.uint16)[_HI::2].to(torch.int32)
+        return (lo.index_select(0, h) + (s.reshape(-1) > mid.index_select(0, h))).view(s.shape)
+
+
+_TABLES: dict[tuple, CodeTable] = {}
+
+
+def code_table(code: Tensor) -> CodeTable:
+    """Cached :class:`CodeTable` for ``code`` (keyed by its values)."""
+    key = tuple(code.detach().to("cpu", torch.float32).flatten().tolist())
+    if key not in _TABLES:
+        if len(_TABLES) > 64:
+            _TABLES.clear()
+        _TABLES[key] = CodeTable(code)
+    return _TABLES[key]
+
+
+def n_blocks(numel: int, block_size: int) -> int:
+    return -(-numel // block_size)
+
+
+def _check_block(block_size: int) -> None:
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+
+
+def absmax_of(x: Tensor, block_size: int, signed: bool = True) -> Tensor:
+    """Per-block max |x| of a flat float32 tensor (last block may be partial)."""
+    n = x.numel()
+    full = n // block_size * block_size
+    parts = []
+    if full:
+        xb = x[:full].view(-1, block_size)
+        if signed:
+            mn, mx = torch.aminmax(xb, dim=1)
+            parts.append(torch.maximum(mx, mn.neg()))
+        else:  # non-negative data (Adam's v): the max is the absmax
+            parts.append(xb.amax(1))
+    if full < n:
+        parts.append(x[full:].abs().amax().reshape(1))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def quantize_into(x: Tensor, table: CodeTable, block_size: int, codes_out: Tensor, absmax_out: Tensor,
+                  signed: bool = True) -> None:
+    """Quantize flat float32 ``x`` into preallocated ``codes_out`` (uint8, x.numel()) and ``absmax_out``."""
+    n = x.numel()
+    absmax = absmax_of(x, block_size, signed)
+    absmax_out.copy_(absmax)
+    div = absmax.masked_fill(absmax == 0, 1.0)  # all-zero block: 0/1 = 0 -> the code nearest 0
+    full = n // block_size * block_size
+    if full:
+        s = x[:full].view(-1, block_size) / div[: full // block_size, None]
+        codes_out[:full].copy_(table.nearest(s).view(-1))
+    if full < n:
+        codes_out[full:].copy_(table.nearest(x[full:] / div[-1]))
+
+
+def dequantize_into(codes: Tensor, absmax: Tensor, table: CodeTable, block_size: int, out: Tensor) -> Tensor:
+    """Write code[codes] * absmax(block) into the flat float32 tensor ``out`` and return it."""
+    code = table.on(codes.device)[0]
+    n = codes.numel()
+    torch.index_select(code, 0, codes.reshape(-1).to(torch.int32), out=out)
+    full = n // block_size * block_size
+    if full:
+        out[:full].view(-1, block_size).mul_(absmax[: full // block_size, None])
+    if full < n:
+        out[full:].mul_(absmax[-1])
+    return out
+
+
+def quantize_blockwise(x: Tensor, code: Tensor, block_size: int = 256) -> tuple[Tensor, Tensor]:
+    """(uint8 codes with x's shape, float32 absmax per block): nearest code of x / absmax(block).
+
+    Raises ValueError on non-finite input (NaN/inf would poison a whole block silently).
+    """
+    _check_block(block_size)
+    table = code_table(code)
+    flat = x.detach().reshape(-1).float().contiguous()
+    codes = torch.empty(flat.numel(), dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(n_blocks(flat.numel(), block_size), dtype=torch.float32, device=x.device)
+    if flat.numel():
+        quantize_into(flat, table, block_size, codes, absmax, signed=bool(code.min() < 0))
+        if not bool(torch.isfinite(absmax).all()):
+            raise ValueError(f"quantize_blockwise: input of shape {tuple(x.shape)} has non-finite values")
+    return codes.view(x.shape), absmax
+
+
+def dequantize_blockwise(codes: Tensor, absmax: Tensor, code: Tensor, block_size: int,
+                         shape: Sequence[int] | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Inverse of :func:`quantize_blockwise`: code[codes] * absmax of each element's block, reshaped to ``shape``."""
+    _check_block(block_size)
+    n = codes.numel()
+    if absmax.numel() != n_blocks(n, block_size):
+        raise ValueError(f"dequantize_blockwise: {n} codes need {n_blocks(n, block_size)} absmax values for "
+                         f"block_size={block_size}, got {absmax.numel()}")
+    out = torch.empty(n, dtype=torch.float32, device=codes.device)
+    if n:
+        dequantize_into(codes, absmax.float(), code_table(code), block_size, out)
+    shape = tuple(codes.shape) if shape is None else tuple(shape)
+    return out.view(shape).to(dtype)
+
+
+def pack_4bit(codes: Tensor) -> Tensor:
+    """Two 4-bit codes (values 0..15) per byte, first code in the high nibble; odd length padded with 0."""
+    flat = codes.reshape(-1).to(torch.uint8)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return (flat[0::2] << 4) | (flat[1::2] & 0x0F)
+
+
+def unpack_4bit(packed: Tensor, numel: int) -> Tensor:
+    """Inverse of :func:`pack_4bit`: the first ``numel`` codes as uint8."""
+    if not 2 * packed.numel() - 1 <= numel <= 2 * packed.numel() and not (numel == 0 and packed.numel() == 0):
+        raise ValueError(f"unpack_4bit: {packed.numel()} bytes cannot hold exactly {numel} 4-bit codes")
+    out = torch.stack([packed >> 4, packed & 0x0F], dim=-1).reshape(-1)
+    return out[:numel]
