@@ -1,0 +1,352 @@
+"""Adam/AdamW with block-wise 8-bit / 4-bit / bf16 / fp32 states, plus the shared optimizer core.
+
+Paper: Dettmers et al., *8-bit Optimizers via Block-wise Quantization*, ICLR 2022, https://arxiv.org/abs/2110.02861.
+
+Every optimizer here is *update rule x state codec (x optional gradient projector)*. :class:`BlockOptimizer` does
+the bookkeeping: lazy state, hyperparameter checks, non-finite gradients, percentile clipping, projection hooks,
+a shape-checking ``load_state_dict``, and a chunked loop that decodes a slice of each moment to fp32, runs the
+rule on it and encodes it back -- so temporaries stay cache-sized and no full fp32 copy of a moment is ever made.
+Subclasses only write ``_rule`` (see lion.py, sgd.py).
+
+Group keys (per-parameter overrides): ``codec`` ("fp32" | "bf16" | "8bit" | "4bit") or ``optim_bits``
+(32 | 16 | 8 | 4); ``block_size``; ``min_8bit_size`` (smaller moments stay fp32); ``percentile_clipping``
+(1..100, 100 = off); ``skip_nonfinite``; ``rank`` & co. (gradient projection, see projector.py).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .codecs import CODECS, Codec, get_codec
+
+_BITS = {32: "fp32", 16: "bf16", 8: "8bit", 4: "4bit"}
+
+
+class BlockOptimizer(torch.optim.Optimizer):
+    """Shared core. ``moments`` lists the state tensors as (name, signed); ``_rule`` is the update."""
+
+    moments: tuple[tuple[str, bool], ...] = ()
+    default_codec = "8bit"
+
+    def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
+        defaults.setdefault("codec", None)
+        defaults.setdefault("optim_bits", None)
+        defaults.setdefault("percentile_clipping", 100)
+        defaults.setdefault("skip_nonfinite", False)
+        defaults.setdefault("chunk_size", 1 << 18)
+        self._check(defaults, "defaults")
+        self._codecs: dict[tuple, Codec] = {}
+        self.nonfinite_skips = 0
+        super().__init__(params, defaults)
+
+    # ---- checks -----------------------------------------------------------------------------------------------
+    def _check(self, g: dict[str, Any], where: str) -> None:
+        name = type(self).__name__
+        lr = g.get("lr")
+        if isinstance(lr, Tensor) or not isinstance(lr, (int, float)) or not lr >= 0:
+            raise ValueError(f"{name}: invalid learning rate lr={lr!r} in {where} (must be a number >= 0)")
+        if "betas" in g:
+            betas = g["betas"]
+            if len(betas) != 2:
+                raise ValueError(f"{name}: betas={betas!r} in {where} must be a pair")
+            for i, b in enumerate(betas):
+                if not 0.0 <= b < 1.0:
+                    raise ValueError(f"{name}: invalid beta parameter at index {i}: {b} in {where} (must be in [0, 1))")
+        if "eps" in g and not g["eps"] >= 0:
+            raise ValueError(f"{name}: invalid eps={g['eps']!r} in {where} (must be >= 0)")
+        if not g.get("weight_decay", 0.0) >= 0:
+            raise ValueError(f"{name}: invalid weight_decay={g['weight_decay']!r} in {where} (must be >= 0)")
+        bs = g.get("block_size")
+        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 2 or bs % 2:
+            raise ValueError(f"{name}: block_size={bs!r} in {where} must be an even int >= 2")
+        m8 = g.get("min_8bit_size")
+        if isinstance(m8, bool) or not isinstance(m8, int) or m8 < 0:
+            raise ValueError(f"{name}: min_8bit_size={m8!r} in {where} must be an int >= 0")
+        if g.get("codec") is not None and g["codec"] not in CODECS:
+            raise ValueError(f"{name}: unknown codec={g['codec']!r} in {where}; choose one of {', '.join(CODECS)}")
+        if g.get("optim_bits") is not None and g["optim_bits"] not in _BITS:
+            raise ValueError(f"{name}: optim_bits={g['optim_bits']!r} in {where} must be one of 32, 16, 8, 4")
+        pc = g.get("percentile_clipping")
+        if isinstance(pc, bool) or not isinstance(pc, int) or not 1 <= pc <= 100:
+            raise ValueError(f"{name}: percentile_clipping={pc!r} in {where} must be an int in 1..100")
+        cs = g.get("chunk_size")
+        if isinstance(cs, bool) or not isinstance(cs, int) or cs < 1:
+            raise ValueError(f"{name}: chunk_size={cs!r} in {where} must be a positive int")
+        if g.get("rank") is not None:
+            from .projector import check_group
+            check_group(g, f"{name} {where}")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._check(self.param_groups[-1], f"param group {len(self.param_groups) - 1}")
+
+    # ---- codecs -----------------------------------------------------------------------------------------------
+    def codec_name(self, group: dict[str, Any], numel: int) -> str:
+        """Which codec a moment of ``numel`` values uses in ``group`` (small moments stay fp32)."""
+        if group.get("codec") is not None:
+            name = group["codec"]
+        elif group.get("optim_bits") is not None:
+            name = _BITS[group["optim_bits"]]
+        else:
+            name = self.default_codec
+        if name in ("8bit", "4bit") and numel < group["min_8bit_size"]:
+            return "fp32"
+        return name
+
+    def _codec(self, group: dict[str, Any], numel: int, signed: bool) -> Codec:
+        key = (self.codec_name(group, numel), signed, group["block_size"])
+        if key not in self._codecs:
+            self._codecs[key] = get_codec(key[0], signed, key[2])
+        return self._codecs[key]
+
+    @staticmethod
+    def _projected(group: dict[str, Any], p: Tensor) -> bool:
+        return group.get("rank") is not None and p.ndim == 2
+
+    def _moment_numel(self, group: dict[str, Any], p: Tensor) -> int:
+        if self._projected(group, p):
+            from .projector import low_rank_shape
+            r, c = low_rank_shape(p.shape, group)
+            return r * c
+        return p.numel()
+
+    # ---- state ------------------------------------------------------------------------------------------------
+    def _init_state(self, state: dict[str, Any], group: dict[str, Any], numel: int, device: torch.device) -> None:
+        for name, signed in self.moments:
+            for sfx, t in self._codec(group, numel, signed).init(numel, device).items():
+                state[name + sfx] = t
+        if group["percentile_clipping"] < 100:
+            state["gnorm_vec"] = torch.zeros(100, device=device)
+
+    def _enc(self, state: dict[str, Any], name: str, codec: Codec, numel: int) -> dict[str, Tensor]:
+        return {sfx: state[name + sfx] for sfx in codec.layout(numel)}
+
+    def state_bytes(self) -> int:
+        """Bytes held in optimizer state tensors (for memory reports and benchmarks)."""
+        return sum(t.numel() * t.element_size() for st in self.state.values() for t in st.values()
+                   if isinstance(t, Tensor))
+
+    # ---- step -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        items = []
+        idx = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise TypeError(f"{type(self).__name__}: parameter {idx} has a sparse gradient (unsupported)")
+                    items.append((idx, p, group))
+                idx += 1
+        if not items:
+            return loss
+        finite = self._finite([p.grad for _, p, _ in items])
+        for (idx, p, group), ok in zip(items, finite):
+            if not ok:
+                step = int(self.state[p]["step"]) + 1 if self.state.get(p) else 1
+                if group["skip_nonfinite"]:
+                    self.nonfinite_skips += 1
+                    continue
+                raise ValueError(f"{type(self).__name__}: gradient of parameter {idx} (shape {tuple(p.shape)}) "
+                                 f"is not finite at step {step}; set skip_nonfinite=True in its group to skip it")
+            self._update(p, group)
+        return loss
+
+    @staticmethod
+    def _finite(grads: list[Tensor]) -> list[bool]:
+        """One host sync for all gradients: a sum is finite unless some element is NaN/inf (or it overflows)."""
+        sums = torch.stack([g.sum(dtype=torch.float32).to(grads[0].device) for g in grads])
+        quick = torch.isfinite(sums).tolist()
+        return [ok or bool(torch.isfinite(g).all()) for ok, g in zip(quick, grads)]
+
+    def _update(self, p: Tensor, group: dict[str, Any]) -> None:
+        state = self.state[p]
+        projected = self._projected(group, p)
+        grad = p.grad
+        if not state:
+            state["step"] = torch.tensor(0.0)
+        state["step"] += 1
+        t = int(state["step"])
+        if projected:
+            from .projector import project
+            grad = project(grad, state, group, t)
+        n = grad.numel()
+        if self.moments and self.moments[0][0] + ("" if self.codec_name(group, n) in ("fp32", "bf16")
+                                                  else "_codes") not in state:
+            self._init_state(state, group, n, p.device)
+        scale = self._gnorm_scale(grad, state, group, t)
+        codecs = [(name, self._codec(group, n, signed)) for name, signed in self.moments]
+        encs = [self._enc(state, name, c, n) for name, c in codecs]
+        if projected:
+            self._projected_update(p, grad, state, group, t, scale, codecs, encs)
+            return
+        gflat = grad.reshape(-1)
+        direct = p.dtype == torch.float32 and p.is_contiguous()
+        pflat = p.view(-1) if direct else p.detach().reshape(-1).float()
+        lr, wd = group["lr"], group.get("weight_decay", 0.0)
+        decoupled = group.get("decoupled", True)
+        chunk = max(group["block_size"], group["chunk_size"] // group["block_size"] * group["block_size"])
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            g = gflat[start:stop].float()
+            pc = pflat[start:stop]
+            if scale != 1.0:
+                g = g * scale
+            if wd and not decoupled:
+                g = g.add(pc, alpha=wd)
+            bufs = [c.decode_range(e, start, stop) for (_, c), e in zip(codecs, encs)]
+            u, s = self._rule(g, bufs, group, t)
+            if wd and decoupled:
+                pc.mul_(1.0 - lr * wd)
+            pc.add_(u, alpha=-lr * s)
+            for (_, c), e, b in zip(codecs, encs, bufs):
+                c.encode_range(e, start, b)
+        if not direct:
+            p.copy_(pflat.view_as(p))
+
+    def _projected_update(self, p, grad, state, group, t, scale, codecs, encs) -> None:
+        """Contract hook: moments live in the low-rank gradient's shape; the update is mapped back to p's shape."""
+        from . import projector
+        g = grad.float()
+        if scale != 1.0:
+            g = g * scale
+        n = g.numel()
+        bufs = [c.decode_range(e, 0, n).view(g.shape) for (_, c), e in zip(codecs, encs)]
+        rot = state.pop("proj_rotation", None)
+        if rot is not None and len(bufs) >= 1:
+            m2, v2 = projector.rotate_moments(bufs[0], bufs[1] if len(bufs) > 1 else None, rot,
+                                              state["proj_side"])
+            bufs[0].copy_(m2)
+            if v2 is not None:
+                bufs[1].copy_(v2)
+        lr, wd = group["lr"], group.get("weight_decay", 0.0)
+        if wd and not group.get("decoupled", True):
+            raise ValueError(f"{type(self).__name__}: coupled weight decay cannot be combined with projection "
+                             f"(rank={group['rank']}); use AdamW-style decoupled weight decay")
+        u, s = self._rule(g, bufs, group, t)
+        if wd:
+            p.mul_(1.0 - lr * wd)
+        full = projector.project_back(u * s, state, group)
+        p.add_(full.to(p.dtype), alpha=-lr)
+        for (_, c), e, b in zip(codecs, encs, bufs):
+            c.encode_range(e, 0, b.reshape(-1))
+
+    def _gnorm_scale(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], t: int) -> float:
+        """Percentile clipping (paper sec. 2.3 / bnb ``percentile_clipping``): scale g down to the p-th percentile
+        of the last 100 gradient norms of this tensor."""
+        pc = group["percentile_clipping"]
+        if pc >= 100:
+            return 1.0
+        vec = state.setdefault("gnorm_vec", torch.zeros(100, device=grad.device))
+        gn2 = torch.linalg.vector_norm(grad.float()).square()
+        i = t % 100
+        if t == 1:
+            vec.fill_(gn2)
+        else:
+            vec[i] = gn2
+        current = math.sqrt(float(vec[i]))
+        clip = math.sqrt(float(torch.sort(vec).values[pc]))
+        return clip / current if current > clip else 1.0
+
+    def _rule(self, g: Tensor, bufs: list[Tensor], group: dict[str, Any], t: int) -> tuple[Tensor, float]:
+        """Update moments ``bufs`` (fp32, in place) with gradient ``g``; return (direction u, scale s) such that
+        the parameter moves by ``-lr * s * u``. Must not modify ``g`` in place."""
+        raise NotImplementedError
+
+    # ---- state_dict -------------------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's loader, plus a check that every saved state tensor fits its parameter (torch does not check)."""
+        saved_groups = state_dict.get("param_groups", [])
+        if len(saved_groups) == len(self.param_groups):
+            for saved, group in zip(saved_groups, self.param_groups):
+                merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+                for pid, p in zip(saved["params"], group["params"]):
+                    st = state_dict["state"].get(pid)
+                    if st and not self._projected(merged, p):
+                        self._check_saved(pid, p, st, merged)
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:  # torch casts float state to the param dtype: restore the codec's dtypes
+            for p in group["params"]:
+                st = self.state.get(p)
+                if not st:
+                    continue
+                n = self._moment_numel(group, p)
+                for name, signed in self.moments:
+                    for sfx, (_, dtype) in self._codec(group, n, signed).layout(n).items():
+                        if name + sfx in st and st[name + sfx].dtype != dtype:
+                            st[name + sfx] = st[name + sfx].to(dtype)
+                if isinstance(st.get("step"), Tensor):
+                    st["step"] = st["step"].float().cpu()
+
+    def _check_saved(self, pid: int, p: Tensor, st: dict[str, Any], group: dict[str, Any]) -> None:
+        cls = type(self).__name__
+        for name, signed in self.moments:
+            codec = self._codec(group, p.numel(), signed)
+            for sfx, (shape, _) in codec.layout(p.numel()).items():
+                key = name + sfx
+                if key not in st:
+                    raise KeyError(f"{cls}.load_state_dict: parameter {pid} (shape {tuple(p.shape)}) has no saved "
+                                   f"state {key!r} for codec {codec.name!r}; saved keys: {sorted(st)}")
+                got = tuple(st[key].shape)
+                if got != shape:
+                    raise ValueError(f"{cls}.load_state_dict: parameter {pid} has shape {tuple(p.shape)} but its "
+                                     f"saved state {key!r} has shape {got} (expected {shape}, codec {codec.name!r})")
+
+
+class _AdamBase(BlockOptimizer):
+    moments = (("exp_avg", True), ("exp_avg_sq", False))
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, block_size: int = 256,
+                 min_8bit_size: int = 4096, percentile_clipping: int = 100, skip_nonfinite: bool = False,
+                 codec: str | None = None, chunk_size: int = 1 << 18, decoupled: bool = True) -> None:
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, block_size=block_size,
+                        min_8bit_size=min_8bit_size, percentile_clipping=percentile_clipping,
+                        skip_nonfinite=skip_nonfinite, codec=codec, chunk_size=chunk_size, decoupled=decoupled)
+        super().__init__(params, defaults)
+
+    def _rule(self, g: Tensor, bufs: list[Tensor], group: dict[str, Any], t: int) -> tuple[Tensor, float]:
+        m, v = bufs
+        b1, b2 = group["betas"]
+        m.lerp_(g, 1.0 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+        bc2 = math.sqrt(1.0 - b2**t)
+        denom = v.sqrt().add_(group["eps"] * bc2)  # sqrt(v)/bc2 + eps, with bc2 folded into the scale
+        return torch.div(m, denom, out=denom), bc2 / (1.0 - b1**t)
+
+
+class AdamW(_AdamBase):
+    """AdamW with fp32 states: the reference core; honours gradient-projection group keys (GaLore)."""
+
+    default_codec = "fp32"
+
+
+class AdamW8bit(_AdamBase):
+    """AdamW with 8-bit block-wise dynamic-map states (≈2.03 bytes/param instead of 8)."""
+
+    default_codec = "8bit"
+
+
+class AdamW4bit(_AdamBase):
+    """AdamW with 4-bit states (signed dynamic map for m, linear map without zero for v; ≈1.03 bytes/param)."""
+
+    default_codec = "4bit"
+
+
+class Adam8bit(_AdamBase):
+    """Adam (L2 weight decay added to the gradient, like ``torch.optim.Adam``) with 8-bit states."""
+
+    default_codec = "8bit"
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, **kwargs: Any) -> None:
+        kwargs.setdefault("decoupled", False)
+        super().__init__(params, lr, betas, eps, weight_decay, **kwargs)
