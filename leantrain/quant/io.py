@@ -134,7 +134,11 @@ def load_quantized(model: nn.Module, directory: str | Path, device: str | torch.
             layer.residual = residual
         _set_module(model, name, layer)
     quant_keys = {k for k in model.state_dict() if k.rpartition(".")[0] in meta["layers"]}
-    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    except RuntimeError as exc:  # size mismatches: torch's message is multi-line, keep it on one line
+        raise ValueError(f"{str(weights_path)!r} does not fit the skeleton: "
+                         + " ".join(line.strip() for line in str(exc).splitlines()[1:])) from None
     missing = [k for k in missing if k not in quant_keys]
     if missing or unexpected:
         raise KeyError(f"{str(weights_path)!r} does not fit the skeleton: missing {missing}, unexpected {unexpected}")
