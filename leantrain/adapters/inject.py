@@ -143,16 +143,26 @@ def inject(model: nn.Module, config: Any, name: str = "default", calib: Any = No
     prepare = getattr(config, "prepare", None)
     if callable(prepare):
         prepare(model, targets, calib)
+    done: list[tuple[str, AdapterLayer, bool]] = []
+    try:
+        for target, module, layer_cls in plan:
+            if isinstance(module, AdapterLayer):
+                layer = module
+            else:
+                layer = layer_cls(module).train(module.training)
+            layer.layer_name = target
+            layer.add_adapter(name, config)
+            if layer is not module:
+                _set_submodule(model, target, layer)
+            done.append((target, layer, layer is not module))
+    except Exception:  # all or nothing: undo the layers already changed (a PiSSA residual is not undone)
+        for target, layer, wrapped in done:
+            layer.delete_adapter(name)
+            if wrapped:
+                _set_submodule(model, target, layer.base_layer)
+        raise
     for p in model.parameters():
         p.requires_grad_(False)
-    for target, module, layer_cls in plan:
-        if isinstance(module, AdapterLayer):
-            layer = module
-        else:
-            layer = layer_cls(module).train(module.training)
-            _set_submodule(model, target, layer)
-        layer.layer_name = target
-        layer.add_adapter(name, config)
     for _, layer in adapter_layers(model):
         if name in layer.adapters:
             for p in layer.adapters[name].parameters():
