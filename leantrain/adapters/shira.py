@@ -171,7 +171,8 @@ class _SparseDelta(torch.autograd.Function):
         gx = gv = None
         if ctx.needs_input_grad[0]:
             out_f, in_f = p.shape
-            st = torch.sparse_csr_tensor(p.t_crow, p.rows()[p.t_perm], (values * scale)[p.t_perm], (in_f, out_f),
+            t_crow, t_perm = p.transposed()
+            st = torch.sparse_csr_tensor(t_crow, p.rows()[t_perm], (values * scale)[t_perm], (in_f, out_f),
                                          check_invariants=False)
             gx = (st @ gy.T).T
         if ctx.needs_input_grad[1]:
@@ -194,15 +195,22 @@ class ShiraParams(nn.Module):
         self.set_positions(flat)
 
     def set_positions(self, flat: torch.Tensor) -> None:
-        """Install sorted flat indices and derive the row pointers of S and S^T (CSR)."""
+        """Install sorted flat indices and the row pointers of S (CSR); S^T's layout is built on first use."""
         out_f, in_f = self.shape
         flat = flat.to(device=self.shira_weight.device, dtype=torch.int64)
-        rows, cols = flat // in_f, flat % in_f
-        zero = flat.new_zeros(1)
         self.flat = flat
-        self.crow = torch.cat([zero, torch.bincount(rows, minlength=out_f).cumsum(0)])
-        self.t_perm = torch.argsort(cols * out_f + rows)
-        self.t_crow = torch.cat([zero, torch.bincount(cols, minlength=in_f).cumsum(0)])
+        self.crow = torch.cat([flat.new_zeros(1), torch.bincount(flat // in_f, minlength=out_f).cumsum(0)])
+        self.t_crow = self.t_perm = None
+
+    def transposed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row pointers, permutation of the values) of S^T in CSR order; only dL/dx needs it, so it is lazy
+        (switching/inference never pays the sort)."""
+        if self.t_perm is None:
+            out_f, in_f = self.shape
+            rows, cols = self.flat // in_f, self.flat % in_f
+            self.t_perm = torch.sort(cols, stable=True).indices  # flat is row-major: stable -> (col, row) order
+            self.t_crow = torch.cat([cols.new_zeros(1), torch.bincount(cols, minlength=in_f).cumsum(0)])
+        return self.t_crow, self.t_perm
 
     def rows(self) -> torch.Tensor:
         return self.flat // self.shape[1]

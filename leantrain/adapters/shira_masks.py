@@ -9,7 +9,7 @@ they give PEFT's ``(2, K)`` row/col layout in ``torch.where`` order, a CSR row p
 
 Speed matters (a 24-layer 2048x2048 model must get its masks in well under a second; PEFT's ``randperm`` of all
 ``out*in`` positions takes ~0.1-0.2 s per layer on CPU), so:
-  * random: draw ~1.05 K positions with replacement, de-duplicate, keep a random K-subset of the distinct ones --
+  * random: draw ~1.05 K positions with replacement, de-duplicate (one sort), drop a random subset of the surplus --
     by symmetry the result is a uniformly random K-subset; ``randperm`` is used only for dense masks (K > N/4);
   * top-K by score: estimate the K-th largest score from a random sample, keep every entry above a slightly lower
     threshold (a superset of the exact top K) and run ``topk`` on that small candidate set; if the estimate was
@@ -65,7 +65,13 @@ def random_mask(shape: tuple[int, int], k: int, seed: int = 0, device: torch.dev
         while distinct.numel() < k:  # rare: too many collisions, draw more
             extra = torch.randint(0, n, (k - distinct.numel() + k // 20 + 16,), generator=g)
             distinct = _sorted_distinct(torch.cat([distinct, extra]))
-        flat = distinct[torch.randperm(distinct.numel(), generator=g)[:k]]
+        extra = distinct.numel() - k
+        if extra == 0:
+            return distinct.to(device)
+        # drop a random subset of the surplus: the rest stays sorted and is a uniform K-subset
+        keep = torch.ones(distinct.numel(), dtype=torch.bool)
+        keep[torch.randperm(distinct.numel(), generator=g)[:extra]] = False
+        return distinct[keep].to(device)
     return flat.sort().values.to(device)
 
 
