@@ -211,6 +211,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     bar = tqdm(total=steps_end, initial=start_step, disable=not cfg.progress, desc=f"{cfg.method}/{cfg.optim}",
                unit="step", dynamic_ncols=True)
     ema, tick = None, time.time()
+    loop_started, eval_time = time.time(), 0.0
     for step in range(start_step, steps_end):
         state["step"] = step
         for group in optimizer.param_groups:
@@ -224,7 +225,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if metrics_hook:
             record.update(metrics_hook(model))
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < steps_end:
+            eval_started = time.time()
             record.update({f"val_{k}": v for k, v in task.evaluate().items()})
+            eval_time += time.time() - eval_started
         log.write(record)
         if math.isfinite(value):
             ema = value if ema is None else 0.95 * ema + 0.05 * value
@@ -236,6 +239,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
             save(step + 1)
     bar.close()
+    train_time = time.time() - loop_started - eval_time
 
     if steps_end < steps_total:  # an interrupted (--stop-at) invocation: leave a checkpoint, not a summary
         if not (cfg.save_every and steps_end % cfg.save_every == 0):
@@ -264,6 +268,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "steps": steps_end,
         "skipped_steps": skipped,
         "wall_time_s": time.time() - started,
+        "sec_per_step": train_time / max(1, steps_end - start_step),  # loop only, this invocation
         "trainable_params": sum(p.numel() for p in trainable_now),
         "total_params": sum(p.numel() for p in model.parameters()),
         "param_bytes": tensor_bytes(model.parameters()) + tensor_bytes(model.buffers()),

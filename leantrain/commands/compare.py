@@ -1,0 +1,31 @@
+"""``leantrain compare``: run the main job with several methods and tabulate accuracy, memory and speed."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    from ..compare import DEFAULT, ENTRIES
+
+    parser = subparsers.add_parser(
+        "compare", help="run the main job once per method and write a table + plots",
+        description="Run `leantrain train` once per method (each in its own process) and write results.md, "
+                    "results.json and compare.png to --out. Options after `--` go to every train run.")
+    parser.add_argument("--methods", default=",".join(DEFAULT),
+                        help=f"comma-separated entries from: {', '.join(ENTRIES)} (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder (default: %(default)s)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="options passed to every train run (after --)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..compare import format_table, run_compare
+
+    extra = [a for a in args.train_args if a != "--"]
+    labels = [m.strip() for m in args.methods.split(",") if m.strip()]
+    rows = run_compare(args.out, labels, extra, progress=args.progress)
+    print(format_table(rows))
+    print(f"\nwrote {args.out / 'results.md'}, {args.out / 'results.json'} and {args.out / 'compare.png'}")
+    return 0 if all("error" not in r for r in rows) else 1
