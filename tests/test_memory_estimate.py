@@ -1,0 +1,164 @@
+"""Estimator arithmetic against hand counts and published formulas (expected values computed here by hand)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from leantrain.memory import ModelSpec, ParamSpec, estimate, from_module, model_spec, state_bytes
+from leantrain.memory.activations import block_bytes_per_token
+from leantrain.memory.estimate import quantized_bytes
+
+
+def one_linear(out_f: int = 64, in_f: int = 96, head: bool = False) -> ModelSpec:
+    mod = "classifier" if head else "lin"
+    return ModelSpec("one", [ParamSpec(f"{mod}.weight", (out_f, in_f), mod, "linear"),
+                             ParamSpec(f"{mod}.bias", (out_f,), mod, "bias")],
+                     hidden=out_f, layers=1, heads=1, intermediate=out_f)
+
+
+def test_analytic_bert_layout_matches_the_real_tiny_classifier() -> None:
+    from leantrain.models import build_classifier
+
+    model = build_classifier("tiny", 3)
+    real = from_module(model)
+    ours = model_spec("tiny", num_labels=3)
+    assert sorted((p.name, p.shape, p.kind) for p in ours.params) == sorted((p.name, p.shape, p.kind) for p in real.params)
+    assert sum(n * b for n, b in ours.buffers.values()) == sum(n * b for n, b in real.buffers.values())
+
+
+def test_analytic_llama_layout_matches_transformers_on_meta() -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(model_type="llama", hidden_size=64, intermediate_size=172, num_attention_heads=4,
+               num_key_value_heads=2, num_hidden_layers=2, vocab_size=1000, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k != "model_type"}))
+    real = from_module(model)
+    from leantrain.memory import from_hf_config
+
+    ours = from_hf_config(cfg)
+    assert sorted((p.name, p.shape) for p in ours.params) == sorted((p.name, p.shape) for p in real.params)
+    assert ours.num_params == sum(p.numel() for p in model.parameters())
+
+
+def test_state_bytes_of_quantized_codecs() -> None:
+    # 8-bit: 1 B/element + one fp32 absmax per 256-block; < 4096 elements stay fp32 (bitsandbytes min_8bit_size).
+    assert state_bytes(4096, 2, "8bit", 2) == 2 * (4096 + 16 * 4)
+    assert state_bytes(4095, 2, "8bit", 2) == 2 * 4095 * 4
+    assert state_bytes(10_000, 1, "8bit", 4) == 10_000 + 40 * 4  # ceil(10000/256) = 40 blocks
+    assert state_bytes(10_001, 2, "4bit", 4) == 2 * (5001 + 40 * 4)
+    assert state_bytes(1000, 2, "native", 2) == 4000
+    # ≈ 2.03 B/param for 8-bit Adam (spec §3)
+    assert state_bytes(2**20, 2, "8bit", 4) / 2**20 == pytest.approx(2.03125)
+
+
+def test_nf4_and_int8_base_bytes() -> None:
+    n = 4096 * 4096
+    blocks = n // 64
+    nf4 = n // 2 + blocks + 4 * math.ceil(blocks / 256) + 4 + 64
+    assert quantized_bytes(n, 4096, "nf4") == nf4
+    assert nf4 / n == pytest.approx(0.5 + 1 / 64 + 4 / (64 * 256), rel=1e-4)  # QLoRA: ~4.127 bits per parameter
+    assert quantized_bytes(n, 4096, "int8") == n + 4 * 4096
+
+
+def test_lora_on_a_quantized_base() -> None:
+    spec = one_linear(64, 128)
+    r = estimate(spec, "lora", "adamw", "fp32", rank=4, quantize="nf4")
+    base = quantized_bytes(64 * 128, 64, "nf4") + 64 * 4  # quantized W + fp32 bias
+    assert r.weights == base + (4 * 128 + 64 * 4) * 4
+    assert r.gradients == (4 * 128 + 64 * 4) * 4
+
+
+def test_korthikanti_activation_formula() -> None:
+    # Korthikanti et al. 2022: per layer s·b·h·(34 + 5·a·s/h) bytes at 16-bit with dropout and f = 4h.
+    spec = ModelSpec("gpt", [], family="bert", hidden=1024, layers=1, heads=16, intermediate=4096, dropout=True)
+    s = 2048
+    assert block_bytes_per_token(spec, s, 2) == 1024 * 34 + 5 * 16 * s
+    r = estimate(spec := ModelSpec("x", one_linear(1024, 1024).params, family="bert", hidden=1024, layers=3,
+                                   heads=16, intermediate=4096, dropout=True), "full", dtype="bf16",
+                 batch_size=2, seq_len=s)
+    assert r.details["activations.blocks"] == 3 * 2 * s * (1024 * 34 + 5 * 16 * s)
+    ck = estimate(spec, "full", dtype="bf16", batch_size=2, seq_len=s, activation_checkpointing=True)
+    assert ck.details["activations.blocks"] == 3 * 2 * s * 2 * 1024 + 2 * s * (1024 * 34 + 5 * 16 * s)
+
+
+def test_adapter_parameter_counts() -> None:
+    out_f, in_f, r = 64, 96, 4
+    spec = one_linear(out_f, in_f)
+    bias = out_f  # the head-less one-Linear model: nothing else trains
+    assert estimate(spec, "lora", rank=r).params_trainable == r * (out_f + in_f)
+    assert estimate(spec, "dora", rank=r).params_trainable == r * (out_f + in_f) + out_f
+    assert estimate(spec, "vera", rank=r).params_trainable == r + out_f
+    assert estimate(spec, "miss", rank=r).params_trainable == r * out_f
+    assert estimate(spec, "shira", rank=r).params_trainable == r * (out_f + in_f)
+    assert estimate(spec, "shira", rank=r, fraction=0.01).params_trainable == int(0.01 * out_f * in_f)
+    assert estimate(spec, "full").params_trainable == out_f * in_f + bias
+    # DLRT: K (n×r), L (m×r), Ŝ (2r×2r) train, and the target's bias.
+    assert estimate(spec, "dlrt", rank=r).params_trainable == out_f * r + in_f * r + 4 * r * r + bias
+    # The task head always trains and is never adapted.
+    head = estimate(one_linear(3, 96, head=True), "head")
+    assert head.params_trainable == 3 * 96 + 3
+
+
+def test_galore_8bit_states_use_lowrank_size() -> None:
+    m, n, r = 256, 1024, 32  # low-rank moments (n×r... = max(m,n)·r = 32768 elements) ≥ 4096 -> 8-bit
+    spec = one_linear(m, n)
+    rep = estimate(spec, "galore-8bit", dtype="bf16", rank=r)
+    lowrank = n * r
+    bias_states = 2 * m * 4  # bias (256 elements) keeps fp32 states
+    assert rep.optimizer_states == 2 * (lowrank + lowrank // 256 * 4) + m * r * 2 + bias_states + 2 * 4
+
+
+def test_gradnormlorp_states_match_spec_check_4() -> None:
+    # Spec B.3 check 4: states = 2·m·r (moments) + r·n (projector) + 2·m (Adam on g), m ≥ n, right projection.
+    m, n, r = 128, 64, 8
+    rep = estimate(one_linear(m, n), "gradnormlorp", "adamw", "fp32", rank=r)
+    bias = 2 * m * 4
+    assert rep.optimizer_states == (2 * m * r + r * n + 2 * m) * 4 + bias + 3 * 4
+
+
+def test_checkpointing_and_layerwise_reduce_memory() -> None:
+    a = estimate("llama-1b", "galore", dtype="bf16", rank=512, batch_size=8, seq_len=256)
+    b = estimate("llama-1b", "galore", dtype="bf16", rank=512, batch_size=8, seq_len=256,
+                 activation_checkpointing=True, layerwise=True)
+    assert b.activations < a.activations / 5 and b.gradients < a.gradients / 10
+    assert b.weights == a.weights and b.optimizer_states == a.optimizer_states
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(method="nope"), "unknown method 'nope'"),
+    (dict(optim="adamw7bit"), "unknown optimizer 'adamw7bit'"),
+    (dict(dtype="fp8"), "unknown dtype 'fp8'"),
+    (dict(method="full", quantize="nf4"), "needs a frozen base"),
+    (dict(method="lora", quantize="nf3"), "quantize='nf3'"),
+    (dict(method="shira", rank=1000), "lower the rank"),
+    (dict(method="lora", targets="nonexistent"), "selects no Linear"),
+    (dict(batch_size=0), "batch_size=0"),
+])
+def test_bad_input(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        estimate(one_linear(), **kwargs)
+
+
+def test_unknown_model_name() -> None:
+    with pytest.raises(ValueError, match="unknown model 'llama-2b'"):
+        model_spec("llama-2b")
+
+
+def test_cli_json_and_table(capsys: pytest.CaptureFixture[str]) -> None:
+    from leantrain.commands.memory import main
+
+    assert main(["--model", "llama-60m", "--method", "galore", "--rank", "128", "--dtype", "bf16", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("weights", "gradients", "optimizer_states", "activations", "total"):
+        assert isinstance(out[key], int) and out[key] >= 0
+    assert out["weights"] == 58_073_600 * 2 + 2 * 32 * 4  # bf16 parameters + two fp32 rotary buffers
+    assert out["total"] == out["weights"] + out["gradients"] + out["optimizer_states"] + max(
+        out["activations"], out["optimizer_workspace"])
+    assert main(["--model", "llama-7b", "--method", "full", "--dtype", "bf16"]) == 0
+    assert "GiB" in capsys.readouterr().out
+    assert main(["--model", "llama-60m", "--method", "full", "--quantize", "nf4"]) == 2
+    assert "needs a frozen base" in capsys.readouterr().err
