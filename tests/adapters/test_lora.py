@@ -166,7 +166,12 @@ def test_disable_gives_base_output(case):
         torch.testing.assert_close(model(x), y, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("case", TEST_CASES, ids=IDS)
+# one row per method x layer type keeps the default run short
+TRAIN_IDS = ["LoRA lin0", "LoRA embedding", "rsLoRA", "DoRA", "PiSSA", "VeRA", "VeRA all-linear"]
+TRAIN_CASES = [c for c in TEST_CASES if c[0] in TRAIN_IDS]
+
+
+@pytest.mark.parametrize("case", TRAIN_CASES, ids=[c[0] for c in TRAIN_CASES])
 def test_training_lowers_loss_and_freezes_base(case):
     _, model_name, cls, kwargs = case
     base, model, x = build(model_name, cls, kwargs)
@@ -178,7 +183,7 @@ def test_training_lowers_loss_and_freezes_base(case):
     target = torch.randn_like(base(x)).detach()
     opt = torch.optim.Adam(trainable, lr=5e-2 if cls is VeraConfig else 1e-2)
     losses = []
-    for _ in range(20):
+    for _ in range(12):
         loss = nn.functional.mse_loss(model(x), target)
         opt.zero_grad()
         loss.backward()
