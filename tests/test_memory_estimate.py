@@ -96,8 +96,12 @@ def test_adapter_parameter_counts() -> None:
     assert estimate(spec, "shira", rank=r).params_trainable == r * (out_f + in_f)
     assert estimate(spec, "shira", rank=r, fraction=0.01).params_trainable == int(0.01 * out_f * in_f)
     assert estimate(spec, "full").params_trainable == out_f * in_f + bias
-    # DLRT: K (n×r), L (m×r), Ŝ (2r×2r) train, and the target's bias.
-    assert estimate(spec, "dlrt", rank=r).params_trainable == out_f * r + in_f * r + 4 * r * r + bias
+    # DLRT (leantrain's KLS): K (n×r), L (m×r) and S (r×r) have gradients/optimizer state, plus the bias;
+    # the stored layer is U (n×r), V (m×r) buffers + S: r(n+m) + r² (+bias) instead of n·m.
+    dl = estimate(spec, "dlrt", rank=r)
+    assert dl.params_trainable == out_f * r + in_f * r + r * r + bias
+    assert dl.weights == (r * (out_f + in_f) + r * r + bias) * 4
+    assert estimate(spec, "dlrt", rank=r, dlrt_ranks={"lin": 2}).weights == (2 * (out_f + in_f) + 4 + bias) * 4
     # The task head always trains and is never adapted.
     head = estimate(one_linear(3, 96, head=True), "head")
     assert head.params_trainable == 3 * 96 + 3

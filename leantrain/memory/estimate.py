@@ -12,8 +12,10 @@ coexists with activations). Every formula is a count of tensor bytes; sources pe
   projected, g gets dense Adam.
 * 8/4-bit states (Dettmers et al. 2022): 1 (or ½) byte per element + one fp32 absmax per block; tensors with
   fewer than 4096 elements keep fp32 states.
-* DLRT (Schotthöfer et al. 2022): W replaced by U (n×r), S (r×r), V (m×r) plus the augmented bases Û (n×2r),
-  V̂ (m×2r) and Ŝ (2r×2r); the leaves K (n×r), L (m×r), Ŝ train.
+* DLRT (Schotthöfer et al. 2022), as leantrain's KLS integrator keeps it: W replaced by U (n×r), V (m×r) buffers and
+  S (r×r); optimizer states for K (n×r), L (m×r), S persist across steps; inside a step K, L, the augmented bases
+  Û (n×2r), V̂ (m×2r), S̃ (2r×2r) and the cached output gradients live (counted with the activations). The rest
+  of the model trains densely unless ``dlrt_freeze_other``. Ranks adapt during training: pass ``dlrt_ranks``.
 * Quantized frozen base (QLoRA, Dettmers et al. 2023): NF4 = ½ byte + 8-bit absmax per 64 elements + fp32 scale per
   256 absmaxes (double quantization); int8 = 1 byte + one fp32 scale per output row.
 """
@@ -166,8 +168,8 @@ def _adapter_act_per_token(method: str, targets: list[ParamSpec], rank: int, elt
         return sum(elt * (rank + 2 * p.shape[0]) for p in targets)
     if method == "vera":
         return sum(elt * (2 * rank + p.shape[0]) for p in targets)
-    if method == "dlrt":
-        return sum(elt * 4 * rank for _ in targets)
+    if method == "dlrt":  # x·V (r) in the K/L pass and the cached output gradient dY (out) for the S-step
+        return sum(elt * (rank + p.shape[0]) for p in targets)
     return 0
 
 
@@ -175,7 +177,8 @@ def estimate(model: str | ModelSpec, method: str = "full", optim: str = "adamw",
              batch_size: int = 1, seq_len: int = 512, activation_checkpointing: bool = False, rank: int = 8,
              quantize: str | None = None, targets: str = "all-linear", fraction: float | None = None,
              block_size: int = 256, attention: str = "eager", layerwise: bool = False, device: str = "cpu",
-             shira_layout: str = "leantrain", num_labels: int = 2) -> MemoryReport:
+             shira_layout: str = "leantrain", num_labels: int = 2, dlrt_ranks: dict[str, int] | None = None,
+             dlrt_freeze_other: bool = False) -> MemoryReport:
     """Estimate training memory in bytes; see the module docstring and docs/memory.md for every formula."""
     spec = model if isinstance(model, ModelSpec) else model_spec(model, num_labels)
     if method not in METHODS:
@@ -208,7 +211,7 @@ def estimate(model: str | ModelSpec, method: str = "full", optim: str = "adamw",
         if method == "dlrt" and p.name in target_ids:
             continue  # W is replaced by its factors
         trains = (method in dense_methods or p.is_head
-                  or (method == "dlrt" and p.kind == "bias" and p.module in {t.module for t in targets_l}))
+                  or (method == "dlrt" and (not dlrt_freeze_other or p.module in {t.module for t in targets_l})))
         if method == "head" and spec.causal_lm and p.module == "lm_head":
             trains = True
         if method == "gradnormlorp" and p.name in target_ids:
@@ -236,14 +239,16 @@ def estimate(model: str | ModelSpec, method: str = "full", optim: str = "adamw",
             out_max = max(p.shape[0] for p in targets_l)
             details["weights.vera_shared"] = (rank * in_max + out_max * rank) * elt
             extra_weights += details["weights.vera_shared"]
+    dlrt_step = 0  # tensors alive only inside a KLS step: K, L values, augmented bases Û, V̂, S̃
     if method == "dlrt":
         for p in targets_l:
             n, m = p.shape
-            frozen = (n * rank + rank * rank + m * rank) + (n * 2 * rank + m * 2 * rank)
-            leaves = [(p.module + ".K", (n, rank)), (p.module + ".L", (m, rank)), (p.module + ".S_hat", (2 * rank,) * 2)]
-            for name, shape in leaves:
-                trainables.append(_Trainable(name, shape))
-            extra_weights += (frozen + sum(math.prod(s) for _, s in leaves)) * elt
+            r = (dlrt_ranks or {}).get(p.module, rank)
+            extra_weights += (n * r + m * r) * elt  # U, V buffers (S is a trainable below)
+            for name, shape in ((".S", (r, r)), (".K", (n, r)), (".L", (m, r))):
+                trainables.append(_Trainable(p.module + name, shape))
+            extra_weights += r * r * elt
+            dlrt_step += (n * r + m * r + 2 * r * (n + m) + 4 * r * r) * elt
     details["weights.adapters"] = extra_weights
     weights += base_bytes + extra_weights
 
@@ -267,38 +272,45 @@ def estimate(model: str | ModelSpec, method: str = "full", optim: str = "adamw",
     act = activation_bytes(spec, batch_size, seq_len, elt, activation_checkpointing, attention,
                            trainable_encoder=method != "head",
                            adapter_bytes_per_token=_adapter_act_per_token(method, targets_l, rank, elt))
+    act.adapters += dlrt_step
     details.update({"activations.blocks": act.blocks, "activations.outside": act.outside,
                     "activations.adapters": act.adapters})
-    workspace = _workspace(trainables, n_states, codec, elt, rank, device)
+    torch_adamw = optim in ("adamw", "adam") and method != "gradnormlorp"
+    workspace = _workspace(trainables, n_states, elt, rank, device, torch_adamw)
     setting = dict(model=spec.name, method=method, optim=optim, dtype=dtype, batch_size=batch_size,
                    seq_len=seq_len, activation_checkpointing=activation_checkpointing, rank=rank,
                    quantize=quantize, device=device)
     n_train = sum(t.numel for t in trainables)
     kept = spec.num_params - (sum(p.numel for p in targets_l) if method == "dlrt" else 0)
-    added = sum(t.numel for t in trainables if t.name.rsplit(".", 1)[-1] not in ("weight", "bias", "V"))
+    added = sum(t.numel for t in trainables if t.name.rsplit(".", 1)[-1] not in ("weight", "bias", "V", "K", "L"))
     n_total = kept + added  # parameters of the trained model (frozen bases/buffers of adapters not included)
     return MemoryReport(weights, gradients, states, act.total, workspace, n_total, n_train, setting, details)
 
 
-def _workspace(trainables: list[_Trainable], n_states: int, codec: str, elt: int, rank: int, device: str) -> int:
-    """Transient bytes of one optimizer.step().
+def _workspace(trainables: list[_Trainable], n_states: int, elt: int, rank: int, device: str,
+               torch_adamw: bool) -> int:
+    """Transient bytes of one optimizer.step() (activations are already freed when it runs).
 
-    torch AdamW on CPU runs tensor by tensor: ``exp_avg_sq.sqrt() / bias_correction`` holds two temporaries the
-    size of the largest tensor. With CUDA (foreach) the sqrt of every state is taken at once: one extra copy of
-    all states of one kind. Quantized codecs decode m and v of one tensor to fp32 and build the update: about four
-    fp32 copies of the largest tensor. A projected tensor also builds the full-size update ``back(N)`` and, on
-    refresh steps, an fp32 copy of the gradient plus its SVD factors.
+    * ``torch.optim.AdamW`` (plain ``adamw``/``adam``): on CPU it runs tensor by tensor and
+      ``exp_avg_sq.sqrt() / bias_correction`` holds two temporaries the size of the largest tensor; on CUDA the
+      foreach path takes the sqrt of every state at once (one extra copy of all states of one kind).
+    * leantrain's block optimizers (8/4-bit codecs, projected groups): a chunked loop over 2^18 elements decodes
+      the moments to fp32 and builds the update (~5 fp32 chunks); a non-fp32 parameter is copied to fp32 first.
+      Projected tensors add the low-rank gradient and the full-size update ``back(N)``; projector refreshes add an
+      fp32 copy of the gradient and a randomized range finder of width 2r on both sides.
     """
     if not trainables or n_states == 0:
         return 0
-    sizes = [max(t.shape) * rank if t.projected else t.numel for t in trainables]
-    big = max(sizes)
-    if codec == "native":
-        ws = sum(sizes) * elt if device == "cuda" else 2 * big * elt
-    else:
-        ws = 4 * 4 * big
+    numels = [t.numel for t in trainables]
+    if torch_adamw:
+        return sum(numels) * elt if device == "cuda" else 2 * max(numels) * elt
+    chunk = 1 << 18
+    lowrank = [max(t.shape) * rank if t.projected else t.numel for t in trainables]
+    ws = 5 * 4 * min(chunk, max(lowrank))
+    if elt != 4:
+        ws += 4 * max(lowrank)
     proj = [t for t in trainables if t.projected]
     if proj:
-        svd = max(4 * (t.numel + (t.shape[0] + t.shape[1]) * min(t.shape)) for t in proj)
-        ws = max(ws, svd + max(t.numel for t in proj) * elt)
+        refresh = max(4 * (t.numel + 2 * rank * (t.shape[0] + t.shape[1])) for t in proj)
+        ws += max(refresh, max(t.numel * elt + max(t.shape) * rank * 4 for t in proj))
     return ws

@@ -45,8 +45,11 @@ def _storages(tensors: Iterable[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
-def live_tensors(model: nn.Module | None, optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
-    """Tensors a training state keeps between steps: parameters, their grads, buffers, optimizer state."""
+def live_tensors(model: nn.Module | None, optimizer: Any = None) -> list[torch.Tensor]:
+    """Tensors a training state keeps between steps: parameters, their grads, buffers, optimizer state.
+
+    ``optimizer`` may be a list, and wrappers exposing ``.inner``/``.optimizer`` (DLRT's KLS integrator) are
+    followed, so the wrapped optimizer's state counts too."""
     out: list[torch.Tensor] = []
     if model is not None:
         for p in model.parameters():
@@ -54,8 +57,13 @@ def live_tensors(model: nn.Module | None, optimizer: torch.optim.Optimizer | Non
             if p.grad is not None:
                 out.append(p.grad)
         out.extend(model.buffers())
-    if optimizer is not None:
-        stack: list[Any] = list(optimizer.state.values())
+    opts = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    while opts:
+        opt = opts.pop()
+        if opt is None:
+            continue
+        opts.extend(getattr(opt, a) for a in ("inner", "optimizer") if hasattr(getattr(opt, a, None), "state"))
+        stack: list[Any] = list(opt.state.values())
         while stack:
             v = stack.pop()
             if isinstance(v, torch.Tensor):
@@ -82,7 +90,7 @@ def _peak_from_profile(prof: Any) -> int:
 
 
 def measure(step: Callable[[], Any], model: nn.Module | None = None,
-            optimizer: torch.optim.Optimizer | None = None, warmup: int = 1,
+            optimizer: Any = None, warmup: int = 1,
             device: str | torch.device | None = None) -> MeasuredMemory:
     """Peak tensor memory of one call of ``step()`` after ``warmup`` calls.
 
@@ -167,5 +175,4 @@ def build_training_step(cfg: Any, batch_size: int, seq_len: int, num_labels: int
 def measure_config(cfg: Any, batch_size: int, seq_len: int, num_labels: int = 2, warmup: int = 1) -> MeasuredMemory:
     """Peak memory of a steady-state training step of a ``TrainConfig`` (built with leantrain's own pieces)."""
     step, model, optimizer = build_training_step(cfg, batch_size, seq_len, num_labels)
-    inner = getattr(optimizer, "optimizer", optimizer)
-    return measure(step, model, inner if isinstance(inner, torch.optim.Optimizer) else None, warmup=warmup)
+    return measure(step, model, optimizer, warmup=warmup)
