@@ -65,17 +65,19 @@ class CausalLMTask:
             self._check_context(context_length(model))
 
         train, val = self._blocks()
+        # The kept vocabulary comes from all training blocks, before --train-size picks a subset.
         self.vocab: VocabMap | None = None
         self.val_unknown_share = 0.0
         if self.scratch:
             unk = self.tokenizer.unk_token_id if self.tokenizer.unk_token_id is not None else self.eos_id
             self.vocab = VocabMap.from_blocks(train, [self.eos_id], unk)
-            self.val_unknown_share = self.vocab.unknown_share(val.ids)
+            self.val_unknown_share = self.vocab.unknown_share(val.subset(cfg.val_size).ids)
             train = Blocks(self.vocab.to_compact(train.ids), train.mask)
             val = Blocks(self.vocab.to_compact(val.ids), val.mask)
             eos = int(self.vocab.to_compact(torch.tensor([self.eos_id]))[0])
             model = build_scratch_lm(cfg.arch, cfg.preset, len(self.vocab), cfg.seed,
                                      bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+        train, val = train.subset(cfg.train_size), val.subset(cfg.val_size)
         self.train_blocks, self.val_blocks = train, val
         model.config.use_cache = False
         if cfg.activation_checkpointing:
@@ -112,7 +114,7 @@ class CausalLMTask:
                 raise ValueError(f"--data {cfg.data!r}: the {name} split has {len(ids)} tokens, fewer than one block "
                                  f"of --max-length {cfg.max_length}")
             out.append(blocks)
-        return out[0].subset(cfg.train_size), out[1].subset(cfg.val_size)
+        return out[0], out[1]
 
     # --- the interface leantrain.train uses ------------------------------------------------------------------
     def batches_per_epoch(self) -> int:

@@ -1,0 +1,82 @@
+"""The "Low-Rank" pre-training baseline of the GaLore paper: every targeted weight is W = B A with rank r, and
+B, A train from scratch (with all non-targeted parameters: embeddings, norms, lm_head).
+
+GaLore (Zhao et al., ICML 2024, https://arxiv.org/abs/2403.03507, Table 2) compares full-rank training, GaLore and
+this factorisation (Kamalakara et al. 2022, https://arxiv.org/abs/2211.16667); the factorised model is restricted
+to rank r for the whole run, which is why its perplexity trails. B and A start from the truncated SVD of the
+model's own random init (B = U_r sqrt(S_r), A = sqrt(S_r) V_rᵀ), so the first forward pass is the best rank-r
+approximation of the dense init instead of an arbitrary rescaled one.
+
+Registry line for leantrain/methods.py: ``"lowrank": "leantrain.lm.lowrank:LOWRANK"``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import TrainConfig
+from ..methods import Calibration, head_parameter_names
+
+HEAD_NAMES = ("classifier", "lm_head", "score")
+
+
+class FactorizedLinear(nn.Module):
+    """y = x Aᵀ Bᵀ + b with A: (r, in), B: (out, r)."""
+
+    def __init__(self, linear: nn.Linear, rank: int):
+        super().__init__()
+        out_f, in_f = linear.weight.shape
+        if not 0 < rank < min(out_f, in_f):
+            raise ValueError(f"low-rank rank {rank} must be in 1..{min(out_f, in_f) - 1} for a {out_f}x{in_f} Linear")
+        with torch.no_grad():
+            u, s, vh = torch.linalg.svd(linear.weight.detach().float(), full_matrices=False)
+            root = s[:rank].sqrt()
+            dtype = linear.weight.dtype
+            self.B = nn.Parameter((u[:, :rank] * root).to(dtype))
+            self.A = nn.Parameter((root[:, None] * vh[:rank]).to(dtype))
+        self.bias = linear.bias
+        self.in_features, self.out_features, self.rank = in_f, out_f, rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.linear(nn.functional.linear(x, self.A), self.B)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}"
+
+
+def _is_head(name: str) -> bool:
+    return any(part in HEAD_NAMES for part in name.split("."))
+
+
+def factorize(model: nn.Module, rank: int) -> list[str]:
+    """Replace every non-head nn.Linear whose smaller side exceeds ``rank`` by a FactorizedLinear."""
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and not _is_head(n) and min(m.weight.shape) > rank]
+    if not names:
+        raise ValueError(f"low-rank: no Linear layer is larger than rank {rank}")
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, FactorizedLinear(getattr(parent, child), rank))
+    return names
+
+
+class LowRankBaseline:
+    name = "lowrank"
+    default_lr = 1e-3
+
+    def apply(self, model: nn.Module, cfg: TrainConfig, calib: Calibration | None = None) -> list[dict]:
+        factorize(model, cfg.rank)
+        head = head_parameter_names(model)
+        factors, other = [], []
+        for n, p in model.named_parameters():
+            p.requires_grad_(True)
+            if n in head:
+                continue
+            (factors if n.endswith((".A", ".B")) else other).append(p)
+        groups = [{"params": factors, "name": "lowrank"}, {"params": other, "name": "other"}]
+        return [g for g in groups if g["params"]]
+
+
+LOWRANK = LowRankBaseline()
