@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .convert import _set_module, quantized_layers
-from .functional import ABSMAX_BLOCK, QuantizedTensor, check_bits, check_block_size
+from .functional import ABSMAX_BLOCK, QuantizedTensor, check_bits, check_block_size, code_for_bits
 from .linear import QuantLinear
 
 WEIGHTS_FILE = "quantized.safetensors"
@@ -92,6 +92,8 @@ def _qweight_from_file(name: str, info: dict, tensors: dict[str, torch.Tensor]) 
             raise ValueError(f"{key!r} has shape {tuple(value.shape)}, expected {expected[field]} for a "
                              f"{bits}-bit weight of shape {shape} with block_size={block_size}")
         values[field] = value
+    if not torch.equal(values["code"], code_for_bits(bits)):
+        raise ValueError(f"{name + '.code'!r} is not the {'NF4' if bits == 4 else 'int8'} code book")
     return QuantizedTensor(shape=shape, bits=bits, block_size=block_size, **values)
 
 
