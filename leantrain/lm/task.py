@@ -86,6 +86,7 @@ class CausalLMTask:
                                  "gradient_checkpointing_enable()")
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = model.to(device)
+        self._forward_model: torch.nn.Module | None = None
         self.train_batches = BlockBatcher(train, cfg.batch_size, cfg.seed)
         self.val_batches = BlockBatcher(val, cfg.batch_size, cfg.seed)
         self.before: dict[str, float] | None = self.evaluate() if cfg.extra.get("eval_before") else None
@@ -117,6 +118,15 @@ class CausalLMTask:
         return out[0], out[1]
 
     # --- the interface leantrain.train uses ------------------------------------------------------------------
+    @property
+    def forward_model(self) -> torch.nn.Module:
+        """What runs forward passes: the model, or the DDP/FSDP wrapper the loop installs under torchrun."""
+        return self._forward_model if self._forward_model is not None else self.model
+
+    @forward_model.setter
+    def forward_model(self, module: torch.nn.Module) -> None:
+        self._forward_model = module
+
     def batches_per_epoch(self) -> int:
         return len(self.train_batches)
 
@@ -125,13 +135,13 @@ class CausalLMTask:
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         ids = batch["input_ids"].to(self.device)
-        logits = self.model(input_ids=ids).logits
+        logits = self.forward_model(input_ids=ids).logits
         total, count = token_loss_sum(logits, ids, batch["loss_mask"])
         return total / count.clamp_min(1.0)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        model = self.model
+        model = self.forward_model
         was_training = model.training
         model.eval()
         total, count = 0.0, 0.0
@@ -149,12 +159,12 @@ class CausalLMTask:
     @torch.no_grad()
     def sample(self, new_tokens: int = SAMPLE_NEW_TOKENS) -> str:
         """Greedy continuation of the first validation block's first tokens (no KV cache: adapters stay simple)."""
-        model = self.model
+        model = self.forward_model
         was_training = model.training
         model.eval()
         ids = self.val_blocks.ids[:1, :SAMPLE_PROMPT_TOKENS].to(self.device)
         eos = self.eos_id if self.vocab is None else int(self.vocab.to_compact(torch.tensor([self.eos_id]))[0])
-        limit = context_length(model) or ids.shape[1] + new_tokens
+        limit = context_length(self.model) or ids.shape[1] + new_tokens
         for _ in range(new_tokens):
             nxt = model(input_ids=ids[:, -limit:]).logits[:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, nxt], dim=1)
@@ -178,10 +188,12 @@ class CausalLMTask:
             info["model_config"] = json.loads(self.model.config.to_json_string())
         write_text_atomic(Path(run_dir) / "lm.json", json.dumps(info) + "\n")
 
-    def save_artifacts(self, run_dir: Path) -> None:
+    def save_artifacts(self, run_dir: Path, write: bool = True) -> None:
+        """Every process samples (FSDP forwards are collectives); only the one with ``write`` writes and prints."""
         self.sample_text = self.sample()
-        write_text_atomic(Path(run_dir) / "sample.txt", self.sample_text + "\n")
-        print(f"sample: {self.sample_text}")
+        if write:
+            write_text_atomic(Path(run_dir) / "sample.txt", self.sample_text + "\n")
+            print(f"sample: {self.sample_text}")
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {
