@@ -15,6 +15,15 @@ from leantrain.memory import estimate, measure
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Memory does not depend on the thread count, and on a shared CPU one thread is ~30x faster here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_measure_counts_known_allocations_exactly() -> None:
     model = nn.Linear(256, 256)
 
