@@ -166,3 +166,14 @@ def test_cli_json_and_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert "GiB" in capsys.readouterr().out
     assert main(["--model", "llama-60m", "--method", "full", "--quantize", "nf4"]) == 2
     assert "needs a frozen base" in capsys.readouterr().err
+
+
+def test_estimate_config_maps_trainconfig_fields() -> None:
+    from leantrain.config import TrainConfig
+    from leantrain.memory import estimate_config
+
+    cfg = TrainConfig(model="tiny", method="lora", optim="adamw8bit", rank=4, batch_size=3, max_length=20)
+    a = estimate_config(cfg)
+    b = estimate("tiny", method="lora", optim="adamw8bit", rank=4, batch_size=3, seq_len=20)
+    assert a.as_dict() == b.as_dict()
+    assert estimate_config(cfg, batch_size=6).activations > a.activations

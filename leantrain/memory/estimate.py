@@ -314,3 +314,15 @@ def _workspace(trainables: list[_Trainable], n_states: int, elt: int, rank: int,
         refresh = max(4 * (t.numel + 2 * rank * (t.shape[0] + t.shape[1])) for t in proj)
         ws += max(refresh, max(t.numel * elt + max(t.shape) * rank * 4 for t in proj))
     return ws
+
+
+def estimate_config(cfg: Any, num_labels: int = 2, **overrides: Any) -> MemoryReport:
+    """Estimate for a ``TrainConfig`` (one micro-batch of ``batch_size × max_length``); keywords override."""
+    model = cfg.preset if (cfg.preset and cfg.init_weights == "scratch") else cfg.model
+    kwargs: dict[str, Any] = dict(method=cfg.method, optim=cfg.optim, batch_size=cfg.batch_size,
+                                  seq_len=cfg.max_length, activation_checkpointing=cfg.activation_checkpointing,
+                                  rank=cfg.rank, quantize=cfg.quantize, targets=cfg.targets, fraction=cfg.fraction,
+                                  block_size=cfg.block_size, num_labels=num_labels,
+                                  dlrt_freeze_other=bool(cfg.extra.get("dlrt_freeze_other", False)))
+    kwargs.update(overrides)
+    return estimate(model, **kwargs)
