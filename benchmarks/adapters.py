@@ -1,7 +1,7 @@
 """LoRA-family speed: leantrain vs PEFT on the embedded MiniLM classifier, one process, same model and batch.
 
 Measures (median of --reps, the two implementations interleaved rep by rep so CPU contention hits both alike):
-  * training step (forward + cross-entropy + backward + AdamW step) for LoRA, DoRA and VeRA, leantrain vs PEFT;
+  * training step (forward + cross-entropy + backward + AdamW step) of LoRA, DoRA, VeRA, leantrain vs PEFT;
     goal: leantrain LoRA <= 1.0x PEFT LoRA;
   * DoRA overhead over LoRA (each library against itself);
   * merge + unmerge of all adapted layers (leantrain merge/unmerge vs PEFT merge_adapter/unmerge_adapter).
@@ -11,6 +11,7 @@ Adapters: r=8, alpha=16 on every encoder Linear (query, key, value, dense); the 
 
 Default: batch 16 x 64 tokens. --quick: batch 8 x 32 and fewer repetitions (a smoke run, not a measurement).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,9 @@ def ours(base: nn.Module, kind: str) -> nn.Module:
     if kind == "vera":
         adapters.inject(model, adapters.VeraConfig(r=256, target_modules=TARGETS))
     else:
-        adapters.inject(model, adapters.LoraConfig(r=8, alpha=16, target_modules=TARGETS, use_dora=kind == "dora"))
+        adapters.inject(
+            model, adapters.LoraConfig(r=8, alpha=16, target_modules=TARGETS, use_dora=kind == "dora")
+        )
     model.classifier.requires_grad_(True)
     return model
 
@@ -109,8 +112,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="small batch, few repetitions (smoke run)")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1 = least sensitive to other processes on a shared CPU)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1 = least sensitive to other processes on a shared CPU)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     batch_size, seq = (8, 32) if args.quick else (16, 64)
@@ -120,33 +127,56 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     base = build_classifier("minilm", 3)
     vocab = base.encoder.config.vocab_size
-    batch = (torch.randint(0, vocab, (batch_size, seq)), torch.ones(batch_size, seq, dtype=torch.long),
-             torch.randint(0, 3, (batch_size,)))
+    batch = (
+        torch.randint(0, vocab, (batch_size, seq)),
+        torch.ones(batch_size, seq, dtype=torch.long),
+        torch.randint(0, 3, (batch_size,)),
+    )
     kinds = ["lora", "dora", "vera"]
     bar = tqdm(total=reps * (len(kinds) + 1), desc="adapters bench", unit="rep")
     steps: dict[str, float] = {}
     for kind in kinds:
-        fns = {f"leantrain {kind}": Stepper(ours(base, kind), batch), f"peft {kind}": Stepper(theirs(base, kind), batch)}
+        fns = {
+            f"leantrain {kind}": Stepper(ours(base, kind), batch),
+            f"peft {kind}": Stepper(theirs(base, kind), batch),
+        }
         steps.update(interleaved(fns, reps, warmup, bar))
     lt, pm = ours(base, "lora").eval(), theirs(base, "lora").eval()
-    merges = interleaved({"leantrain merge+unmerge": lambda: merge_cycle_ours(lt),
-                          "peft merge+unmerge": lambda: merge_cycle_peft(pm)}, reps, warmup, bar)
+    merges = interleaved(
+        {
+            "leantrain merge+unmerge": lambda: merge_cycle_ours(lt),
+            "peft merge+unmerge": lambda: merge_cycle_peft(pm),
+        },
+        reps,
+        warmup,
+        bar,
+    )
     bar.close()
 
     rows = [
         ("train step LoRA", steps["leantrain lora"], steps["peft lora"]),
         ("train step DoRA", steps["leantrain dora"], steps["peft dora"]),
         ("train step VeRA (r=256)", steps["leantrain vera"], steps["peft vera"]),
-        ("merge + unmerge (LoRA, 36 layers)", merges["leantrain merge+unmerge"], merges["peft merge+unmerge"]),
+        (
+            "merge + unmerge (LoRA, 36 layers)",
+            merges["leantrain merge+unmerge"],
+            merges["peft merge+unmerge"],
+        ),
     ]
     result = {
-        "batch": [batch_size, seq], "reps": reps, "torch_threads": torch.get_num_threads(),
+        "batch": [batch_size, seq],
+        "reps": reps,
+        "torch_threads": torch.get_num_threads(),
         "rows": [{"what": w, "leantrain_ms": a, "peft_ms": b, "ratio": a / b} for w, a, b in rows],
-        "dora_over_lora": {"leantrain": steps["leantrain dora"] / steps["leantrain lora"],
-                           "peft": steps["peft dora"] / steps["peft lora"]},
+        "dora_over_lora": {
+            "leantrain": steps["leantrain dora"] / steps["leantrain lora"],
+            "peft": steps["peft dora"] / steps["peft lora"],
+        },
     }
-    print(f"\nMiniLM-L6 classifier, batch {batch_size} x {seq} tokens, median of {reps} reps, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"\nMiniLM-L6 classifier, batch {batch_size} x {seq} tokens, median of {reps} reps, "
+        f"{torch.get_num_threads()} threads"
+    )
     print(f"| {'measurement':34} | leantrain ms | PEFT ms | leantrain/PEFT |")
     print(f"|{'-' * 36}|-------------:|--------:|---------------:|")
     for w, a, b in rows:

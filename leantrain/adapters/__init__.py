@@ -11,6 +11,7 @@ One obvious path::
 
 See docs/adapters.md for multi-adapter use (set_active, disable, combine, delete).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -20,14 +21,33 @@ from .inject import adapter_config, adapter_layers, adapter_names, delete, injec
 from .io import load, save, saved_config
 from .lora import LoraConfig
 from .multi import active_adapters, combine, disable, merge, set_active, unmerge
-from .vera import VeraConfig
 from .registry import register_adapter
+from .vera import VeraConfig
 
 __all__ = [
-    "AdapterLayer", "LoraConfig", "MissConfig", "ShiraConfig", "VeraConfig", "active_adapters",
-    "add_to_base_weight", "adapter_config", "adapter_layers", "adapter_names", "base_weight", "combine", "delete",
-    "disable", "inject", "load", "merge", "register_adapter", "resolve_targets", "save", "saved_config",
-    "set_active", "unmerge",
+    "AdapterLayer",
+    "LoraConfig",
+    "MissConfig",
+    "ShiraConfig",
+    "VeraConfig",
+    "active_adapters",
+    "add_to_base_weight",
+    "adapter_config",
+    "adapter_layers",
+    "adapter_names",
+    "base_weight",
+    "combine",
+    "delete",
+    "disable",
+    "inject",
+    "load",
+    "merge",
+    "register_adapter",
+    "resolve_targets",
+    "save",
+    "saved_config",
+    "set_active",
+    "unmerge",
 ]
 
 _LAZY = {"ShiraConfig": ".shira", "MissConfig": ".miss"}

@@ -1,8 +1,8 @@
 """AdapterLayer: the one wrapper every adapter method (LoRA, DoRA, VeRA, SHiRA, MiSS, ...) subclasses.
 
 A wrapped layer keeps the original module as ``self.base_layer`` and holds any number of *named* adapters of
-its own kind, each in a small sub-module ``self.adapters[name]``. Keeping every adapter's tensors together makes
-``delete``/``set_active`` trivial and lets PEFT's per-adapter key names be produced by ``peft_state``.
+its own kind, each in a small sub-module ``self.adapters[name]``. Keeping each adapter's tensors together
+makes ``delete``/``set_active`` trivial and lets PEFT's per-adapter key names be produced by ``peft_state``.
 
 Subclass protocol (see leantrain/adapters/lora.py for a complete example):
 
@@ -16,9 +16,10 @@ Subclass protocol (see leantrain/adapters/lora.py for a complete example):
   ``self.adapters[name].state_dict()`` one to one via ``peft_keys`` (own name -> PEFT name).
 * Optionally ``merge_one(name)`` / ``unmerge_one(name)`` (defaults add/subtract ``delta_weight``).
 
-Base weight access must go through :func:`base_weight` / :func:`add_to_base_weight` so every adapter also works
+Base weight access goes through :func:`base_weight` / :func:`add_to_base_weight` so every adapter also works
 on a quantized frozen base (``leantrain.quant.QuantLinear`` exposes ``dequantize()`` and ``add_to_weight()``).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -74,7 +75,7 @@ class AdapterLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
 
-    # ---- shape / attribute pass-through (HF code reads e.g. ``module.weight.dtype``) -----------------------------
+    # ---- shape / attribute pass-through (HF code reads e.g. ``module.weight.dtype``) -----------------------
     @property
     def in_features(self) -> int:
         return layer_shape(self.base_layer)[0]
@@ -91,7 +92,7 @@ class AdapterLayer(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return getattr(self.base_layer, "bias", None)
 
-    # ---- subclass hooks ----------------------------------------------------------------------------------------
+    # ---- subclass hooks ------------------------------------------------------------------------------------
     def create_adapter(self, name: str, config: Any) -> nn.Module:
         raise NotImplementedError
 
@@ -101,12 +102,16 @@ class AdapterLayer(nn.Module):
     def adapter_output(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    # ---- adapter bookkeeping -----------------------------------------------------------------------------------
+    # ---- adapter bookkeeping -------------------------------------------------------------------------------
     def add_adapter(self, name: str, config: Any) -> None:
         if name in self.adapters:
-            raise ValueError(f"adapter {name!r} already exists on this layer; delete it first or pick another name")
+            raise ValueError(
+                f"adapter {name!r} already exists on this layer; delete it first or pick another name"
+            )
         if self.merged_adapters:
-            raise ValueError(f"cannot add adapter {name!r} while {self.merged_adapters} are merged; unmerge first")
+            raise ValueError(
+                f"cannot add adapter {name!r} while {self.merged_adapters} are merged; unmerge first"
+            )
         module = self.create_adapter(name, config)
         module.train(self.training)  # a new dropout must follow the model's train/eval mode
         self.adapters[name] = module
@@ -127,7 +132,7 @@ class AdapterLayer(nn.Module):
     def set_active(self, names: list[str]) -> None:
         self.active_adapters = [n for n in names if n in self.adapters]
 
-    # ---- merge -------------------------------------------------------------------------------------------------
+    # ---- merge ---------------------------------------------------------------------------------------------
     def merge(self, names: list[str] | None = None) -> None:
         """Fold ΔW of ``names`` (default: the active adapters) into the base weight."""
         names = list(self.active_adapters if names is None else names)
@@ -152,7 +157,7 @@ class AdapterLayer(nn.Module):
     def unmerge_one(self, name: str) -> None:
         add_to_base_weight(self.base_layer, -self.delta_weight(name))
 
-    # ---- forward -----------------------------------------------------------------------------------------------
+    # ---- forward -------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
         if self.disabled:
@@ -163,14 +168,14 @@ class AdapterLayer(nn.Module):
                 out = out + self.adapter_output(name, x, base_out).to(out.dtype)
         return out
 
-    # ---- PEFT-format tensors -----------------------------------------------------------------------------------
+    # ---- PEFT-format tensors -------------------------------------------------------------------------------
     def peft_state(self, name: str) -> dict[str, torch.Tensor]:
         """This adapter's tensors under PEFT's key names (relative to the layer)."""
         state = self.adapters[name].state_dict()
         return {self.peft_keys.get(k, k): v for k, v in state.items()}
 
     def load_peft_state(self, name: str, tensors: dict[str, torch.Tensor], where: str = "") -> None:
-        """Copy PEFT-named tensors in; every key must exist with the same shape (error names key and shapes)."""
+        """Copy PEFT-named tensors in; every key must exist with the same shape (errors name key + shapes)."""
         own = {self.peft_keys.get(k, k): k for k in self.adapters[name].state_dict()}
         target = self.adapters[name].state_dict(keep_vars=True)
         missing = sorted(set(own) - set(tensors))
@@ -190,7 +195,7 @@ class AdapterLayer(nn.Module):
                 dst.copy_(src.to(dtype=dst.dtype, device=dst.device))
 
     def shared_state(self, name: str) -> dict[str, torch.Tensor]:
-        """Model-level tensors saved once per adapter (VeRA's projections), keyed relative to ``base_model.``."""
+        """Model-level tensors saved once per adapter (VeRA's projections), keyed under ``base_model.``"""
         return {}
 
     def load_shared_state(self, name: str, tensors: dict[str, torch.Tensor]) -> None:

@@ -9,6 +9,7 @@ Targets are chosen by ``config.target_modules``:
 contains a component ``classifier``, ``lm_head`` or ``score``) is excluded for "all-linear" and regex targets,
 never for an explicit list (naming a module explicitly is taken as intent).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -77,7 +78,9 @@ def _is_head(name: str) -> bool:
     return any(part in HEAD_NAMES for part in name.split("."))
 
 
-def resolve_targets(model: nn.Module, target_modules: str | list[str], exclude_modules: Any = None) -> list[str]:
+def resolve_targets(
+    model: nn.Module, target_modules: str | list[str], exclude_modules: Any = None
+) -> list[str]:
     """Module names selected by the target/exclude rules above. Unknown list entries raise ValueError."""
     candidates = _candidates(model)
     names = [n for n, _ in candidates]
@@ -120,7 +123,9 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def inject(model: nn.Module, config: Any, name: str = "default", calib: Any = None) -> list[str]:
     """Add adapter ``name`` described by ``config`` to ``model`` in place; return the wrapped module names.
 
-    Freezes every parameter except the new adapter's (earlier adapters are frozen too: the newest one trains). ``calib`` is handed to ``config.prepare(model, targets, calib)`` when the config defines it.
+    Freezes every parameter except the new adapter's (earlier adapters are frozen too: the newest one
+    trains). ``calib`` is handed to ``config.prepare(model, targets, calib)`` when the config defines it.
+    All or nothing: if any layer fails, the layers already changed are restored.
     """
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"adapter name must be a non-empty string without dots, got {name!r}")
@@ -137,7 +142,8 @@ def inject(model: nn.Module, config: Any, name: str = "default", calib: Any = No
             raise TypeError(f"{spec.peft_type} cannot wrap module {target!r} of type {type(base).__name__}")
         if isinstance(module, AdapterLayer) and type(module) is not layer_cls:
             raise TypeError(
-                f"module {target!r} already holds {type(module).__name__} adapters; one adapter kind per layer"
+                f"module {target!r} already holds {type(module).__name__} adapters; "
+                "one adapter kind per layer"
             )
         plan.append((target, module, layer_cls))
     prepare = getattr(config, "prepare", None)

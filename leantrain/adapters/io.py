@@ -2,14 +2,15 @@
 
 A leantrain adapter directory loads with ``peft.PeftModel.from_pretrained(model, dir)`` and a PEFT adapter
 directory loads with :func:`load`. Tensor keys are PEFT's: ``base_model.model.<module path>.<peft key>`` for
-per-layer tensors (``lora_A.weight``, ``lora_magnitude_vector``, ``vera_lambda_b``, ``shira_indices``, ...) and
-``base_model.<key>`` for model-level ones (VeRA's ``vera_A``/``vera_B``). See spec §7 in
+per-layer tensors (``lora_A.weight``, ``lora_magnitude_vector``, ``vera_lambda_b``, ``shira_indices``, ...)
+and ``base_model.<key>`` for model-level ones (VeRA's ``vera_A``/``vera_B``). See spec §7 in
 /work/shared/methods/lora_family.md.
 
 Config <-> JSON: a config class may define ``to_peft_dict(targets) -> dict`` and a classmethod
 ``from_peft_dict(d) -> config`` to map its fields onto PEFT's names. Without them the dataclass fields are
 written as they are (plus ``peft_type``) and read back by field name, unknown keys ignored.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -70,7 +71,7 @@ def config_to_peft_dict(config: Any, targets: list[str]) -> dict[str, Any]:
 
 
 def config_from_peft_dict(values: dict[str, Any]) -> Any:
-    """Build the leantrain config for a PEFT ``adapter_config.json`` dict (unknown peft_type -> ValueError)."""
+    """The leantrain config for a PEFT ``adapter_config.json`` dict (unknown peft_type -> ValueError)."""
     if "peft_type" not in values:
         raise ValueError(f"{CONFIG_NAME} has no 'peft_type' key")
     spec = spec_for_peft_type(str(values["peft_type"]))
@@ -121,7 +122,9 @@ def save(model: nn.Module, directory: str | Path, name: str | None = None) -> li
     directory = Path(directory)
     names = adapter_names(model)
     if not names:
-        raise ValueError(f"{type(model).__name__} has no adapters to save; call leantrain.adapters.inject first")
+        raise ValueError(
+            f"{type(model).__name__} has no adapters to save; call leantrain.adapters.inject first"
+        )
     if name is not None:
         if name not in names:
             raise KeyError(f"model has no adapter named {name!r} (adapters: {names})")
@@ -151,12 +154,14 @@ def read_adapter_files(directory: str | Path) -> tuple[dict[str, Any], dict[str,
     return values, tensors
 
 
-def load(model: nn.Module, directory: str | Path, name: str = "default", trainable: bool = False) -> list[str]:
+def load(
+    model: nn.Module, directory: str | Path, name: str = "default", trainable: bool = False
+) -> list[str]:
     """Create adapter ``name`` from a PEFT-format directory (wrapping layers as needed) and load its tensors.
 
-    The adapter is frozen unless ``trainable``. Tensors for plain modules (PEFT ``modules_to_save``, e.g. a head)
-    are copied into those modules. Shape mismatches raise ValueError naming the key and both shapes; keys that
-    fit no module raise KeyError. Returns the wrapped module names.
+    The adapter is frozen unless ``trainable``. Tensors for plain modules (PEFT ``modules_to_save``, e.g. a
+    head) are copied into those modules. Shape mismatches raise ValueError naming the key and both shapes;
+    keys that fit no module raise KeyError. Returns the wrapped module names.
     """
     values, tensors = read_adapter_files(directory)
     config = config_from_peft_dict(values)
@@ -176,10 +181,13 @@ def _load_tensors(model: nn.Module, name: str, remaining: dict[str, torch.Tensor
     layers = _layers_of(model, name)
     for layer_name, layer in layers:
         prefix = f"{LAYER_PREFIX}{layer_name}."
-        mine = {k[len(prefix):]: remaining.pop(k) for k in list(remaining) if k.startswith(prefix)}
+        mine = {k[len(prefix) :]: remaining.pop(k) for k in list(remaining) if k.startswith(prefix)}
         layer.load_peft_state(name, mine, where=layer_name)
-    shared = {k[len(SHARED_PREFIX):]: remaining.pop(k) for k in list(remaining)
-              if k.startswith(SHARED_PREFIX) and not k.startswith(LAYER_PREFIX)}
+    shared = {
+        k[len(SHARED_PREFIX) :]: remaining.pop(k)
+        for k in list(remaining)
+        if k.startswith(SHARED_PREFIX) and not k.startswith(LAYER_PREFIX)
+    }
     layers[0][1].load_shared_state(name, shared)
     _load_plain_modules(model, remaining)
 
@@ -192,11 +200,15 @@ def _load_plain_modules(model: nn.Module, tensors: dict[str, torch.Tensor]) -> N
         path = key.removeprefix(LAYER_PREFIX)
         path = path.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
         if not key.startswith(LAYER_PREFIX) or path not in params:
-            raise KeyError(f"adapter file key {key!r} fits no adapter layer or parameter of {type(model).__name__}")
+            raise KeyError(
+                f"adapter file key {key!r} fits no adapter layer or parameter of {type(model).__name__}"
+            )
         target = params[path]
         if tuple(target.shape) != tuple(value.shape):
-            raise ValueError(f"shape mismatch for {key}: file has {tuple(value.shape)}, "
-                             f"model expects {tuple(target.shape)}")
+            raise ValueError(
+                f"shape mismatch for {key}: file has {tuple(value.shape)}, "
+                f"model expects {tuple(target.shape)}"
+            )
         with torch.no_grad():
             target.copy_(value.to(dtype=target.dtype, device=target.device))
 

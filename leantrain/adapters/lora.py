@@ -2,12 +2,13 @@
 
 LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685):  y = W x + s·B A dropout(x),  s = alpha / r.
 rsLoRA (Kalajdzievski 2023, https://arxiv.org/abs/2312.03732): s = alpha / sqrt(r), rank-stable updates.
-DoRA (Liu et al. 2024, https://arxiv.org/abs/2402.09353): y = (m / ||W + s·BA||_row) ⊙ (W + s·BA) x + b with the
-  norm detached (paper §4.3); m starts at ||W||_row. Supported on Linear.
-PiSSA (Meng et al. 2024, https://arxiv.org/abs/2404.02948): A, B start as the top-r singular triplets of W and W is
-  replaced by the residual, so the output is unchanged at init. "pissa_fast" uses torch.svd_lowrank.
+DoRA (Liu et al. 2024, https://arxiv.org/abs/2402.09353): y = (m / ||W + s·BA||_row) ⊙ (W + s·BA) x + b with
+  the norm detached (paper §4.3); m starts at ||W||_row. Supported on Linear.
+PiSSA (Meng et al. 2024, https://arxiv.org/abs/2404.02948): A, B start as the top-r singular triplets of W
+  and W is replaced by the residual, so the output is unchanged at init. "pissa_fast" uses torch.svd_lowrank.
 Formulas, key names and defaults follow /work/shared/methods/lora_family.md (PEFT's LoRA).
 """
+
 from __future__ import annotations
 
 import math
@@ -59,7 +60,7 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.pissa_niter={self.pissa_niter!r} must be >= 0")
 
     def rank_alpha(self, layer_name: str) -> tuple[int, float]:
-        """r and alpha for one layer after rank_pattern / alpha_pattern (PEFT: regex matching a name suffix)."""
+        """r and alpha of one layer after rank_pattern / alpha_pattern (PEFT: regex matching a suffix)."""
 
         def lookup(patterns: dict, default: Any) -> Any:
             for key, value in patterns.items():
@@ -72,26 +73,51 @@ class LoraConfig:
     def scaling(self, r: int, alpha: float) -> float:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
-    # ---- PEFT adapter_config.json mapping ----------------------------------------------------------------------
+    # ---- PEFT adapter_config.json mapping ------------------------------------------------------------------
     def to_peft_dict(self, targets: list[str]) -> dict[str, Any]:
-        init = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "random": False,
-                "pissa_fast": f"pissa_niter_{self.pissa_niter}"}[self.init]
+        init = {
+            "default": True,
+            "gaussian": "gaussian",
+            "pissa": "pissa",
+            "random": False,
+            "pissa_fast": f"pissa_niter_{self.pissa_niter}",
+        }[self.init]
         return {
-            "r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout, "target_modules": targets,
-            "exclude_modules": None, "bias": "none", "fan_in_fan_out": False, "use_rslora": self.use_rslora,
-            "use_dora": self.use_dora, "init_lora_weights": init, "modules_to_save": None,
-            "layers_to_transform": None, "layers_pattern": None, "rank_pattern": dict(self.rank_pattern),
-            "alpha_pattern": dict(self.alpha_pattern), "lora_bias": False,
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": targets,
+            "exclude_modules": None,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "use_rslora": self.use_rslora,
+            "use_dora": self.use_dora,
+            "init_lora_weights": init,
+            "modules_to_save": None,
+            "layers_to_transform": None,
+            "layers_pattern": None,
+            "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern),
+            "lora_bias": False,
         }
 
     @classmethod
     def from_peft_dict(cls, d: dict[str, Any]) -> "LoraConfig":
-        unsupported = [("bias", "none"), ("fan_in_fan_out", False), ("lora_bias", False),
-                       ("layers_to_transform", None), ("use_qalora", False), ("layer_replication", None),
-                       ("target_parameters", None), ("trainable_token_indices", None)]
+        unsupported = [
+            ("bias", "none"),
+            ("fan_in_fan_out", False),
+            ("lora_bias", False),
+            ("layers_to_transform", None),
+            ("use_qalora", False),
+            ("layer_replication", None),
+            ("target_parameters", None),
+            ("trainable_token_indices", None),
+        ]
         for key, ok in unsupported:
             if d.get(key, ok) not in (ok, [], {}):
-                raise ValueError(f"adapter_config.json: {key}={d[key]!r} is not supported by leantrain's LoRA")
+                raise ValueError(
+                    f"adapter_config.json: {key}={d[key]!r} is not supported by leantrain's LoRA"
+                )
         init = d.get("init_lora_weights", True)
         niter = 4
         if init is True:
@@ -108,23 +134,40 @@ class LoraConfig:
         exclude = d.get("exclude_modules")
         if isinstance(exclude, str):
             exclude = "re:" + exclude.removeprefix("re:")
-        return cls(r=int(d.get("r", 8)), alpha=float(d.get("lora_alpha", 8)), target_modules=targets,
-                   exclude_modules=exclude, dropout=float(d.get("lora_dropout", 0.0)),
-                   use_rslora=bool(d.get("use_rslora", False)), use_dora=bool(d.get("use_dora", False)),
-                   init=init, pissa_niter=niter, rank_pattern=dict(d.get("rank_pattern") or {}),
-                   alpha_pattern=dict(d.get("alpha_pattern") or {}))
+        return cls(
+            r=int(d.get("r", 8)),
+            alpha=float(d.get("lora_alpha", 8)),
+            target_modules=targets,
+            exclude_modules=exclude,
+            dropout=float(d.get("lora_dropout", 0.0)),
+            use_rslora=bool(d.get("use_rslora", False)),
+            use_dora=bool(d.get("use_dora", False)),
+            init=init,
+            pissa_niter=niter,
+            rank_pattern=dict(d.get("rank_pattern") or {}),
+            alpha_pattern=dict(d.get("alpha_pattern") or {}),
+        )
 
 
 def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    """Adapters train in fp32 on a half-precision base (PEFT's autocast_adapter_dtype); same dtype otherwise."""
+    """Adapters train in fp32 on a half-precision base (PEFT's autocast_adapter_dtype), else in W's dtype."""
     return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
 
 
 class LoraParams(nn.Module):
     """Tensors of one LoRA adapter: ``lora_A`` (r, in), ``lora_B`` (out, r), optional DoRA ``magnitude``."""
 
-    def __init__(self, r: int, n_in: int, n_out: int, scaling: float, dropout: float, dora: bool,
-                 dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        r: int,
+        n_in: int,
+        n_out: int,
+        scaling: float,
+        dropout: float,
+        dora: bool,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         super().__init__()
         self.r, self.scaling = r, scaling
         self.lora_A = nn.Parameter(torch.empty(r, n_in, dtype=dtype, device=device))
@@ -143,10 +186,20 @@ class LoraLinear(AdapterLayer):
         r, alpha = config.rank_alpha(where)
         n_in, n_out = self.in_features, self.out_features
         if r > min(n_in, n_out):
-            raise ValueError(f"LoRA r={r} exceeds min(in, out)={min(n_in, n_out)} of layer {where!r} ({n_in}->{n_out})")
+            raise ValueError(
+                f"LoRA r={r} exceeds min(in, out)={min(n_in, n_out)} of layer {where!r} ({n_in}->{n_out})"
+            )
         weight = base_weight(self.base_layer)
-        p = LoraParams(r, n_in, n_out, config.scaling(r, alpha), config.dropout, config.use_dora,
-                       adapter_dtype(weight), weight.device)
+        p = LoraParams(
+            r,
+            n_in,
+            n_out,
+            config.scaling(r, alpha),
+            config.dropout,
+            config.use_dora,
+            adapter_dtype(weight),
+            weight.device,
+        )
         with torch.no_grad():
             if config.init in ("pissa", "pissa_fast"):
                 pissa_init(self.base_layer, p, niter=None if config.init == "pissa" else config.pissa_niter)
@@ -211,12 +264,20 @@ class LoraEmbedding(AdapterLayer):
         r, alpha = config.rank_alpha(where)
         num, dim = layer_shape(self.base_layer)
         if r > min(num, dim):
-            raise ValueError(f"LoRA r={r} exceeds min(num_embeddings, dim)={min(num, dim)} of layer {where!r}")
+            raise ValueError(
+                f"LoRA r={r} exceeds min(num_embeddings, dim)={min(num, dim)} of layer {where!r}"
+            )
         if config.use_dora or config.init in ("pissa", "pissa_fast"):
-            raise TypeError(f"{where!r}: DoRA and PiSSA are implemented for Linear layers only, not nn.Embedding")
+            raise TypeError(
+                f"{where!r}: DoRA and PiSSA are implemented for Linear layers only, not nn.Embedding"
+            )
         weight = self.base_layer.weight
-        p = LoraParams(r, num, dim, config.scaling(r, alpha), 0.0, False, adapter_dtype(weight), weight.device)
-        with torch.no_grad():  # PEFT: A zeros, B normal (reversed w.r.t. Linear) so the output starts unchanged
+        p = LoraParams(
+            r, num, dim, config.scaling(r, alpha), 0.0, False, adapter_dtype(weight), weight.device
+        )
+        with (
+            torch.no_grad()
+        ):  # PEFT: A zeros, B normal (reversed w.r.t. Linear) so the output starts unchanged
             if config.init == "random":
                 nn.init.normal_(p.lora_A)
             else:
@@ -231,7 +292,9 @@ class LoraEmbedding(AdapterLayer):
     def adapter_output(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         p = self.adapters[name]
         e = self.base_layer
-        after_a = F.embedding(x, p.lora_A.T, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse)
+        after_a = F.embedding(
+            x, p.lora_A.T, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse
+        )
         return (after_a @ p.lora_B.T) * p.scaling
 
 

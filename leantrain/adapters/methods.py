@@ -2,10 +2,12 @@
 
 Each object turns the flat TrainConfig fields (rank, alpha, dropout, targets, init, lora_plus_ratio, mask,
 fraction, miss_variant, seed) into an adapter config, injects it as adapter "default" and returns the param
-groups to optimise. LoRA+ (Hayou et al. 2024, https://arxiv.org/abs/2402.12354) is a param-group split: B (and,
-as in PEFT's ``create_loraplus_optimizer``, every 1-D adapter parameter such as DoRA's magnitude) trains with
-``lr * lora_plus_ratio`` and no weight decay. ``save_artifacts`` writes PEFT files to ``run_dir/adapter``.
+groups to optimise. LoRA+ (Hayou et al. 2024, https://arxiv.org/abs/2402.12354) is a param-group split: B
+(and, as in PEFT's ``create_loraplus_optimizer``, every 1-D adapter parameter such as DoRA's magnitude)
+trains with ``lr * lora_plus_ratio`` and no weight decay. ``save_artifacts`` writes PEFT files to
+``run_dir/adapter``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -46,17 +48,24 @@ def loraplus_groups(named_params: list[tuple[str, nn.Parameter]], lr: float, rat
             b.append(p)
         else:
             a.append(p)
-    groups = [{"params": a, "name": "lora_A"},
-              {"params": b, "name": "lora_B", "lr": lr * ratio},
-              {"params": b_1d, "name": "lora_B_1d", "lr": lr * ratio, "weight_decay": 0.0}]
+    groups = [
+        {"params": a, "name": "lora_A"},
+        {"params": b, "name": "lora_B", "lr": lr * ratio},
+        {"params": b_1d, "name": "lora_B_1d", "lr": lr * ratio, "weight_decay": 0.0},
+    ]
     return [g for g in groups if g["params"]]
 
 
 class AdapterMethod:
     """A Method built from a function ``TrainConfig -> adapter config``."""
 
-    def __init__(self, name: str, build: Callable[[TrainConfig], Any], default_lr: float = 5e-4,
-                 lora_plus: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        build: Callable[[TrainConfig], Any],
+        default_lr: float = 5e-4,
+        lora_plus: bool = False,
+    ) -> None:
         self.name, self.build, self.default_lr, self.lora_plus = name, build, default_lr, lora_plus
 
     def apply(self, model: nn.Module, cfg: TrainConfig, calib: Any = None) -> list[dict]:
@@ -79,16 +88,26 @@ def _lora(**flags: Any) -> Callable[[TrainConfig], LoraConfig]:
         init = cfg.init
         if flags.get("pissa") and init not in ("pissa", "pissa_fast"):
             init = "pissa"
-        return LoraConfig(r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=parse_targets(cfg.targets),
-                          init=init, use_rslora=flags.get("use_rslora", False),
-                          use_dora=flags.get("use_dora", False))
+        return LoraConfig(
+            r=cfg.rank,
+            alpha=cfg.alpha,
+            dropout=cfg.dropout,
+            target_modules=parse_targets(cfg.targets),
+            init=init,
+            use_rslora=flags.get("use_rslora", False),
+            use_dora=flags.get("use_dora", False),
+        )
 
     return build
 
 
 def _vera(cfg: TrainConfig) -> VeraConfig:
-    return VeraConfig(r=cfg.rank, dropout=cfg.dropout, target_modules=parse_targets(cfg.targets),
-                      projection_prng_key=cfg.seed)
+    return VeraConfig(
+        r=cfg.rank,
+        dropout=cfg.dropout,
+        target_modules=parse_targets(cfg.targets),
+        projection_prng_key=cfg.seed,
+    )
 
 
 def _miss(cfg: TrainConfig) -> Any:
@@ -100,8 +119,13 @@ def _miss(cfg: TrainConfig) -> Any:
 def _shira(cfg: TrainConfig) -> Any:
     from .shira import ShiraConfig
 
-    return ShiraConfig(r=cfg.rank, fraction=cfg.fraction, mask=cfg.mask, target_modules=parse_targets(cfg.targets),
-                       seed=cfg.seed)
+    return ShiraConfig(
+        r=cfg.rank,
+        fraction=cfg.fraction,
+        mask=cfg.mask,
+        target_modules=parse_targets(cfg.targets),
+        seed=cfg.seed,
+    )
 
 
 LORA = AdapterMethod("lora", _lora(), lora_plus=True)

@@ -4,6 +4,7 @@ All functions act on every wrapped layer of the model (``leantrain.adapters.inje
 follows PEFT's ``add_weighted_adapter``: "linear" concatenates the weighted factors (exact: the new ΔW is
 Σ wᵢ·ΔWᵢ, rank Σ rᵢ; PEFT's "cat"), "svd" truncates Σ wᵢ·ΔWᵢ to rank r by SVD (PEFT's "svd").
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -64,7 +65,9 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
     _check_known(model, wanted)
     for _, layer in adapter_layers(model):
         if layer.merged_adapters:
-            raise ValueError(f"cannot switch adapters while {layer.merged_adapters} are merged; unmerge first")
+            raise ValueError(
+                f"cannot switch adapters while {layer.merged_adapters} are merged; unmerge first"
+            )
     for _, layer in adapter_layers(model):
         layer.set_active(wanted)
 
@@ -90,8 +93,14 @@ def disable(model: nn.Module) -> Iterator[nn.Module]:
                 layer.merge(merged[id(layer)])
 
 
-def combine(model: nn.Module, names: Sequence[str], weights: Sequence[float], new_name: str,
-            how: str = "linear", r: int | None = None) -> list[str]:
+def combine(
+    model: nn.Module,
+    names: Sequence[str],
+    weights: Sequence[float],
+    new_name: str,
+    how: str = "linear",
+    r: int | None = None,
+) -> list[str]:
     """Add LoRA adapter ``new_name`` with ΔW = Σ weights[i]·ΔW(names[i]) (exact for "linear", rank-``r``
     truncated for "svd"; r defaults to the largest source rank). The new adapter is not activated."""
     from .lora import LoraConfig, LoraEmbedding, LoraLinear
@@ -100,21 +109,29 @@ def combine(model: nn.Module, names: Sequence[str], weights: Sequence[float], ne
     weights = [float(w) for w in weights]
     _check_known(model, names)
     if len(names) != len(weights) or not names:
-        raise ValueError(f"combine needs one weight per adapter, got {len(names)} names and {len(weights)} weights")
+        raise ValueError(
+            f"combine needs one weight per adapter, got {len(names)} names and {len(weights)} weights"
+        )
     if how not in ("linear", "svd"):
         raise ValueError(f"combine how={how!r}; choose 'linear' or 'svd'")
     configs = [adapter_config(model, n) for n in names]
     for n, c in zip(names, configs):
         if not isinstance(c, LoraConfig) or c.use_dora:
-            raise TypeError(f"combine supports plain LoRA adapters only; {n!r} is {type(c).__name__}"
-                            f"{' with DoRA' if getattr(c, 'use_dora', False) else ''}")
+            raise TypeError(
+                f"combine supports plain LoRA adapters only; {n!r} is {type(c).__name__}"
+                f"{' with DoRA' if getattr(c, 'use_dora', False) else ''}"
+            )
     layers = [(ln, layer) for ln, layer in adapter_layers(model) if any(n in layer.adapters for n in names)]
     if any(not isinstance(layer, (LoraLinear, LoraEmbedding)) for _, layer in layers):
         raise TypeError("combine supports LoRA layers only")
     if any(layer.merged_adapters for _, layer in layers):
         raise ValueError("unmerge before combining adapters")
     ranks = {ln: [layer.adapters[n].r if n in layer.adapters else 0 for n in names] for ln, layer in layers}
-    new_r = max(sum(rs) for rs in ranks.values()) if how == "linear" else (r or max(max(rs) for rs in ranks.values()))
+    new_r = (
+        max(sum(rs) for rs in ranks.values())
+        if how == "linear"
+        else (r or max(max(rs) for rs in ranks.values()))
+    )
     if how == "svd":
         limit = min(min(layer.in_features, layer.out_features) for _, layer in layers)
         if not 0 < new_r <= limit:
@@ -149,7 +166,8 @@ def combine(model: nn.Module, names: Sequence[str], weights: Sequence[float], ne
 
 def unload(model: nn.Module) -> list[str]:
     """Replace every wrapped layer by its base layer (after ``merge`` this gives a plain model whose
-    state_dict matches the original architecture). Unmerged adapters are dropped; returns the unwrapped names."""
+    state_dict matches the original architecture). Unmerged adapters are dropped; returns the unwrapped
+    names."""
     from .inject import _set_submodule
 
     names = [n for n, _ in adapter_layers(model)]

@@ -1,9 +1,10 @@
 """Adapter registry: config dataclass <-> layer class, looked up by ``type(config)`` or PEFT's ``peft_type``.
 
 A method file ends with one ``register_adapter(XConfig, XLayer)`` line. PEFT files name their method by
-``peft_type`` ("LORA", "VERA", ...); ``spec_for_peft_type`` imports the method's module on first use, so loading
-a SHiRA adapter works without the caller importing leantrain.adapters.shira first.
+``peft_type`` ("LORA", "VERA", ...); ``spec_for_peft_type`` imports the method's module on first use, so
+loading a SHiRA adapter works without the caller importing leantrain.adapters.shira first.
 """
+
 from __future__ import annotations
 
 import importlib

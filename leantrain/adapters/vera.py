@@ -1,12 +1,13 @@
 """VeRA: vector-based random matrix adaptation (Kopiczko et al., ICLR 2024, https://arxiv.org/abs/2310.11454).
 
 One pair of frozen random matrices is shared by every adapted layer of the model (A: r×in_max, B: out_max×r,
-Kaiming-uniform from ``torch.Generator("cpu").manual_seed(projection_prng_key)``, A drawn first, exactly as PEFT);
+Kaiming-uniform from ``torch.Generator("cpu").manual_seed(projection_prng_key)``, A drawn first, as PEFT);
 each layer trains only two vectors:  y = W x + λ_b ⊙ B[:out] (λ_d ⊙ A[:, :in] dropout(x)),
 ΔW = diag(λ_b) B_l diag(λ_d) A_l.  λ_d starts at d_initial (0.1), λ_b at 0, so the output starts unchanged.
 The shared pair is regenerated from the seed, so it costs no checkpoint space; PEFT files carry it as
 ``base_model.vera_A`` / ``base_model.vera_B`` when ``save_projection`` is set.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,7 +36,7 @@ class VeraProjection:
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
-    """Kaiming-uniform with gain √2 and fan_in = shape[1], drawn from ``generator`` (PEFT's ``_kaiming_init``)."""
+    """Kaiming-uniform, gain √2, fan_in = shape[1], drawn from ``generator`` (PEFT's ``_kaiming_init``)."""
     bound = math.sqrt(3.0) * math.sqrt(2) / math.sqrt(shape[1])
     return torch.empty(shape).uniform_(-bound, bound, generator=generator)
 
@@ -73,29 +74,52 @@ class VeraConfig:
         self._projection = VeraProjection(a, b)
 
     def to_peft_dict(self, targets: list[str]) -> dict[str, Any]:
-        return {"r": self.r, "target_modules": targets, "projection_prng_key": self.projection_prng_key,
-                "save_projection": self.save_projection, "vera_dropout": self.dropout,
-                "d_initial": self.d_initial, "fan_in_fan_out": False, "bias": "none", "modules_to_save": None,
-                "init_weights": self.init_weights, "layers_to_transform": None, "layers_pattern": None}
+        return {
+            "r": self.r,
+            "target_modules": targets,
+            "projection_prng_key": self.projection_prng_key,
+            "save_projection": self.save_projection,
+            "vera_dropout": self.dropout,
+            "d_initial": self.d_initial,
+            "fan_in_fan_out": False,
+            "bias": "none",
+            "modules_to_save": None,
+            "init_weights": self.init_weights,
+            "layers_to_transform": None,
+            "layers_pattern": None,
+        }
 
     @classmethod
     def from_peft_dict(cls, d: dict[str, Any]) -> "VeraConfig":
         for key, ok in [("bias", "none"), ("fan_in_fan_out", False), ("layers_to_transform", None)]:
             if d.get(key, ok) != ok:
-                raise ValueError(f"adapter_config.json: {key}={d[key]!r} is not supported by leantrain's VeRA")
+                raise ValueError(
+                    f"adapter_config.json: {key}={d[key]!r} is not supported by leantrain's VeRA"
+                )
         targets = d.get("target_modules") or "all-linear"
         if isinstance(targets, str) and targets != "all-linear":
             targets = "re:" + targets.removeprefix("re:")
-        return cls(r=int(d.get("r", 256)), target_modules=targets,
-                   projection_prng_key=int(d.get("projection_prng_key", 0)),
-                   save_projection=bool(d.get("save_projection", True)),
-                   dropout=float(d.get("vera_dropout", 0.0)), d_initial=float(d.get("d_initial", 0.1)),
-                   init_weights=bool(d.get("init_weights", True)))
+        return cls(
+            r=int(d.get("r", 256)),
+            target_modules=targets,
+            projection_prng_key=int(d.get("projection_prng_key", 0)),
+            save_projection=bool(d.get("save_projection", True)),
+            dropout=float(d.get("vera_dropout", 0.0)),
+            d_initial=float(d.get("d_initial", 0.1)),
+            init_weights=bool(d.get("init_weights", True)),
+        )
 
 
 class VeraParams(nn.Module):
-    def __init__(self, r: int, n_out: int, dropout: float, projection: VeraProjection,
-                 dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        r: int,
+        n_out: int,
+        dropout: float,
+        projection: VeraProjection,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         super().__init__()
         self.lambda_b = nn.Parameter(torch.zeros(n_out, dtype=dtype, device=device))
         self.lambda_d = nn.Parameter(torch.zeros(r, dtype=dtype, device=device))
@@ -109,9 +133,13 @@ class VeraLinear(AdapterLayer):
     def create_adapter(self, name: str, config: VeraConfig) -> nn.Module:
         projection = getattr(config, "_projection", None)
         if projection is None:
-            raise ValueError("VeraConfig.prepare was not called; add VeRA adapters with leantrain.adapters.inject")
+            raise ValueError(
+                "VeraConfig.prepare was not called; add VeRA adapters with leantrain.adapters.inject"
+            )
         weight = base_weight(self.base_layer)
-        p = VeraParams(config.r, self.out_features, config.dropout, projection, adapter_dtype(weight), weight.device)
+        p = VeraParams(
+            config.r, self.out_features, config.dropout, projection, adapter_dtype(weight), weight.device
+        )
         with torch.no_grad():
             if config.init_weights:
                 p.lambda_d.fill_(config.d_initial)
@@ -146,14 +174,18 @@ class VeraLinear(AdapterLayer):
         p = self.adapters[name]
         unexpected = sorted(set(tensors) - {"vera_A", "vera_B"})
         if unexpected:
-            raise KeyError(f"unexpected model-level key(s) {['base_model.' + k for k in unexpected]} for VeRA")
+            raise KeyError(
+                f"unexpected model-level key(s) {['base_model.' + k for k in unexpected]} for VeRA"
+            )
         for key, own in (("vera_A", p.projection.a), ("vera_B", p.projection.b)):
             if key not in tensors:
                 continue  # save_projection=False: keep the pair regenerated from projection_prng_key
             value = tensors[key]
             if tuple(value.shape) != tuple(own.shape):
-                raise ValueError(f"shape mismatch for base_model.{key}: file has {tuple(value.shape)}, "
-                                 f"model expects {tuple(own.shape)}")
+                raise ValueError(
+                    f"shape mismatch for base_model.{key}: file has {tuple(value.shape)}, "
+                    f"model expects {tuple(own.shape)}"
+                )
         if "vera_A" in tensors:
             p.projection.a = tensors["vera_A"].to(p.projection.a)
         if "vera_B" in tensors:

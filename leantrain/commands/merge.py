@@ -5,6 +5,7 @@ Rebuilds the model exactly as training did (RUN/config.json, RUN/labels.json), l
 DIR/model.safetensors (the original architecture's state_dict keys) + DIR/config.json + DIR/labels.json.
 A run trained on a quantized base is merged into the dequantized base, i.e. the weights it was trained on.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,10 +19,17 @@ import torch
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "merge", help="merge a run's adapter into the base model and save a plain model",
-        description="Merge RUN/adapter (+ RUN/head.safetensors) into the base model and write DIR/model.safetensors.")
-    parser.add_argument("run", help="run folder written by `leantrain train` (holds config.json and adapter/)")
-    parser.add_argument("--out", required=True, help="folder for model.safetensors, config.json and labels.json")
+        "merge",
+        help="merge a run's adapter into the base model and save a plain model",
+        description="Merge RUN/adapter (+ RUN/head.safetensors) into the base model and write "
+        "DIR/model.safetensors.",
+    )
+    parser.add_argument(
+        "run", help="run folder written by `leantrain train` (holds config.json and adapter/)"
+    )
+    parser.add_argument(
+        "--out", required=True, help="folder for model.safetensors, config.json and labels.json"
+    )
     parser.set_defaults(func=run)
 
 
@@ -47,7 +55,9 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     for needed in ("config.json", "labels.json", "adapter/adapter_config.json", "head.safetensors"):
         if not (run_dir / needed).is_file():
-            raise FileNotFoundError(f"{str(run_dir / needed)!r} is missing (is {str(run_dir)!r} an adapter run?)")
+            raise FileNotFoundError(
+                f"{str(run_dir / needed)!r} is missing (is {str(run_dir)!r} an adapter run?)"
+            )
     cfg = TrainConfig.load(run_dir / "config.json")
     labels = json.loads((run_dir / "labels.json").read_text())
     if not isinstance(labels, list) or not labels:
@@ -62,8 +72,10 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     own = model.classifier.state_dict()
     for key, value in head.items():
         if key not in own or tuple(own[key].shape) != tuple(value.shape):
-            raise ValueError(f"head.safetensors key {key!r} {tuple(value.shape)} does not fit the head "
-                             f"{ {k: tuple(v.shape) for k, v in own.items()} }")
+            raise ValueError(
+                f"head.safetensors key {key!r} {tuple(value.shape)} does not fit the head "
+                f"{ {k: tuple(v.shape) for k, v in own.items()} }"
+            )
     model.classifier.load_state_dict(head, strict=True)
     if cfg.quantize:
         from ..quant import dequantize_model

@@ -1,4 +1,5 @@
 """inject(): target selection (names, regex, all-linear, head exclusion), freezing, and bad input."""
+
 from __future__ import annotations
 
 import pytest
@@ -32,21 +33,44 @@ class Net(nn.Module):
         return self.classifier(self.proj(self.layers[1](x)))
 
 
-@pytest.mark.parametrize("targets, exclude, expected", [
-    (["query"], None, ["layers.0.query", "layers.1.query"]),
-    (["layers.1.value", "proj"], None, ["layers.1.value", "proj"]),
-    ("all-linear", None, ["layers.0.query", "layers.0.value", "layers.0.out", "layers.1.query",
-                          "layers.1.value", "layers.1.out", "proj"]),
-    (r"re:layers\.\d\.(query|value)", None, ["layers.0.query", "layers.0.value", "layers.1.query",
-                                             "layers.1.value"]),
-    (r"re:.*", ["out", "norm"], None),  # containers match the regex -> TypeError, checked below
-    ("all-linear", ["out"], ["layers.0.query", "layers.0.value", "layers.1.query", "layers.1.value", "proj",
-                             "classifier"]),
-    # an explicit exclude replaces the default head exclusion
-    ("all-linear", r"re:layers\.0\..*", ["layers.1.query", "layers.1.value", "layers.1.out", "proj",
-                                          "classifier"]),
-    (["classifier"], None, ["classifier"]),  # explicitly named: the head is not excluded
-])
+@pytest.mark.parametrize(
+    "targets, exclude, expected",
+    [
+        (["query"], None, ["layers.0.query", "layers.1.query"]),
+        (["layers.1.value", "proj"], None, ["layers.1.value", "proj"]),
+        (
+            "all-linear",
+            None,
+            [
+                "layers.0.query",
+                "layers.0.value",
+                "layers.0.out",
+                "layers.1.query",
+                "layers.1.value",
+                "layers.1.out",
+                "proj",
+            ],
+        ),
+        (
+            r"re:layers\.\d\.(query|value)",
+            None,
+            ["layers.0.query", "layers.0.value", "layers.1.query", "layers.1.value"],
+        ),
+        (r"re:.*", ["out", "norm"], None),  # containers match the regex -> TypeError, checked below
+        (
+            "all-linear",
+            ["out"],
+            ["layers.0.query", "layers.0.value", "layers.1.query", "layers.1.value", "proj", "classifier"],
+        ),
+        # an explicit exclude replaces the default head exclusion
+        (
+            "all-linear",
+            r"re:layers\.0\..*",
+            ["layers.1.query", "layers.1.value", "layers.1.out", "proj", "classifier"],
+        ),
+        (["classifier"], None, ["classifier"]),  # explicitly named: the head is not excluded
+    ],
+)
 def test_resolve_targets(targets, exclude, expected):
     if expected is None:
         with pytest.raises(TypeError, match="cannot wrap module"):
@@ -80,14 +104,17 @@ def test_unknown_target_lists_close_matches():
         adapters.inject(Net(), LoraConfig(r=2, target_modules=["qurey"]))
 
 
-@pytest.mark.parametrize("config, match", [
-    (lambda: LoraConfig(r=0, target_modules=["query"]), r"LoraConfig.r=0 must be a positive integer"),
-    (lambda: LoraConfig(r=-2, target_modules=["query"]), r"LoraConfig.r=-2"),
-    (lambda: LoraConfig(r=2, rank_pattern={"query": 0}), r"rank_pattern\['query'\]=0"),
-    (lambda: VeraConfig(r=0), r"VeraConfig.r=0"),
-    (lambda: LoraConfig(r=2, init="svd"), r"init='svd'"),
-    (lambda: LoraConfig(r=2, dropout=1.0), r"dropout=1.0"),
-])
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        (lambda: LoraConfig(r=0, target_modules=["query"]), r"LoraConfig.r=0 must be a positive integer"),
+        (lambda: LoraConfig(r=-2, target_modules=["query"]), r"LoraConfig.r=-2"),
+        (lambda: LoraConfig(r=2, rank_pattern={"query": 0}), r"rank_pattern\['query'\]=0"),
+        (lambda: VeraConfig(r=0), r"VeraConfig.r=0"),
+        (lambda: LoraConfig(r=2, init="svd"), r"init='svd'"),
+        (lambda: LoraConfig(r=2, dropout=1.0), r"dropout=1.0"),
+    ],
+)
 def test_bad_config_values(config, match):
     with pytest.raises(ValueError, match=match):
         config()

@@ -1,4 +1,5 @@
 """Adapter files: layout of several adapters, atomic JSON/safetensors contents, and bad files."""
+
 from __future__ import annotations
 
 import copy
@@ -34,7 +35,9 @@ def test_several_adapters_saved_peft_style_and_reloaded(tmp_path):
         adapters.set_active(model, name)
         outs[name] = model(x)
     assert adapters.save(model, tmp_path) == ["default", "other"]
-    assert (tmp_path / "adapter_config.json").is_file() and (tmp_path / "other" / "adapter_config.json").is_file()
+    assert (tmp_path / "adapter_config.json").is_file() and (
+        tmp_path / "other" / "adapter_config.json"
+    ).is_file()
     fresh = copy.deepcopy(base)
     adapters.load(fresh, tmp_path)
     adapters.load(fresh, tmp_path / "other", name="other")
@@ -59,7 +62,9 @@ def test_load_trainable_flag(tmp_path):
     fresh = MLP()
     adapters.load(fresh, tmp_path, trainable=True)
     assert sorted(n for n, p in fresh.named_parameters() if p.requires_grad) == [
-        "lin0.adapters.default.lambda_b", "lin0.adapters.default.lambda_d"]
+        "lin0.adapters.default.lambda_b",
+        "lin0.adapters.default.lambda_d",
+    ]
 
 
 def test_shape_mismatch_names_key_and_both_shapes(tmp_path):
@@ -67,7 +72,9 @@ def test_shape_mismatch_names_key_and_both_shapes(tmp_path):
     adapters.inject(model, LoraConfig(r=2, target_modules=["lin0"]))
     adapters.save(model, tmp_path)
     other = MLP(hidden=16)
-    with pytest.raises(ValueError, match=r"lin0\.lora_B\.weight: file has \(20, 2\), model expects \(16, 2\)"):
+    with pytest.raises(
+        ValueError, match=r"lin0\.lora_B\.weight: file has \(20, 2\), model expects \(16, 2\)"
+    ):
         adapters.load(other, tmp_path)
     assert not list(adapters.adapter_layers(other)), "a failed load leaves no half-made adapter behind"
 
@@ -94,11 +101,14 @@ def test_unknown_peft_type(tmp_path):
         adapters.load(MLP(), tmp_path)
 
 
-@pytest.mark.parametrize("key, value, match", [
-    ("bias", "all", r"bias='all' is not supported"),
-    ("init_lora_weights", "olora", r"init_lora_weights='olora' is not supported"),
-    ("fan_in_fan_out", True, r"fan_in_fan_out=True"),
-])
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("bias", "all", r"bias='all' is not supported"),
+        ("init_lora_weights", "olora", r"init_lora_weights='olora' is not supported"),
+        ("fan_in_fan_out", True, r"fan_in_fan_out=True"),
+    ],
+)
 def test_unsupported_lora_options(tmp_path, key, value, match):
     model = MLP()
     adapters.inject(model, LoraConfig(r=2, target_modules=["lin0"]))

@@ -1,4 +1,5 @@
-"""Training-method objects (leantrain.adapters.methods) and the ``leantrain merge`` command on the tiny BERT."""
+"""Training-method objects (leantrain.adapters.methods) and ``leantrain merge``, on the tiny BERT."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,9 +23,14 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, torch.ones_like(ids)
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("all-linear", "all-linear"), ("query, value", ["query", "value"]), (r"re:.*\.query", r"re:.*\.query"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("all-linear", "all-linear"),
+        ("query, value", ["query", "value"]),
+        (r"re:.*\.query", r"re:.*\.query"),
+    ],
+)
 def test_parse_targets(text, expected):
     assert parse_targets(text) == expected
 
@@ -61,7 +67,10 @@ def fake_run(tmp_path, method, **overrides) -> tuple[TrainConfig, torch.nn.Modul
         model.classifier.weight.add_(0.5)
     (tmp_path / "config.json").write_text(cfg.to_json())
     (tmp_path / "labels.json").write_text(json.dumps(["neg", "neu", "pos"]))
-    save_file({k: v.contiguous() for k, v in model.classifier.state_dict().items()}, str(tmp_path / "head.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in model.classifier.state_dict().items()},
+        str(tmp_path / "head.safetensors"),
+    )
     method.save_artifacts(model, tmp_path, cfg)
     return cfg, model.eval()
 

@@ -5,6 +5,7 @@ output equals the base at init, merge → unmerge restores the weights, merged o
 merging twice is refused, save → load gives identical outputs, disable gives the base output, and a short
 training run lowers the loss while the base stays frozen.
 """
+
 from __future__ import annotations
 
 import copy
@@ -54,7 +55,9 @@ class Deep(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.blocks = nn.Sequential(nn.Linear(12, 24), nn.GELU(), nn.Linear(24, 16), nn.GELU(), nn.Linear(16, 16))
+        self.blocks = nn.Sequential(
+            nn.Linear(12, 24), nn.GELU(), nn.Linear(24, 16), nn.GELU(), nn.Linear(16, 16)
+        )
         self.classifier = nn.Linear(16, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,8 +77,17 @@ TEST_CASES = [
     ("LoRA dropout", "MLP", LoraConfig, {"r": 2, "target_modules": ["lin0"], "dropout": 0.2}),
     ("LoRA all-linear", "Deep", LoraConfig, {"r": 3, "target_modules": "all-linear"}),
     ("LoRA regex", "Deep", LoraConfig, {"r": 3, "target_modules": r"re:blocks\.[02]"}),
-    ("LoRA rank_pattern", "Deep", LoraConfig, {"r": 2, "target_modules": "all-linear",
-                                              "rank_pattern": {r"blocks\.2": 5}, "alpha_pattern": {"0": 7.0}}),
+    (
+        "LoRA rank_pattern",
+        "Deep",
+        LoraConfig,
+        {
+            "r": 2,
+            "target_modules": "all-linear",
+            "rank_pattern": {r"blocks\.2": 5},
+            "alpha_pattern": {"0": 7.0},
+        },
+    ),
     ("LoRA embedding", "EmbMLP", LoraConfig, {"r": 3, "target_modules": ["emb", "lin0"]}),
     ("rsLoRA", "MLP", LoraConfig, {"r": 4, "alpha": 8, "target_modules": ["lin0"], "use_rslora": True}),
     ("DoRA", "MLP", LoraConfig, {"r": 2, "target_modules": ["lin0", "lin1"], "use_dora": True}),
@@ -83,7 +95,12 @@ TEST_CASES = [
     ("PiSSA", "MLP", LoraConfig, {"r": 2, "target_modules": ["lin0"], "init": "pissa"}),
     ("PiSSA fast", "Deep", LoraConfig, {"r": 3, "target_modules": "all-linear", "init": "pissa_fast"}),
     ("VeRA", "MLP", VeraConfig, {"r": 4, "target_modules": ["lin0", "lin1"]}),
-    ("VeRA all-linear", "Deep", VeraConfig, {"r": 8, "target_modules": "all-linear", "projection_prng_key": 3}),
+    (
+        "VeRA all-linear",
+        "Deep",
+        VeraConfig,
+        {"r": 8, "target_modules": "all-linear", "projection_prng_key": 3},
+    ),
 ]
 IDS = [case[0] for case in TEST_CASES]
 
@@ -128,7 +145,9 @@ def test_merge_unmerge_round_trip(case):
     assert adapters.merge(model) == ["default"]
     torch.testing.assert_close(model(x), y, atol=1e-5, rtol=1e-5)
     changed = base_weights(model)
-    assert any((changed[n] - before[n]).abs().max() > 1e-4 for n in before), "merge must change the base weights"
+    assert any((changed[n] - before[n]).abs().max() > 1e-4 for n in before), (
+        "merge must change the base weights"
+    )
     with pytest.raises(ValueError, match="already merged"):
         adapters.merge(model)
     assert adapters.unmerge(model) == ["default"]
@@ -151,8 +170,11 @@ def test_save_load_identical(case, tmp_path):
     assert not any(p.requires_grad for p in fresh.parameters()), "a loaded adapter is frozen by default"
 
 
-@pytest.mark.parametrize("case", [c for c in TEST_CASES if c[3].get("init", "").find("pissa") < 0], ids=
-                         [c[0] for c in TEST_CASES if c[3].get("init", "").find("pissa") < 0])
+@pytest.mark.parametrize(
+    "case",
+    [c for c in TEST_CASES if c[3].get("init", "").find("pissa") < 0],
+    ids=[c[0] for c in TEST_CASES if c[3].get("init", "").find("pissa") < 0],
+)
 def test_disable_gives_base_output(case):
     _, model_name, cls, kwargs = case
     base, model, x = build(model_name, cls, kwargs)
@@ -194,10 +216,10 @@ def test_training_lowers_loss_and_freezes_base(case):
         assert torch.equal(value, frozen[name]), f"{name} changed although frozen"
 
 
-# ---- numeric checks straight from the spec (§9) --------------------------------------------------------------
+# ---- numeric checks straight from the spec (§9) ------------------------------------------------------------
 @pytest.mark.parametrize("rslora, expected", [(False, 8.0), (True, 2 * 4 / 2**0.5 * 2)])
 def test_lora_scaling_hand_computed(rslora, expected):
-    """in=4, out=3, r=2, alpha=4, A=1, B=0.5, W=0, x=1: BAx = 4 → y = s·4 with s = 2 (LoRA) or 4/√2 (rsLoRA)."""
+    """in=4, out=3, r=2, alpha=4, A=1, B=0.5, W=0, x=1: BAx = 4, y = s·4, s = 2 (LoRA) or 4/√2 (rsLoRA)."""
     lin = nn.Linear(4, 3, bias=False)
     nn.init.zeros_(lin.weight)
     model = nn.Sequential(lin)
@@ -260,7 +282,9 @@ def test_vera_delta_matches_formula():
     assert a.shape == (8, 24) and b.shape == (24, 8)
     expected = torch.diag(p.lambda_b) @ b[:16] @ torch.diag(p.lambda_d) @ a[:, :24]
     torch.testing.assert_close(layer.delta_weight("default"), expected, atol=1e-6, rtol=1e-6)
-    shared = {id(m.adapters["default"].projection) for m in (model.blocks[0], model.blocks[2], model.blocks[4])}
+    shared = {
+        id(m.adapters["default"].projection) for m in (model.blocks[0], model.blocks[2], model.blocks[4])
+    }
     assert len(shared) == 1, "all layers share one projection pair"
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == (8 + 24) + (8 + 16) + (8 + 16)

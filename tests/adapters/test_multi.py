@@ -1,4 +1,5 @@
 """Several adapters per model: switching, summing, disabling, combining (linear / SVD) and deleting."""
+
 from __future__ import annotations
 
 import pytest
@@ -23,8 +24,11 @@ def two_adapters() -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     model = MLP().eval()
     adapters.inject(model, LoraConfig(r=2, alpha=4, target_modules=["lin0", "emb"], init="random"), name="a")
-    adapters.inject(model, LoraConfig(r=3, alpha=3, target_modules=["lin0", "lin1"], init="random",
-                                      use_rslora=True), name="b")
+    adapters.inject(
+        model,
+        LoraConfig(r=3, alpha=3, target_modules=["lin0", "lin1"], init="random", use_rslora=True),
+        name="b",
+    )
     return model, torch.randint(0, 30, (4, 5))
 
 

@@ -1,9 +1,10 @@
 """Differential tests against PEFT: the same adapter weights give the same outputs, in both file directions.
 
 Direction 1: leantrain injects + perturbs, saves; ``peft.PeftModel.from_pretrained`` loads → logits equal.
-Direction 2: PEFT builds the adapter with random weights (init_lora_weights=False etc.) and saves; leantrain loads
-→ logits equal. Tolerance 1e-5 (fp32; both compute the same formula in a different association order).
+Direction 2: PEFT builds the adapter with random weights (init_lora_weights=False etc.) and saves; leantrain
+loads → logits equal. Tolerance 1e-5 (fp32; both compute the same formula in a different association order).
 """
+
 from __future__ import annotations
 
 import copy
@@ -37,21 +38,55 @@ class Net(nn.Module):
 
 # (id, leantrain config, equivalent PEFT config)
 TEST_CASES = [
-    ("LoRA", LoraConfig(r=3, alpha=5, target_modules=["lin0", "lin1"]),
-     lambda: peft.LoraConfig(r=3, lora_alpha=5, target_modules=["lin0", "lin1"], init_lora_weights=False)),
-    ("LoRA embedding", LoraConfig(r=2, alpha=4, target_modules=["emb", "lin1"]),
-     lambda: peft.LoraConfig(r=2, lora_alpha=4, target_modules=["emb", "lin1"], init_lora_weights=False)),
-    ("rsLoRA", LoraConfig(r=4, alpha=6, target_modules=["lin0"], use_rslora=True),
-     lambda: peft.LoraConfig(r=4, lora_alpha=6, target_modules=["lin0"], use_rslora=True, init_lora_weights=False)),
-    ("DoRA", LoraConfig(r=2, alpha=4, target_modules=["lin0", "lin1"], use_dora=True),
-     lambda: peft.LoraConfig(r=2, lora_alpha=4, target_modules=["lin0", "lin1"], use_dora=True,
-                             init_lora_weights=False)),
-    ("LoRA rank_pattern", LoraConfig(r=2, alpha=4, target_modules=["lin0", "lin1"], rank_pattern={"lin1": 5},
-                                     alpha_pattern={"lin0": 9.0}),
-     lambda: peft.LoraConfig(r=2, lora_alpha=4, target_modules=["lin0", "lin1"], rank_pattern={"lin1": 5},
-                             alpha_pattern={"lin0": 9.0}, init_lora_weights=False)),
-    ("VeRA", VeraConfig(r=6, target_modules=["lin0", "lin1"], projection_prng_key=7),
-     lambda: peft.VeraConfig(r=6, target_modules=["lin0", "lin1"], projection_prng_key=7, init_weights=False)),
+    (
+        "LoRA",
+        LoraConfig(r=3, alpha=5, target_modules=["lin0", "lin1"]),
+        lambda: peft.LoraConfig(r=3, lora_alpha=5, target_modules=["lin0", "lin1"], init_lora_weights=False),
+    ),
+    (
+        "LoRA embedding",
+        LoraConfig(r=2, alpha=4, target_modules=["emb", "lin1"]),
+        lambda: peft.LoraConfig(r=2, lora_alpha=4, target_modules=["emb", "lin1"], init_lora_weights=False),
+    ),
+    (
+        "rsLoRA",
+        LoraConfig(r=4, alpha=6, target_modules=["lin0"], use_rslora=True),
+        lambda: peft.LoraConfig(
+            r=4, lora_alpha=6, target_modules=["lin0"], use_rslora=True, init_lora_weights=False
+        ),
+    ),
+    (
+        "DoRA",
+        LoraConfig(r=2, alpha=4, target_modules=["lin0", "lin1"], use_dora=True),
+        lambda: peft.LoraConfig(
+            r=2, lora_alpha=4, target_modules=["lin0", "lin1"], use_dora=True, init_lora_weights=False
+        ),
+    ),
+    (
+        "LoRA rank_pattern",
+        LoraConfig(
+            r=2,
+            alpha=4,
+            target_modules=["lin0", "lin1"],
+            rank_pattern={"lin1": 5},
+            alpha_pattern={"lin0": 9.0},
+        ),
+        lambda: peft.LoraConfig(
+            r=2,
+            lora_alpha=4,
+            target_modules=["lin0", "lin1"],
+            rank_pattern={"lin1": 5},
+            alpha_pattern={"lin0": 9.0},
+            init_lora_weights=False,
+        ),
+    ),
+    (
+        "VeRA",
+        VeraConfig(r=6, target_modules=["lin0", "lin1"], projection_prng_key=7),
+        lambda: peft.VeraConfig(
+            r=6, target_modules=["lin0", "lin1"], projection_prng_key=7, init_weights=False
+        ),
+    ),
 ]
 IDS = [c[0] for c in TEST_CASES]
 
@@ -110,8 +145,11 @@ def test_key_names_and_config_fields(base_and_inputs, tmp_path):
     adapters.inject(model, LoraConfig(r=2, alpha=4, target_modules="all-linear", use_dora=True))
     adapters.save(model, tmp_path)
     keys = set(load_file(str(tmp_path / "adapter_model.safetensors")))
-    assert keys == {f"base_model.model.{m}.{k}" for m in ("lin0", "lin1")
-                    for k in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")}
+    assert keys == {
+        f"base_model.model.{m}.{k}"
+        for m in ("lin0", "lin1")
+        for k in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+    }
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["target_modules"] == ["lin0", "lin1"]
     assert config["lora_alpha"] == 4 and config["use_dora"] is True and config["r"] == 2
@@ -137,8 +175,9 @@ def test_loraplus_groups_match_peft(base_and_inputs):
     from leantrain.adapters.methods import loraplus_groups
 
     base, _ = base_and_inputs
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["lin0", "lin1"],
-                                                                      use_dora=True))
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["lin0", "lin1"], use_dora=True)
+    )
     opt = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16)
     their_fast = sorted(tuple(p.shape) for g in opt.param_groups if g["lr"] == 16e-3 for p in g["params"])
     model = copy.deepcopy(base)
