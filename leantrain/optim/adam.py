@@ -149,15 +149,16 @@ class BlockOptimizer(torch.optim.Optimizer):
         if not items:
             return loss
         finite = self._finite([p.grad for _, p, _ in items])
-        for (idx, p, group), ok in zip(items, finite):
-            if not ok:
+        for (idx, p, group), ok in zip(items, finite):  # check everything before touching anything
+            if not ok and not group["skip_nonfinite"]:
                 step = int(self.state[p]["step"]) + 1 if self.state.get(p) else 1
-                if group["skip_nonfinite"]:
-                    self.nonfinite_skips += 1
-                    continue
                 raise ValueError(f"{type(self).__name__}: gradient of parameter {idx} (shape {tuple(p.shape)}) "
                                  f"is not finite at step {step}; set skip_nonfinite=True in its group to skip it")
-            self._update(p, group)
+        for (idx, p, group), ok in zip(items, finite):
+            if ok:
+                self._update(p, group)
+            else:
+                self.nonfinite_skips += 1
         return loss
 
     @staticmethod
