@@ -46,18 +46,24 @@ def sweep(cases: list[tuple[str, str]], batch_size: int, seq_len: int) -> list[d
     from tqdm import tqdm
 
     from leantrain.config import TrainConfig
-    from leantrain.memory.measure import measure_config
+    from leantrain.memory import measure
+    from leantrain.memory.measure import build_training_step, dlrt_ranks
 
     rows = []
     for method, optim in tqdm(cases, desc="measuring", file=sys.stderr):
         row = dict(method=method, optim=optim)
         try:
             cfg = TrainConfig(model="minilm", method=method, optim=optim, rank=8, lr=1e-4)
-            m = measure_config(cfg, batch_size, seq_len)
+            step, model, optimizer = build_training_step(cfg, batch_size, seq_len)
+            m = measure(step, model, optimizer, warmup=1)
         except Exception as exc:  # noqa: BLE001 - a missing/broken method is reported, not fatal
             rows.append({**row, "error": f"{type(exc).__name__}: {exc}"[:160]})
             continue
-        e = estimate("minilm", method=method, optim=optim, batch_size=batch_size, seq_len=seq_len, rank=8)
+        ranks = dlrt_ranks(model) if method == "dlrt" else None
+        e = estimate("minilm", method=method, optim=optim, batch_size=batch_size, seq_len=seq_len, rank=8,
+                     dlrt_ranks=ranks)
+        if ranks:
+            row["dlrt_mean_rank"] = round(sum(ranks.values()) / len(ranks), 1)
         rows.append({**row, "est_total": e.total, "measured_peak": m.peak, "ratio": round(e.total / m.peak, 3),
                      "est_resident": e.weights + e.optimizer_states, "measured_resident": m.resident,
                      "resident_ratio": round((e.weights + e.optimizer_states) / m.resident, 3),

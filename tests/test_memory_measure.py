@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from leantrain.memory import estimate, measure
+from leantrain.memory.measure import dlrt_ranks
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -71,7 +72,7 @@ def test_measure_cuda_allocator() -> None:
 
 def _compare(method: str, optim: str, batch_size: int, seq_len: int) -> None:
     from leantrain.config import TrainConfig
-    from leantrain.memory.measure import measure_config
+    from leantrain.memory.measure import build_training_step
     from leantrain.methods import get_method
 
     try:
@@ -80,13 +81,15 @@ def _compare(method: str, optim: str, batch_size: int, seq_len: int) -> None:
         pytest.skip(str(exc))
     cfg = TrainConfig(model="minilm", method=method, optim=optim, rank=8, lr=1e-4)
     try:
-        measured = measure_config(cfg, batch_size, seq_len, num_labels=2)
+        step, model, optimizer = build_training_step(cfg, batch_size, seq_len, num_labels=2)
     except ValueError as exc:  # optimizer registered but not implemented yet
         if "not importable" in str(exc):
             pytest.skip(str(exc))
         raise
+    measured = measure(step, model, optimizer, warmup=1)
+    ranks = dlrt_ranks(model) if method == "dlrt" else None
     est = estimate("minilm", method=method, optim=optim, dtype="fp32", batch_size=batch_size, seq_len=seq_len,
-                   rank=8, num_labels=2)
+                   rank=8, num_labels=2, dlrt_ranks=ranks)
     assert est.weights + est.optimizer_states == pytest.approx(measured.resident, rel=0.05)
     assert est.total == pytest.approx(measured.peak, rel=0.10), (est.as_dict(), measured.as_dict())
 

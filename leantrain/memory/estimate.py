@@ -13,9 +13,11 @@ coexists with activations). Every formula is a count of tensor bytes; sources pe
 * 8/4-bit states (Dettmers et al. 2022): 1 (or ½) byte per element + one fp32 absmax per block; tensors with
   fewer than 4096 elements keep fp32 states.
 * DLRT (Schotthöfer et al. 2022), as leantrain's KLS integrator keeps it: W replaced by U (n×r), V (m×r) buffers and
-  S (r×r); optimizer states for K (n×r), L (m×r), S persist across steps; inside a step K, L, the augmented bases
-  Û (n×2r), V̂ (m×2r), S̃ (2r×2r) and the cached output gradients live (counted with the activations). The rest
-  of the model trains densely unless ``dlrt_freeze_other``. Ranks adapt during training: pass ``dlrt_ranks``.
+  S (r×r); optimizer states for K (n×r), L (m×r), S persist across steps. Through a whole KLS step K, L, the
+  augmented bases Û (n×2r), V̂ (m×2r), S̃ (2r×2r) with its gradient and its moments transported to 2r×2r live
+  alongside the gradients (counted with them, ``details["gradients.dlrt_step"]``); the cached output gradients
+  for the S-step count as activations. The rest of the model trains densely unless ``dlrt_freeze_other``. Ranks
+  adapt during training: pass ``dlrt_ranks``.
 * Quantized frozen base (QLoRA, Dettmers et al. 2023): NF4 = ½ byte + 8-bit absmax per 64 elements + fp32 scale per
   256 absmaxes (double quantization); int8 = 1 byte + one fp32 scale per output row.
 """
@@ -239,7 +241,7 @@ def estimate(model: str | ModelSpec, method: str = "full", optim: str = "adamw",
             out_max = max(p.shape[0] for p in targets_l)
             details["weights.vera_shared"] = (rank * in_max + out_max * rank) * elt
             extra_weights += details["weights.vera_shared"]
-    dlrt_step = 0  # tensors alive only inside a KLS step: K, L values, augmented bases Û, V̂, S̃
+    dlrt_step = 0  # tensors alive through a KLS step: K, L values, bases Û, V̂, S̃ (2r×2r) + its grad + moved moments
     if method == "dlrt":
         for p in targets_l:
             n, m = p.shape
@@ -248,13 +250,14 @@ def estimate(model: str | ModelSpec, method: str = "full", optim: str = "adamw",
             for name, shape in ((".S", (r, r)), (".K", (n, r)), (".L", (m, r))):
                 trainables.append(_Trainable(p.module + name, shape))
             extra_weights += r * r * elt
-            dlrt_step += (n * r + m * r + 2 * r * (n + m) + 4 * r * r) * elt
+            dlrt_step += (n * r + m * r + 2 * r * (n + m) + 4 * r * r * (1 + 1 + n_states)) * elt
     details["weights.adapters"] = extra_weights
     weights += base_bytes + extra_weights
 
     # ---- gradients, optimizer states -------------------------------------------------------------------------
     grad_sizes = [t.numel * elt for t in trainables]
-    gradients = (max(grad_sizes, default=0) if layerwise else sum(grad_sizes))
+    gradients = (max(grad_sizes, default=0) if layerwise else sum(grad_sizes)) + dlrt_step
+    details["gradients.dlrt_step"] = dlrt_step
     states = 0
     proj_bytes = 0
     for t in trainables:
@@ -272,7 +275,6 @@ def estimate(model: str | ModelSpec, method: str = "full", optim: str = "adamw",
     act = activation_bytes(spec, batch_size, seq_len, elt, activation_checkpointing, attention,
                            trainable_encoder=method != "head",
                            adapter_bytes_per_token=_adapter_act_per_token(method, targets_l, rank, elt))
-    act.adapters += dlrt_step
     details.update({"activations.blocks": act.blocks, "activations.outside": act.outside,
                     "activations.adapters": act.adapters})
     torch_adamw = optim in ("adamw", "adam") and method != "gradnormlorp"

@@ -172,6 +172,13 @@ def build_training_step(cfg: Any, batch_size: int, seq_len: int, num_labels: int
     return step, model, optimizer
 
 
+def dlrt_ranks(model: nn.Module) -> dict[str, int]:
+    """Current rank of every DLRT layer (module name -> r), the input ``estimate(dlrt_ranks=...)`` needs: leantrain
+    picks initial ranks from the pretrained singular values and adapts them, so they are not known in advance."""
+    return {n: int(m.U.shape[1]) for n, m in model.named_modules()
+            if isinstance(getattr(m, "U", None), torch.Tensor) and hasattr(m, "K") and hasattr(m, "L")}
+
+
 def measure_config(cfg: Any, batch_size: int, seq_len: int, num_labels: int = 2, warmup: int = 1) -> MeasuredMemory:
     """Peak memory of a steady-state training step of a ``TrainConfig`` (built with leantrain's own pieces)."""
     step, model, optimizer = build_training_step(cfg, batch_size, seq_len, num_labels)
