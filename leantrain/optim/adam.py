@@ -279,6 +279,9 @@ class BlockOptimizer(torch.optim.Optimizer):
                 st = self.state.get(p)
                 if not st:
                     continue
+                for k, v in st.items():  # own the tensors: torch's loader aliases them with the source dict,
+                    if isinstance(v, Tensor):  # and our updates are in place
+                        st[k] = v.clone()
                 n = self._moment_numel(group, p)
                 for name, signed in self.moments:
                     for sfx, (_, dtype) in self._codec(group, n, signed).layout(n).items():
