@@ -85,20 +85,25 @@ class BlockOptimizer(torch.optim.Optimizer):
         self._check(self.param_groups[-1], f"param group {len(self.param_groups) - 1}")
 
     # ---- codecs -----------------------------------------------------------------------------------------------
-    def codec_name(self, group: dict[str, Any], numel: int) -> str:
-        """Which codec a moment of ``numel`` values uses in ``group`` (small moments stay fp32)."""
+    def codec_name(self, group: dict[str, Any], numel: int, p: Tensor | None = None) -> str:
+        """Which codec a moment of ``numel`` values uses in ``group`` (small moments stay fp32).
+
+        Order: group ``codec``, group ``optim_bits``, the parameter's own ``optim_bits`` attribute (set by
+        :class:`~leantrain.optim.embedding.StableEmbedding`), then the optimizer's default."""
         if group.get("codec") is not None:
             name = group["codec"]
         elif group.get("optim_bits") is not None:
             name = _BITS[group["optim_bits"]]
+        elif getattr(p, "optim_bits", None) in _BITS:
+            name = _BITS[p.optim_bits]
         else:
             name = self.default_codec
         if name in ("8bit", "4bit") and numel < group["min_8bit_size"]:
             return "fp32"
         return name
 
-    def _codec(self, group: dict[str, Any], numel: int, signed: bool) -> Codec:
-        key = (self.codec_name(group, numel), signed, group["block_size"])
+    def _codec(self, group: dict[str, Any], numel: int, signed: bool, p: Tensor | None = None) -> Codec:
+        key = (self.codec_name(group, numel, p), signed, group["block_size"])
         if key not in self._codecs:
             self._codecs[key] = get_codec(key[0], signed, key[2])
         return self._codecs[key]
@@ -115,12 +120,12 @@ class BlockOptimizer(torch.optim.Optimizer):
         return p.numel()
 
     # ---- state ------------------------------------------------------------------------------------------------
-    def _init_state(self, state: dict[str, Any], group: dict[str, Any], numel: int, device: torch.device) -> None:
+    def _init_state(self, state: dict[str, Any], group: dict[str, Any], numel: int, p: Tensor) -> None:
         for name, signed in self.moments:
-            for sfx, t in self._codec(group, numel, signed).init(numel, device).items():
+            for sfx, t in self._codec(group, numel, signed, p).init(numel, p.device).items():
                 state[name + sfx] = t
         if group["percentile_clipping"] < 100:
-            state["gnorm_vec"] = torch.zeros(100, device=device)
+            state["gnorm_vec"] = torch.zeros(100, device=p.device)
 
     def _enc(self, state: dict[str, Any], name: str, codec: Codec, numel: int) -> dict[str, Tensor]:
         return {sfx: state[name + sfx] for sfx in codec.layout(numel)}
@@ -180,11 +185,11 @@ class BlockOptimizer(torch.optim.Optimizer):
             from .projector import project
             grad = project(grad, state, group, t)
         n = grad.numel()
-        if self.moments and self.moments[0][0] + ("" if self.codec_name(group, n) in ("fp32", "bf16")
+        if self.moments and self.moments[0][0] + ("" if self.codec_name(group, n, p) in ("fp32", "bf16")
                                                   else "_codes") not in state:
-            self._init_state(state, group, n, p.device)
+            self._init_state(state, group, n, p)
         scale = self._gnorm_scale(grad, state, group, t)
-        codecs = [(name, self._codec(group, n, signed)) for name, signed in self.moments]
+        codecs = [(name, self._codec(group, n, signed, p)) for name, signed in self.moments]
         encs = [self._enc(state, name, c, n) for name, c in codecs]
         if projected:
             self._projected_update(p, grad, state, group, t, scale, codecs, encs)
@@ -284,7 +289,7 @@ class BlockOptimizer(torch.optim.Optimizer):
                         st[k] = v.clone()
                 n = self._moment_numel(group, p)
                 for name, signed in self.moments:
-                    for sfx, (_, dtype) in self._codec(group, n, signed).layout(n).items():
+                    for sfx, (_, dtype) in self._codec(group, n, signed, p).layout(n).items():
                         if name + sfx in st and st[name + sfx].dtype != dtype:
                             st[name + sfx] = st[name + sfx].to(dtype)
                 if isinstance(st.get("step"), Tensor):
@@ -293,7 +298,7 @@ class BlockOptimizer(torch.optim.Optimizer):
     def _check_saved(self, pid: int, p: Tensor, st: dict[str, Any], group: dict[str, Any]) -> None:
         cls = type(self).__name__
         for name, signed in self.moments:
-            codec = self._codec(group, p.numel(), signed)
+            codec = self._codec(group, p.numel(), signed, p)
             for sfx, (shape, _) in codec.layout(p.numel()).items():
                 key = name + sfx
                 if key not in st:
