@@ -105,14 +105,34 @@ class KLSOptimizer(torch.optim.Optimizer):
         self.state = self.inner.state
         self.defaults = self.inner.defaults
         self.steps = 0
-        self._factor_ids = {id(p) for layer in self.layers.values() for p in (layer.K, layer.L, layer.S)}
+        self._index()
         self._ready = True
 
     # --- reporting ------------------------------------------------------------------------------------------
     def ranks(self) -> dict[str, int]:
         return {name: layer.rank for name, layer in self.layers.items()}
 
-    # --- state moves ----------------------------------------------------------------------------------------
+    # --- parameter swaps and state moves ----------------------------------------------------------------------
+    def _index(self) -> None:
+        self._where = {id(p): (gi, pi) for gi, g in enumerate(self.inner.param_groups) for pi, p in enumerate(g["params"])}
+
+    def _set(self, layer: LowRankMixin, pname: str, data: torch.Tensor) -> nn.Parameter:
+        """Give ``layer.<pname>`` new data. A new shape gets a *new* Parameter (swapped into the inner optimizer's
+        groups and state): resizing a leaf in place breaks autograd while any old graph still references it."""
+        old = getattr(layer, pname)
+        if old.shape == data.shape:
+            old.data = data
+            old.grad = None
+            return old
+        new = nn.Parameter(data, requires_grad=old.requires_grad)
+        setattr(layer, pname, new)
+        gi, pi = self._where.pop(id(old))
+        self.inner.param_groups[gi]["params"][pi] = new
+        self._where[id(new)] = (gi, pi)
+        if old in self.inner.state:
+            self.inner.state[new] = self.inner.state.pop(old)
+        return new
+
     def _move_state(self, p: nn.Parameter, left: torch.Tensor | None, right: torch.Tensor | None) -> None:
         state = self.inner.state.get(p)
         if not state:
@@ -128,7 +148,7 @@ class KLSOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """One KLS step on the batch ``closure`` evaluates; returns the loss at the start point W0."""
+        """One KLS step on the batch ``closure`` evaluates; returns the (detached) loss at the start point W0."""
         if closure is None:
             raise ValueError("KLSOptimizer.step needs a closure (it runs forward+backward itself, once or twice)")
         adaptive = self.tau is not None
@@ -138,8 +158,8 @@ class KLSOptimizer(torch.optim.Optimizer):
         for layer in layers:
             u0, s0, v0 = layer.U, layer.S.detach().clone(), layer.V
             old[layer] = (u0, s0, v0)
-            layer.K.data = u0 @ s0
-            layer.L.data = v0 @ s0.T
+            self._set(layer, "K", u0 @ s0)
+            self._set(layer, "L", v0 @ s0.T)
             layer.S.grad = None
             layer.mode, layer.cache = "kl", cached
             layer.pop_cache()
@@ -149,10 +169,11 @@ class KLSOptimizer(torch.optim.Optimizer):
             for layer in layers:
                 layer.mode, layer.cache = "s", False
         # K- and L-step: step only K, L (everything else waits for the S-step, evaluated at the same point).
+        factor_ids = {id(p) for layer in layers for p in (layer.K, layer.L, layer.S)}
         held = {}
         for group in self.inner.param_groups:
             for p in group["params"]:
-                if id(p) not in self._factor_ids and p.grad is not None:
+                if id(p) not in factor_ids and p.grad is not None:
                     held[p], p.grad = p.grad, None
         self.inner.step()
         bases = {}
@@ -163,9 +184,8 @@ class KLSOptimizer(torch.optim.Optimizer):
             v_hat = augment(v0, l1) if adaptive else orth(l1)
             m, n = u_hat.T @ u0, v_hat.T @ v0
             bases[layer] = (u_hat, v_hat)
-            layer.S.grad = None
-            layer.S.data = (m @ s0 @ n.T).contiguous()
             self._move_state(layer.S, m, n)
+            self._set(layer, "S", (m @ s0 @ n.T).contiguous())
             layer.K.grad = layer.L.grad = None
         # S-step in the new (augmented) basis.
         if cached:
@@ -187,21 +207,21 @@ class KLSOptimizer(torch.optim.Optimizer):
         for layer in layers:
             u0, _, v0 = old[layer]
             u_hat, v_hat = bases[layer]
-            s_hat = layer.S.detach()
             if adaptive:
+                s_hat = layer.S.detach()
                 p_r, sigma, q_r = svd_truncate(s_hat, self.tau, layer.min_rank, layer.max_rank, self.absolute_tau)
-                u1, v1, s1 = u_hat @ p_r, v_hat @ q_r, torch.diag(sigma)
-                layer.set_factors(u1, s1, v1)
+                u1, v1 = u_hat @ p_r, v_hat @ q_r
                 self._move_state(layer.S, p_r.T, q_r.T)
+                self._set(layer, "S", torch.diag(sigma))
+                layer.U, layer.V = u1.contiguous(), v1.contiguous()
             else:
                 u1, v1 = u_hat, v_hat
             self._move_state(layer.K, None, v1.T @ v0)  # K's columns pair with V
             self._move_state(layer.L, None, u1.T @ u0)  # L's columns pair with U
-            layer.K.data = layer.K.data.new_empty(0)
-            layer.L.data = layer.L.data.new_empty(0)
-            layer.K.grad = layer.L.grad = None
+            self._set(layer, "K", layer.K.detach().new_empty(0))
+            self._set(layer, "L", layer.L.detach().new_empty(0))
         self.steps += 1
-        return loss
+        return loss.detach() if isinstance(loss, torch.Tensor) else loss
 
     # --- checkpoints ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
@@ -222,6 +242,7 @@ class KLSOptimizer(torch.optim.Optimizer):
                                  f"was saved at rank {r}; load the model's low-rank state first")
         self.inner.load_state_dict(state_dict["inner"])
         self.param_groups = self.inner.param_groups
+        self._index()
         self.state = self.inner.state
         self.steps = int(state_dict.get("steps", 0))
         for name, layer in self.layers.items():
@@ -235,5 +256,6 @@ class KLSOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         if getattr(self, "_ready", False):
             self.inner.add_param_group(param_group)
+            self._index()
         else:
             super().add_param_group(param_group)
