@@ -99,25 +99,32 @@ def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
-def _save_one(model: nn.Module, directory: Path, name: str) -> None:
+def _save_one(model: nn.Module, directory: Path, name: str, pissa_to_lora: bool = False) -> None:
     from safetensors.torch import save_file
 
     config = adapter_config(model, name)
     targets = [n for n, _ in _layers_of(model, name)]
-    body = config_to_peft_dict(config, compact_targets(model, targets))
     state = adapter_state(model, name)
+    if pissa_to_lora and getattr(config, "init", "").startswith("pissa"):
+        from .pissa_convert import pissa_to_lora_state
+
+        config, state = pissa_to_lora_state(config, state, _layers_of(model, name), name)
+    body = config_to_peft_dict(config, compact_targets(model, targets))
     directory.mkdir(parents=True, exist_ok=True)
     _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     text = json.dumps(body, indent=2, sort_keys=True)
     _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
 
 
-def save(model: nn.Module, directory: str | Path, name: str | None = None) -> list[str]:
+def save(
+    model: nn.Module, directory: str | Path, name: str | None = None, pissa_to_lora: bool = False
+) -> list[str]:
     """Write adapter(s) in PEFT's layout; return the adapter names written.
 
     ``name`` given: that adapter goes to the root of ``directory`` (loadable by PeftModel.from_pretrained).
     ``name=None``: every adapter; "default" (or a sole adapter) at the root, others in ``directory/<name>/``
-    like PEFT's ``save_pretrained``.
+    like PEFT's ``save_pretrained``. ``pissa_to_lora``: write PiSSA adapters as rank-2r plain LoRA relative to
+    the *original* weights (PEFT's ``path_initial_model_for_weight_conversion``), usable on any copy of the base.
     """
     directory = Path(directory)
     names = adapter_names(model)
@@ -128,11 +135,11 @@ def save(model: nn.Module, directory: str | Path, name: str | None = None) -> li
     if name is not None:
         if name not in names:
             raise KeyError(f"model has no adapter named {name!r} (adapters: {names})")
-        _save_one(model, directory, name)
+        _save_one(model, directory, name, pissa_to_lora)
         return [name]
     for n in names:
         root = n == "default" or len(names) == 1
-        _save_one(model, directory if root else directory / n, n)
+        _save_one(model, directory if root else directory / n, n, pissa_to_lora)
     return names
 
 

@@ -185,9 +185,11 @@ class LoraLinear(AdapterLayer):
         where = getattr(self, "layer_name", type(self.base_layer).__name__)
         r, alpha = config.rank_alpha(where)
         n_in, n_out = self.in_features, self.out_features
-        if r > min(n_in, n_out):
+        # PiSSA takes r singular triplets, so r <= min(in, out). Plain LoRA allows any r (as PEFT does: a
+        # converted PiSSA adapter has rank 2r), although ranks above min(in, out) add no expressiveness.
+        if config.init in ("pissa", "pissa_fast") and r > min(n_in, n_out):
             raise ValueError(
-                f"LoRA r={r} exceeds min(in, out)={min(n_in, n_out)} of layer {where!r} ({n_in}->{n_out})"
+                f"PiSSA r={r} exceeds min(in, out)={min(n_in, n_out)} of layer {where!r} ({n_in}->{n_out})"
             )
         weight = base_weight(self.base_layer)
         p = LoraParams(
@@ -263,10 +265,6 @@ class LoraEmbedding(AdapterLayer):
         where = getattr(self, "layer_name", "embedding")
         r, alpha = config.rank_alpha(where)
         num, dim = layer_shape(self.base_layer)
-        if r > min(num, dim):
-            raise ValueError(
-                f"LoRA r={r} exceeds min(num_embeddings, dim)={min(num, dim)} of layer {where!r}"
-            )
         if config.use_dora or config.init in ("pissa", "pissa_fast"):
             raise TypeError(
                 f"{where!r}: DoRA and PiSSA are implemented for Linear layers only, not nn.Embedding"
@@ -328,6 +326,9 @@ def pissa_init(base: nn.Module, p: LoraParams, niter: int | None) -> None:
     b = v * root[None, :]
     p.lora_A.copy_(a.to(p.lora_A.dtype))
     p.lora_B.copy_(b.to(p.lora_B.dtype))
+    # kept (not saved) for the PiSSA -> plain LoRA conversion against the original W (io.save(pissa_to_lora=True))
+    p.register_buffer("pissa_A0", p.lora_A.detach().clone(), persistent=False)
+    p.register_buffer("pissa_B0", p.lora_B.detach().clone(), persistent=False)
     set_base_weight(base, (wf - s * (b @ a)).to(w.dtype))
 
 

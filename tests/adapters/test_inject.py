@@ -122,8 +122,10 @@ def test_bad_config_values(config, match):
 
 def test_rank_larger_than_layer_names_layer_and_changes_nothing():
     model = Net()
-    with pytest.raises(ValueError, match=r"r=7 exceeds min\(in, out\)=6 of layer 'layers.0.out' \(8->6\)"):
-        adapters.inject(model, LoraConfig(r=7, target_modules=["query", "out"]))
+    with pytest.raises(
+        ValueError, match=r"PiSSA r=7 exceeds min\(in, out\)=6 of layer 'layers.0.out' \(8->6\)"
+    ):
+        adapters.inject(model, LoraConfig(r=7, target_modules=["query", "out"], init="pissa"))
     assert not list(adapters.adapter_layers(model)), "a failed inject leaves the model untouched"
 
 

@@ -153,3 +153,26 @@ def test_peft_modules_to_save_tensors_are_loaded(tmp_path):
     fresh = MLP()
     adapters.load(fresh, tmp_path)
     assert torch.equal(fresh.lin1.weight, torch.full((2, 20), 0.5))
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_pissa_converted_to_plain_lora_works_on_original_base(tmp_path, rslora):
+    """Spec §4: ΔW = BA - B0A0 = [B | -B0][A ; A0]; the converted file is a rank-2r LoRA on the original W."""
+    torch.manual_seed(0)
+    base = MLP()
+    model = copy.deepcopy(base)
+    adapters.inject(
+        model, LoraConfig(r=2, alpha=3, target_modules=["lin0", "lin1"], init="pissa", use_rslora=rslora)
+    )
+    with torch.no_grad():  # "training"
+        for layer in (model.lin0, model.lin1):
+            layer.adapters["default"].lora_A.add_(0.2 * torch.randn_like(layer.adapters["default"].lora_A))
+    x = torch.randn(4, 10)
+    y = model(x)
+    adapters.save(model, tmp_path, pissa_to_lora=True)
+    config = adapters.saved_config(tmp_path)
+    assert config.r == 4 and config.init == "default"
+    fresh = copy.deepcopy(base)
+    adapters.load(fresh, tmp_path)
+    torch.testing.assert_close(fresh.lin0.base_layer.weight, base.lin0.weight)  # no residual applied
+    torch.testing.assert_close(fresh(x), y, atol=1e-5, rtol=1e-5)

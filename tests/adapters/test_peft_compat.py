@@ -186,3 +186,14 @@ def test_loraplus_groups_match_peft(base_and_inputs):
     our_fast = sorted(tuple(p.shape) for g in groups if g.get("lr") == 16e-3 for p in g["params"])
     assert our_fast == their_fast
     assert all(g["weight_decay"] == 0.0 for g in groups if g["name"] == "lora_B_1d")
+
+
+def test_pissa_converted_file_loads_in_peft_on_original_base(base_and_inputs, tmp_path):
+    base, x = base_and_inputs
+    model = copy.deepcopy(base)
+    adapters.inject(model, LoraConfig(r=2, alpha=4, target_modules=["lin0", "lin1"], init="pissa"))
+    randomize(model)
+    expected = model(x)
+    adapters.save(model, tmp_path, pissa_to_lora=True)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    torch.testing.assert_close(theirs(x), expected, atol=1e-5, rtol=1e-5)
