@@ -1,0 +1,185 @@
+"""Step time and state memory of 8-/4-bit optimizers vs torch AdamW, bitsandbytes and torchao, in one process.
+
+    .venv/bin/python benchmarks/optimizers.py [--quick] [--json PATH] [--png PATH] [--threads N] [--no-peers]
+
+Workloads: one 4096x4096 fp32 parameter with a fixed random gradient ("matrix"), and the parameters of
+``leantrain.models.build_classifier("minilm", 3)`` with random gradients ("minilm"). Each optimizer starts from the
+same weights and gradients, runs ``--warmup`` steps, then ``--steps`` timed steps; we report the median.
+State bytes count every tensor in ``optimizer.state`` (codes, absmax, fp32 moments of small tensors, step).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from leantrain.optim import AdamW4bit, AdamW8bit  # noqa: E402
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    total = 0
+    for st in opt.state.values():
+        for v in st.values():
+            if not isinstance(v, torch.Tensor):
+                continue
+            inner = [getattr(v, a) for a in ("codes", "scale", "qmap") if isinstance(getattr(v, a, None), torch.Tensor)]
+            if inner:  # torchao keeps its state in tensor subclasses (codes + scale [+ a shared qmap])
+                total += sum(t.numel() * t.element_size() for t in inner[:2])
+            else:
+                total += v.numel() * v.element_size()
+    return total
+
+
+def peers() -> dict[str, Callable]:
+    out: dict[str, Callable] = {}
+    try:
+        import bitsandbytes as bnb
+
+        out["bitsandbytes AdamW8bit"] = lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-3)
+    except Exception as exc:  # noqa: BLE001 - a missing/broken peer is reported, not fatal
+        print(f"(bitsandbytes unavailable: {exc})")
+    try:
+        from torchao.optim import AdamW8bit as AoAdamW8bit
+
+        out["torchao AdamW8bit"] = lambda ps: AoAdamW8bit(ps, lr=1e-3)
+    except Exception as exc:  # noqa: BLE001
+        print(f"(torchao unavailable: {exc})")
+    return out
+
+
+def time_opt(make: Callable, params0: list[torch.Tensor], grads: list[torch.Tensor], warmup: int,
+             steps: int) -> tuple[float, int]:
+    params = [torch.nn.Parameter(p.clone()) for p in params0]
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt = make(params)
+    for _ in range(warmup):
+        opt.step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3, state_bytes(opt)
+
+
+def workloads(quick: bool) -> dict[str, list[torch.Tensor]]:
+    n = 1024 if quick else 4096
+    out = {f"matrix {n}x{n}": [torch.randn(n, n, generator=torch.Generator().manual_seed(0))]}
+    if not quick:
+        try:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            from leantrain.models import build_classifier
+
+            out["minilm"] = [p.detach().clone() for p in build_classifier("minilm", 3).parameters()]
+        except Exception as exc:  # noqa: BLE001
+            print(f"(minilm workload skipped: {exc})")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1024x1024 matrix only, few steps (smoke test)")
+    ap.add_argument("--json", type=Path, help="write the results as JSON here")
+    ap.add_argument("--png", type=Path, help="write a bar chart here (e.g. docs/img/optimizers.png)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per optimizer (default 10, quick 3)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3, quick 1)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--no-peers", action="store_true", help="skip bitsandbytes and torchao")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    steps = args.steps or (3 if args.quick else 10)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    makers: dict[str, Callable] = {
+        "torch AdamW (foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
+        "torch AdamW (fused)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
+        "leantrain AdamW8bit": lambda ps: AdamW8bit(ps, lr=1e-3),
+        "leantrain AdamW4bit": lambda ps: AdamW4bit(ps, lr=1e-3),
+    }
+    if not args.no_peers:
+        makers.update(peers())
+    rows = []
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    for wname, params0 in workloads(args.quick).items():
+        g = torch.Generator().manual_seed(1)
+        grads = [torch.randn(p.shape, generator=g) * 1e-2 for p in params0]
+        numel = sum(p.numel() for p in params0)
+        it = makers.items() if tqdm is None else tqdm(list(makers.items()), desc=wname, leave=False)
+        for oname, make in it:
+            try:
+                ms, nbytes = time_opt(make, params0, grads, warmup, steps)
+            except Exception as exc:  # noqa: BLE001 - e.g. a peer without a CPU kernel
+                print(f"{oname} on {wname} failed: {type(exc).__name__}: {exc}")
+                continue
+            rows.append({"workload": wname, "optimizer": oname, "ms_per_step": ms,
+                         "state_bytes_per_param": nbytes / numel, "numel": numel})
+    print_table(rows)
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "steps": steps, "warmup": warmup,
+            "command": " ".join(["benchmarks/optimizers.py", *(argv if argv is not None else sys.argv[1:])])}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        os.replace(tmp, args.json)
+    if args.png:
+        plot(rows, args.png)
+    return 0
+
+
+def print_table(rows: list[dict]) -> None:
+    for w in dict.fromkeys(r["workload"] for r in rows):
+        sub = [r for r in rows if r["workload"] == w]
+        ref = next((r["ms_per_step"] for r in sub if r["optimizer"] == "torch AdamW (foreach)"), None)
+        peer = {r["optimizer"]: r["ms_per_step"] for r in sub if "bitsandbytes" in r["optimizer"]
+                or "torchao" in r["optimizer"]}
+        print(f"\n{w} ({sub[0]['numel'] / 1e6:.2f} M params)")
+        head = f"| {'optimizer':<24} | {'ms/step':>8} | {'x foreach':>9} | {'bytes/param':>11} |"
+        for p in peer:
+            head += f" {'speedup vs ' + p.split()[0]:>24} |"
+        print(head)
+        print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
+        for r in sub:
+            line = (f"| {r['optimizer']:<24} | {r['ms_per_step']:8.1f} | "
+                    f"{(r['ms_per_step'] / ref if ref else float('nan')):9.2f} | {r['state_bytes_per_param']:11.3f} |")
+            for pms in peer.values():
+                line += f" {pms / r['ms_per_step']:24.2f} |"
+            print(line)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    works = list(dict.fromkeys(r["workload"] for r in rows))
+    fig, axes = plt.subplots(len(works), 2, figsize=(11, 3.2 * len(works)), squeeze=False)
+    for i, w in enumerate(works):
+        sub = [r for r in rows if r["workload"] == w]
+        names = [r["optimizer"] for r in sub]
+        axes[i][0].barh(names, [r["ms_per_step"] for r in sub], color="tab:blue")
+        axes[i][0].set_xlabel("ms / step (lower is better)")
+        axes[i][0].set_title(w)
+        axes[i][1].barh(names, [r["state_bytes_per_param"] for r in sub], color="tab:orange")
+        axes[i][1].set_xlabel("state bytes / parameter")
+        axes[i][1].set_yticklabels([])
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
