@@ -7,7 +7,7 @@ Measures (median of --reps, the two implementations interleaved rep by rep so CP
   * merge + unmerge of all adapted layers (leantrain merge/unmerge vs PEFT merge_adapter/unmerge_adapter).
 Adapters: r=8, alpha=16 on every encoder Linear (query, key, value, dense); the head is trained in both.
 
-    .venv/bin/python benchmarks/adapters.py [--quick] [--json PATH] [--reps N] [--threads N]
+    .venv/bin/python benchmarks/adapters.py [--quick] [--json PATH] [--plot PNG] [--reps N] [--threads N]
 
 Default: batch 16 x 64 tokens. --quick: batch 8 x 32 and fewer repetitions (a smoke run, not a measurement).
 """
@@ -107,6 +107,32 @@ def merge_cycle_peft(model: nn.Module) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def plot(result: dict, path: Path) -> None:
+    """Grouped bars: leantrain vs PEFT milliseconds per measurement (log scale: steps and merges differ 10x)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    xs = range(len(rows))
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    ax.bar([x - 0.2 for x in xs], [r["leantrain_ms"] for r in rows], 0.4, label="leantrain")
+    ax.bar([x + 0.2 for x in xs], [r["peft_ms"] for r in rows], 0.4, label="PEFT")
+    for x, r in zip(xs, rows):
+        ax.text(x, max(r["leantrain_ms"], r["peft_ms"]) * 1.15, f"{r['ratio']:.2f}x", ha="center", fontsize=8)
+    ax.set_xticks(list(xs), [r["what"].replace(" (", "\n(") for r in rows], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("median ms")
+    b, s = result["batch"]
+    ax.set_title(f"MiniLM-L6, batch {b}x{s}, {result['torch_threads']} thread(s): leantrain / PEFT", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small batch, few repetitions (smoke run)")
@@ -185,6 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nDoRA / LoRA step time: leantrain {d['leantrain']:.2f}x, PEFT {d['peft']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
+    if args.plot:
+        plot(result, args.plot)
     return result
 
 

@@ -326,7 +326,7 @@ def pissa_init(base: nn.Module, p: LoraParams, niter: int | None) -> None:
     b = v * root[None, :]
     p.lora_A.copy_(a.to(p.lora_A.dtype))
     p.lora_B.copy_(b.to(p.lora_B.dtype))
-    # kept (not saved) for the PiSSA -> plain LoRA conversion against the original W (io.save(pissa_to_lora=True))
+    # kept (not saved) for the PiSSA -> plain LoRA conversion against the original W (pissa_to_lora=True)
     p.register_buffer("pissa_A0", p.lora_A.detach().clone(), persistent=False)
     p.register_buffer("pissa_B0", p.lora_B.detach().clone(), persistent=False)
     set_base_weight(base, (wf - s * (b @ a)).to(w.dtype))
