@@ -108,7 +108,7 @@ def merge_cycle_peft(model: nn.Module) -> float:
 
 
 def plot(result: dict, path: Path) -> None:
-    """Grouped bars: leantrain vs PEFT milliseconds per measurement (log scale: steps and merges differ 10x)."""
+    """Grouped bars: leantrain vs PEFT ms per measurement (log scale: steps and merges differ 10x)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -125,7 +125,8 @@ def plot(result: dict, path: Path) -> None:
     ax.set_yscale("log")
     ax.set_ylabel("median ms")
     b, s = result["batch"]
-    ax.set_title(f"MiniLM-L6, batch {b}x{s}, {result['torch_threads']} thread(s): leantrain / PEFT", fontsize=9)
+    threads = result["torch_threads"]
+    ax.set_title(f"MiniLM-L6, batch {b}x{s}, {threads} thread(s): leantrain / PEFT", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
