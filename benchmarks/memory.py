@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
-from leantrain.memory import estimate  # noqa: E402
+from leantrain.memory import estimate
 
 SWEEP = [("full", "adamw"), ("head", "adamw"), ("lora", "adamw"), ("rslora", "adamw"), ("dora", "adamw"),
          ("pissa", "adamw"), ("vera", "adamw"), ("miss", "adamw"), ("shira", "adamw"), ("dlrt", "adamw"),
@@ -37,8 +37,8 @@ def galore_table() -> list[dict]:
         for method, paper in (("full", full_p), ("galore", gal_p)):
             r = estimate(size, method=method, dtype="bf16", rank=rank)
             ours = (r.weights + r.optimizer_states) / 2**30
-            rows.append(dict(model=size, method=method, rank=rank, paper_gib=paper, ours_gib=round(ours, 3),
-                             deviation=round(ours / paper - 1, 3)))
+            rows.append({"model": size, "method": method, "rank": rank, "paper_gib": paper, "ours_gib": round(ours, 3),
+                             "deviation": round(ours / paper - 1, 3)})
     return rows
 
 
@@ -47,11 +47,11 @@ def sweep(cases: list[tuple[str, str]], batch_size: int, seq_len: int) -> list[d
 
     from leantrain.config import TrainConfig
     from leantrain.memory import measure
-    from leantrain.memory.measure import build_training_step, dlrt_ranks
+    from leantrain.memory.measuring import build_training_step, dlrt_ranks
 
     rows = []
     for method, optim in tqdm(cases, desc="measuring", file=sys.stderr):
-        row = dict(method=method, optim=optim)
+        row = {"method": method, "optim": optim}
         try:
             cfg = TrainConfig(model="minilm", method=method, optim=optim, rank=8, lr=1e-4)
             step, model, optimizer = build_training_step(cfg, batch_size, seq_len)
@@ -71,6 +71,30 @@ def sweep(cases: list[tuple[str, str]], batch_size: int, seq_len: int) -> list[d
     return rows
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """Grouped bars: estimated vs measured peak per method/optimizer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "error" not in r]
+    labels = [f"{r['method']}\n{r['optim']}" for r in ok]
+    x = range(len(ok))
+    fig, ax = plt.subplots(figsize=(max(8, 0.75 * len(ok)), 4.5))
+    ax.bar([i - 0.2 for i in x], [r["est_total"] / MIB for r in ok], 0.4, label="estimated peak")
+    ax.bar([i + 0.2 for i in x], [r["measured_peak"] / MIB for r in ok], 0.4, label="measured peak (CPU profiler)")
+    ax.set_xticks(list(x), labels, fontsize=7)
+    ax.set_ylabel("MiB")
+    ax.set_title("MiniLM-L6 training step: estimator vs measurement")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+
+
 def main() -> int:
     import torch
 
@@ -80,6 +104,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="three methods only")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--png", type=Path, default=None, help="bar chart of estimated vs measured peaks")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=32)
     args = ap.parse_args()
@@ -100,9 +125,11 @@ def main() -> int:
         print(f"{r['method']:<13} {r['optim']:<17} {r['est_total'] / MIB:>9.1f} {r['measured_peak'] / MIB:>9.1f} "
               f"{r['ratio']:>6.3f} {r['est_resident'] / MIB:>9.1f} {r['measured_resident'] / MIB:>9.1f} "
               f"{r['resident_ratio']:>6.3f}")
+    if args.png:
+        plot(rows, args.png)
     if args.json:
         tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(dict(galore_table=table, sweep=rows), indent=1))
+        tmp.write_text(json.dumps({"galore_table": table, "sweep": rows}, indent=1))
         os.replace(tmp, args.json)
     return 0
 

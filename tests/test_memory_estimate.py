@@ -32,8 +32,8 @@ def test_analytic_llama_layout_matches_transformers_on_meta() -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = dict(model_type="llama", hidden_size=64, intermediate_size=172, num_attention_heads=4,
-               num_key_value_heads=2, num_hidden_layers=2, vocab_size=1000, tie_word_embeddings=False)
+    cfg = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 172, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 1000, "tie_word_embeddings": False}
     with torch.device("meta"):
         model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k != "model_type"}))
     real = from_module(model)
@@ -133,14 +133,14 @@ def test_checkpointing_and_layerwise_reduce_memory() -> None:
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(method="nope"), "unknown method 'nope'"),
-    (dict(optim="adamw7bit"), "unknown optimizer 'adamw7bit'"),
-    (dict(dtype="fp8"), "unknown dtype 'fp8'"),
-    (dict(method="full", quantize="nf4"), "needs a frozen base"),
-    (dict(method="lora", quantize="nf3"), "quantize='nf3'"),
-    (dict(method="shira", rank=1000), "lower the rank"),
-    (dict(method="lora", targets="nonexistent"), "selects no Linear"),
-    (dict(batch_size=0), "batch_size=0"),
+    ({"method": "nope"}, "unknown method 'nope'"),
+    ({"optim": "adamw7bit"}, "unknown optimizer 'adamw7bit'"),
+    ({"dtype": "fp8"}, "unknown dtype 'fp8'"),
+    ({"method": "full", "quantize": "nf4"}, "needs a frozen base"),
+    ({"method": "lora", "quantize": "nf3"}, "quantize='nf3'"),
+    ({"method": "shira", "rank": 1000}, "lower the rank"),
+    ({"method": "lora", "targets": "nonexistent"}, "selects no Linear"),
+    ({"batch_size": 0}, "batch_size=0"),
 ])
 def test_bad_input(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):

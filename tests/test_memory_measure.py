@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from leantrain.memory import estimate, measure
-from leantrain.memory.measure import dlrt_ranks
+from leantrain.memory.measuring import dlrt_ranks
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -72,7 +72,7 @@ def test_measure_cuda_allocator() -> None:
 
 def _compare(method: str, optim: str, batch_size: int, seq_len: int) -> None:
     from leantrain.config import TrainConfig
-    from leantrain.memory.measure import build_training_step
+    from leantrain.memory.measuring import build_training_step
     from leantrain.methods import get_method
 
     try:

@@ -279,9 +279,9 @@ def estimate(model: str | ModelSpec, method: str = "full", optim: str = "adamw",
                     "activations.adapters": act.adapters})
     torch_adamw = optim in ("adamw", "adam") and method != "gradnormlorp"
     workspace = _workspace(trainables, n_states, elt, rank, device, torch_adamw)
-    setting = dict(model=spec.name, method=method, optim=optim, dtype=dtype, batch_size=batch_size,
-                   seq_len=seq_len, activation_checkpointing=activation_checkpointing, rank=rank,
-                   quantize=quantize, device=device)
+    setting = {"model": spec.name, "method": method, "optim": optim, "dtype": dtype, "batch_size": batch_size,
+                   "seq_len": seq_len, "activation_checkpointing": activation_checkpointing, "rank": rank,
+                   "quantize": quantize, "device": device}
     n_train = sum(t.numel for t in trainables)
     kept = spec.num_params - (sum(p.numel for p in targets_l) if method == "dlrt" else 0)
     added = sum(t.numel for t in trainables if t.name.rsplit(".", 1)[-1] not in ("weight", "bias", "V", "K", "L"))
@@ -321,10 +321,10 @@ def _workspace(trainables: list[_Trainable], n_states: int, elt: int, rank: int,
 def estimate_config(cfg: Any, num_labels: int = 2, **overrides: Any) -> MemoryReport:
     """Estimate for a ``TrainConfig`` (one micro-batch of ``batch_size × max_length``); keywords override."""
     model = cfg.preset if (cfg.preset and cfg.init_weights == "scratch") else cfg.model
-    kwargs: dict[str, Any] = dict(method=cfg.method, optim=cfg.optim, batch_size=cfg.batch_size,
-                                  seq_len=cfg.max_length, activation_checkpointing=cfg.activation_checkpointing,
-                                  rank=cfg.rank, quantize=cfg.quantize, targets=cfg.targets, fraction=cfg.fraction,
-                                  block_size=cfg.block_size, num_labels=num_labels,
-                                  dlrt_freeze_other=bool(cfg.extra.get("dlrt_freeze_other", False)))
+    kwargs: dict[str, Any] = {"method": cfg.method, "optim": cfg.optim, "batch_size": cfg.batch_size,
+                                  "seq_len": cfg.max_length, "activation_checkpointing": cfg.activation_checkpointing,
+                                  "rank": cfg.rank, "quantize": cfg.quantize, "targets": cfg.targets, "fraction": cfg.fraction,
+                                  "block_size": cfg.block_size, "num_labels": num_labels,
+                                  "dlrt_freeze_other": bool(cfg.extra.get("dlrt_freeze_other", False))}
     kwargs.update(overrides)
     return estimate(model, **kwargs)

@@ -17,23 +17,24 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:  # torch is imported only where a module is walked, so the estimator CLI starts fast
+    from torch import nn
 
 HEAD_NAMES = ("classifier", "lm_head", "score")  # same rule as leantrain.adapters.inject: heads are not adapted
 
 # jiaweizzhao/GaLore configs/llama_{60m,130m,350m,1b,7b}.json (vocab 32000, SiLU, RMSNorm eps 1e-6, untied head).
 LLAMA_PRESETS: dict[str, dict[str, int]] = {
-    "llama-60m": dict(hidden_size=512, intermediate_size=1376, num_attention_heads=8, num_hidden_layers=8),
-    "llama-130m": dict(hidden_size=768, intermediate_size=2048, num_attention_heads=12, num_hidden_layers=12),
-    "llama-350m": dict(hidden_size=1024, intermediate_size=2736, num_attention_heads=16, num_hidden_layers=24),
-    "llama-1b": dict(hidden_size=2048, intermediate_size=5461, num_attention_heads=32, num_hidden_layers=24),
-    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_hidden_layers=32),
+    "llama-60m": {"hidden_size": 512, "intermediate_size": 1376, "num_attention_heads": 8, "num_hidden_layers": 8},
+    "llama-130m": {"hidden_size": 768, "intermediate_size": 2048, "num_attention_heads": 12, "num_hidden_layers": 12},
+    "llama-350m": {"hidden_size": 1024, "intermediate_size": 2736, "num_attention_heads": 16, "num_hidden_layers": 24},
+    "llama-1b": {"hidden_size": 2048, "intermediate_size": 5461, "num_attention_heads": 32, "num_hidden_layers": 24},
+    "llama-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_hidden_layers": 32},
 }
 # leantrain.models.load_encoder("tiny"): a random 2-layer BERT with MiniLM's vocabulary.
-TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                 max_position_embeddings=128, type_vocab_size=2)
+TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+                 "max_position_embeddings": 128, "type_vocab_size": 2}
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,8 @@ def _meta_build(cfg: dict[str, Any]) -> nn.Module:
 
 
 def _kind(module: nn.Module, pname: str) -> str:
+    from torch import nn
+
     if isinstance(module, nn.Linear):
         return "linear" if pname == "weight" else "bias"
     if isinstance(module, nn.Embedding):
@@ -182,6 +185,8 @@ def _kind(module: nn.Module, pname: str) -> str:
 
 def from_module(model: nn.Module, name: str | None = None) -> ModelSpec:
     """Walk a module (real or meta): shared parameters are counted once, as in ``model.parameters()``."""
+    from torch import nn
+
     params: list[ParamSpec] = []
     seen: set[int] = set()
     for mname, module in model.named_modules():

@@ -33,7 +33,7 @@ class MeasuredMemory:
     method: str  # how it was measured: "cuda-allocator" | "cpu-profiler"
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(peak=self.peak, resident=self.resident, device=self.device, method=self.method)
+        return {"peak": self.peak, "resident": self.resident, "device": self.device, "method": self.method}
 
 
 def _storages(tensors: Iterable[torch.Tensor]) -> int:
