@@ -84,7 +84,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(8, 0.75 * len(ok)), 4.5))
     ax.bar([i - 0.2 for i in x], [r["est_total"] / MIB for r in ok], 0.4, label="estimated peak")
     ax.bar([i + 0.2 for i in x], [r["measured_peak"] / MIB for r in ok], 0.4, label="measured peak (CPU profiler)")
-    ax.set_xticks(list(x), labels, fontsize=7)
+    ax.set_xticks(list(x), labels, fontsize=7, rotation=35, ha="right")
     ax.set_ylabel("MiB")
     ax.set_title("MiniLM-L6 training step: estimator vs measurement")
     ax.legend()
