@@ -247,3 +247,28 @@ def test_bad_inputs_name_the_value():
     other = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
     with pytest.raises(ValueError, match=r"\.K"):
         KLSOptimizer(layer, inner=other)
+
+
+def test_spec_quadratic_descent_recovers_rank3_target():
+    """Spec 8.4: minimise 0.5||W − A||², A rank 3 (20×15), start rank 2 with S0 = diag(1, .5), λ = 0.5, τ = 1e-3,
+    r_max = 7. G = W − A and the augmented space contains W0, so the error about halves per step while the basis
+    captures A; after 20 steps the rank is exactly 3 and ||W − A||/||A|| < 1e-4."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(20, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 15, generator=g, dtype=torch.float64)
+    layer = LowRankLinear(15, 20, 2, bias=False, max_rank=7, dtype=torch.float64)
+    layer.S.data = torch.diag(torch.tensor([1.0, 0.5], dtype=torch.float64))
+    opt = KLSOptimizer(layer, inner="sgd", lr=0.5, tau=1e-3)
+    eye = torch.eye(15, dtype=torch.float64)
+
+    def closure():
+        opt.zero_grad()
+        loss = 0.5 * ((layer(eye) - a.T) ** 2).sum()  # layer(I) = Wᵀ, so dL/dW = W − A
+        loss.backward()
+        return loss
+
+    ranks = []
+    for _ in range(20):
+        opt.step(closure)
+        ranks.append(layer.rank)
+    assert max(ranks) > 3 and ranks[-1] == 3, ranks
+    assert float((layer.weight_matrix() - a).norm() / a.norm()) < 1e-4
