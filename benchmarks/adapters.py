@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="small batch, few repetitions (smoke run)")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+    parser.add_argument("--plot", type=Path, default=None, help="also save a bar chart PNG (docs/img/...)")
     parser.add_argument(
         "--threads",
         type=int,

@@ -124,7 +124,7 @@ def save(
     ``name`` given: that adapter goes to the root of ``directory`` (loadable by PeftModel.from_pretrained).
     ``name=None``: every adapter; "default" (or a sole adapter) at the root, others in ``directory/<name>/``
     like PEFT's ``save_pretrained``. ``pissa_to_lora``: write PiSSA adapters as rank-2r plain LoRA relative to
-    the *original* weights (PEFT's ``path_initial_model_for_weight_conversion``), usable on any copy of the base.
+    the *original* weights (PEFT's ``path_initial_model_for_weight_conversion``), for any copy of the base.
     """
     directory = Path(directory)
     names = adapter_names(model)
