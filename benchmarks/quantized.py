@@ -7,9 +7,11 @@ Run:  .venv/bin/python benchmarks/quantized.py [--quick] [--json PATH] [--plot d
 2. Layer timing (one process, same inputs): forward and forward+backward (grad w.r.t. the input, frozen base)
    of MiniLM-sized layers 384->1536 and 1536->384, batch 16 x 64 tokens: nn.Linear, QuantLinear int8/NF4,
    bitsandbytes ``Linear4bit`` (nf4, double quant, CPU backend).
-3. Model timing: forward+backward of the MiniLM classifier with LoRA r=8 on all linear layers, dense vs NF4
+3. LoftQ: relative weight error of plain quantization vs LoftQ's Q + BA on MiniLM's weights.
+4. Model timing: forward+backward of the MiniLM classifier with LoRA r=8 on all linear layers, dense vs NF4
    vs int8 base (QLoRA setting).
-Timings are the best of repeated runs; the machine is shared, so ratios are more meaningful than absolutes.
+Timings are CPU time (``time.process_time``, best of repeated runs, 1 thread by default): the machine is shared,
+so wall time is dominated by other processes; ratios are more meaningful than absolutes.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,14 +35,15 @@ from leantrain.quant import QuantLinear, model_nbytes, quantize, quantized_layer
 
 
 def _best_time(fn, repeats: int, warmup: int = 1) -> float:
-    """Fastest of ``repeats`` runs: on a shared, overloaded CPU the minimum is the least noisy statistic."""
+    """Best of ``repeats`` runs, in *process CPU time*: on a shared, overloaded CPU wall time mostly measures
+    the scheduler (we saw 10x swings), while CPU time of a single-threaded run measures the work."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(time.process_time() - start)
     return min(times)
 
 
@@ -139,6 +143,27 @@ def model_table(quick: bool) -> list[dict]:
     return rows
 
 
+def loftq_table(quick: bool) -> list[dict]:
+    """Relative weight error ||W - W_hat||_F / ||W||_F over MiniLM's encoder Linear layers (mean, max)."""
+    from leantrain.models import build_classifier
+    from leantrain.quant.loftq import reconstruction_errors
+
+    weights = [m.weight.detach() for m in build_classifier("minilm", 3).encoder.modules() if isinstance(m, nn.Linear)]
+    if quick:
+        weights = weights[:6]
+    settings = [(4, 8, 1), (4, 8, 5), (4, 32, 5), (8, 8, 5)]
+    rows = []
+    for bits, r, iters in tqdm(settings, desc="loftq", leave=False):
+        errs = [reconstruction_errors(w, r, bits=bits, iters=iters) for w in weights]
+        quant = [e["quant"] for e in errs]
+        loftq = [e["loftq"] for e in errs]
+        rows.append({"format": "NF4+DQ" if bits == 4 else "int8+DQ", "rank": r, "iters": iters,
+                     "layers": len(weights), "quant_err_mean": statistics.fmean(quant),
+                     "loftq_err_mean": statistics.fmean(loftq), "loftq_err_max": max(loftq),
+                     "reduction": 1 - statistics.fmean(loftq) / statistics.fmean(quant)})
+    return rows
+
+
 def _print(title: str, rows: list[dict]) -> None:
     print(f"\n{title}")
     keys = list(rows[0])
@@ -180,10 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = {"bytes": bytes_table(args.quick), "layers": layer_table(args.quick)}
+    results["loftq"] = loftq_table(args.quick)
     if not args.skip_model:
         results["model"] = model_table(args.quick)
     _print("Bytes (MiniLM-L6 classifier, encoder Linear layers quantized, block 64)", results["bytes"])
     _print("Layer timing (tokens x in -> out, CPU)", results["layers"])
+    _print("LoftQ init: relative weight error of Q alone vs Q + BA (MiniLM encoder Linear weights)",
+           results["loftq"])
     if "model" in results:
         _print("MiniLM + LoRA r=8 forward+backward", results["model"])
     if args.json:
