@@ -34,7 +34,9 @@ class ClassificationTask:
         self.cfg, self.device = cfg, device
         self.data = load_classification(cfg)
         self.tokenizer = load_tokenizer(cfg.model)
-        self.model = build_classifier(cfg.model, len(self.data.label_names), cfg.seed).to(device)
+        self.model = build_classifier(cfg.model, len(self.data.label_names), cfg.seed,
+                                      cfg.model_dropout).to(device)
+        self.forward_model = self.model  # the training loop swaps in the DDP wrapper under torchrun
         self.train_batches = Batcher(self.data.train, self.tokenizer, cfg.max_length, cfg.batch_size, cfg.seed)
         self.val_batches = Batcher(self.data.val, self.tokenizer, cfg.max_length, cfg.batch_size, cfg.seed)
 
@@ -46,12 +48,12 @@ class ClassificationTask:
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        logits = self.model(batch["input_ids"], batch["attention_mask"]).float()
+        logits = self.forward_model(batch["input_ids"], batch["attention_mask"]).float()
         return F.cross_entropy(logits, batch["labels"])
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        model = self.model
+        model = self.forward_model
         was_training = model.training
         model.eval()
         correct, loss_sum, count = 0, 0.0, 0
@@ -68,10 +70,13 @@ class ClassificationTask:
         """Files written when a run starts (needed to rebuild the model later, e.g. by ``leantrain merge``)."""
         (run_dir / "labels.json").write_text(json.dumps(self.data.label_names) + "\n")
 
-    def save_artifacts(self, run_dir: Path) -> None:
-        head = self.model.classifier
-        save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
-                  str(run_dir / "head.safetensors"))
+    def save_artifacts(self, run_dir: Path, write: bool = True) -> None:
+        """Called on every process (FSDP gathers are collectives); only the one with ``write`` writes files."""
+        from .dist import full_tensor
+
+        state = {k: full_tensor(v).detach().cpu().contiguous() for k, v in self.model.classifier.state_dict().items()}
+        if write:
+            save_file(state, str(run_dir / "head.safetensors"))
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -22,6 +22,7 @@ class TrainConfig:
     train_size: int | None = 4000  # stratified subset of the training split (None = all of it)
     val_size: int | None = 1000  # subset of the validation split (None = all of it)
     max_length: int = 64  # tokens per sentence
+    model_dropout: float | None = None  # override the model's own dropout (0 makes runs batch-split invariant)
     # --- how to train -----------------------------------------------------------------------------------------
     method: str = "lora"  # registry name, see leantrain.methods.available_methods()
     optim: str = "adamw"  # registry name, see leantrain.optim.available_optimizers()
@@ -38,6 +39,7 @@ class TrainConfig:
     nan_policy: str = "stop"  # "stop" | "skip": what to do when the loss or a gradient is not finite
     seed: int = 0  # seeds head init, adapter init, dropout and batch order (not the data split)
     device: str = "auto"  # "auto" picks cuda when present, else cpu
+    strategy: str = "auto"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard); "auto" = ddp
     # --- adapters (LoRA family, VeRA, MiSS, SHiRA) -------------------------------------------------------------
     rank: int = 8  # adapter rank r (LoRA family, VeRA), block size (MiSS), projection rank (GaLore), DLRT max rank
     alpha: float = 16.0  # LoRA scaling numerator: scale = alpha / r (alpha / sqrt(r) for rslora)

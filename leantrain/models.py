@@ -65,8 +65,11 @@ def load_tokenizer(name: str):
         raise FileNotFoundError(f"model folder {str(path)!r} has no usable tokenizer: {exc}") from exc
 
 
-def load_encoder(name: str, seed: int = 0) -> tuple[nn.Module, int]:
-    """Return (encoder, hidden_size). ``tiny`` is a random 2-layer BERT for fast tests."""
+def load_encoder(name: str, seed: int = 0, dropout: float | None = None) -> tuple[nn.Module, int]:
+    """Return (encoder, hidden_size). ``tiny`` is a random 2-layer BERT for fast tests.
+
+    ``dropout`` overrides the config's hidden and attention dropout (None keeps the model's own).
+    """
     from transformers import AutoConfig, AutoModel, BertConfig, BertModel
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -75,11 +78,15 @@ def load_encoder(name: str, seed: int = 0) -> tuple[nn.Module, int]:
         base = AutoConfig.from_pretrained(str(path))
         config = BertConfig(vocab_size=base.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                             intermediate_size=64, max_position_embeddings=128)
+        if dropout is not None:
+            config.hidden_dropout_prob = config.attention_probs_dropout_prob = dropout
         torch.manual_seed(seed)
         return BertModel(config, add_pooling_layer=False), config.hidden_size
     if not any((path / f).is_file() for f in WEIGHT_FILES):
         raise FileNotFoundError(f"model folder {str(path)!r} has no weights ({' or '.join(WEIGHT_FILES)})")
     kwargs = {"use_safetensors": True} if (path / "model.safetensors").is_file() else {}
+    if dropout is not None:
+        kwargs.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     encoder = AutoModel.from_pretrained(str(path), **kwargs)
     # Drop BERT's unused pooler so every trainable parameter receives a gradient.
     if getattr(encoder, "pooler", None) is not None:
@@ -87,7 +94,7 @@ def load_encoder(name: str, seed: int = 0) -> tuple[nn.Module, int]:
     return encoder, encoder.config.hidden_size
 
 
-def build_classifier(name: str, num_labels: int, seed: int = 0) -> SequenceClassifier:
-    encoder, hidden = load_encoder(name, seed)
+def build_classifier(name: str, num_labels: int, seed: int = 0, dropout: float | None = None) -> SequenceClassifier:
+    encoder, hidden = load_encoder(name, seed, dropout)
     torch.manual_seed(seed)
-    return SequenceClassifier(encoder, hidden, num_labels)
+    return SequenceClassifier(encoder, hidden, num_labels, dropout=0.1 if dropout is None else dropout)

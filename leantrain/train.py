@@ -23,20 +23,16 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import dist
 from .config import TrainConfig
 from .methods import default_trainable_state, get_method, head_module
 from .optim.registry import build_optimizer
 from .report import StepLog, plot_losses, read_jsonl, write_summary
 
 # Fields that may differ between the original run and a --resume invocation.
-RUNTIME_FIELDS = {"resume", "stop_at", "progress", "save_every", "eval_every", "steps", "overwrite", "device"}
+RUNTIME_FIELDS = {"resume", "stop_at", "progress", "save_every", "eval_every", "steps", "overwrite", "device",
+                  "strategy"}
 CALIBRATION_BATCHES = 4
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def lr_factor(step: int, total: int, warmup_ratio: float) -> float:
@@ -113,11 +109,23 @@ def build_task(cfg: TrainConfig, device: torch.device):
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run one training job; under torchrun every process calls this and rank 0 writes the outputs."""
+    ctx = dist.init_from_env(cfg.device, cfg.strategy)
+    try:
+        return _train(cfg, ctx)
+    finally:
+        dist.shutdown(ctx)
+
+
+def _train(cfg: TrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
     started = time.time()
+    main = ctx.is_main
     # 1. Validate everything that can fail before the run folder is touched.
-    run_dir, cfg = prepare_run_dir(cfg)
+    run_dir, cfg = dist.on_main(ctx, lambda: prepare_run_dir(cfg))
     method = get_method(cfg.method)
-    device = pick_device(cfg.device)
+    device = ctx.device
+    if ctx.enabled:
+        dist.on_main(ctx, lambda: _prefetch(cfg))  # one download, not one per process
     torch.manual_seed(cfg.seed)
     task = build_task(cfg, device)
     model = task.model
@@ -126,7 +134,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         for i in range(CALIBRATION_BATCHES):
             yield task.loss(task.batch(i))
 
-    # 2. Shape the model: optional quantized frozen base, then the method.
+    # 2. Shape the model: optional quantized frozen base, then the method, then DDP/FSDP.
     if cfg.quantize:
         from .quant import quantize
 
@@ -141,15 +149,30 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         for p in head.parameters():
             p.requires_grad_(True)
         groups.append({"params": list(head.parameters()), "name": "head", "lr": cfg.head_lr or max(lr, 1e-3)})
+    if ctx.enabled:
+        groups = _wrap_for_distributed(task, groups, ctx)
     optimizer = build_optimizer(cfg.optim, groups, cfg, lr)
     if hasattr(method, "wrap_optimizer"):
         optimizer = method.wrap_optimizer(optimizer, model, cfg)
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    names = {id(p): n for n, p in model.named_parameters()}
     steps_total = total_steps(cfg, task.batches_per_epoch())
     steps_end = min(steps_total, cfg.stop_at or steps_total)
+    fsdp = ctx.enabled and ctx.strategy == "fsdp"
+
+    def trainable_state() -> dict[str, torch.Tensor]:
+        hook = getattr(method, "trainable_state", None)
+        state = hook(model) if hook else default_trainable_state(model)
+        # FSDP: gathered on every rank, and copied at once -- FSDP frees unsharded storage behind our back.
+        return {k: dist.full_tensor(v).detach().clone() if fsdp else v for k, v in state.items()}
+
+    def optimizer_state() -> dict:
+        if not fsdp:
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                   cpu_offload=True))
 
     # 3. Fresh run or resume.
     start_step = 0
@@ -167,24 +190,32 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             method.load_trainable_state(model, model_state)
         else:
             _load_trainable(model, model_state)
-        optimizer.load_state_dict(opt_state)
+        if trainer.get("optimizer_format", "index") == "fqn" or fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(model, optimizer, opt_state, options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(opt_state)
         _set_rng_state(rng)
         start_step = trainer["step"]
-    else:
+    elif main:
         if cfg.overwrite and run_dir.exists():
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_text_atomic(run_dir / "config.json", cfg.to_json() + "\n")
         task.write_run_files(run_dir)
-    log = StepLog(run_dir / "metrics.jsonl", resume_step=start_step if cfg.resume else None)
-
-    def trainable_state() -> dict[str, torch.Tensor]:
-        hook = getattr(method, "trainable_state", None)
-        return hook(model) if hook else default_trainable_state(model)
+    log = StepLog(run_dir / "metrics.jsonl", resume_step=start_step if cfg.resume else None) if main else None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    names = {id(p): n for n, p in model.named_parameters()}
 
     def save(step: int) -> None:
-        ckpt.save_checkpoint(run_dir, step, trainable_state(), optimizer.state_dict(),
-                             {"wall_time": time.time() - started}, _rng_state())
+        model_state, opt_state = trainable_state(), optimizer_state()  # collectives under FSDP: every rank
+        if main:
+            ckpt.save_checkpoint(run_dir, step, model_state, opt_state,
+                                 {"wall_time": time.time() - started, "world_size": ctx.world,
+                                  "optimizer_format": "fqn" if fsdp else "index"}, _rng_state())
+        if ctx.enabled:
+            torch.distributed.barrier()
 
     # 4. The loop.
     skipped = 0
@@ -194,13 +225,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
-            loss = task.loss(task.batch(state["step"] * cfg.grad_accum + micro)) / cfg.grad_accum
+            batch = dist.shard_batch(task.batch(state["step"] * cfg.grad_accum + micro), ctx)
+            loss = task.loss(batch) / cfg.grad_accum
             loss.backward()
             total += loss.detach()
+        total = dist.mean_across(total, ctx)  # the global-batch loss, identical on every rank
         norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or float("inf"))
+        norm = dist.full_tensor(norm)
         if not (torch.isfinite(total) and torch.isfinite(norm)):
             bad = next((names.get(id(p), "?") for p in trainable
-                        if p.grad is not None and not torch.isfinite(p.grad).all()), "the loss")
+                        if p.grad is not None and not torch.isfinite(dist.full_tensor(p.grad)).all()), "the loss")
             if cfg.nan_policy == "stop":
                 raise FloatingPointError(f"step {state['step'] + 1}: non-finite loss or gradient (first in {bad}); "
                                          "rerun with --nan-policy skip to skip such steps")
@@ -208,10 +242,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         return total
 
     model.train()
-    bar = tqdm(total=steps_end, initial=start_step, disable=not cfg.progress, desc=f"{cfg.method}/{cfg.optim}",
-               unit="step", dynamic_ncols=True)
+    bar = tqdm(total=steps_end, initial=start_step, disable=not (cfg.progress and main),
+               desc=f"{cfg.method}/{cfg.optim}", unit="step", dynamic_ncols=True)
     ema, tick = None, time.time()
     loop_started, eval_time = time.time(), 0.0
+    metrics_hook = getattr(method, "metrics", None)
     for step in range(start_step, steps_end):
         state["step"] = step
         for group in optimizer.param_groups:
@@ -221,14 +256,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if not math.isfinite(value):
             skipped += 1
         record: dict[str, Any] = {"step": step + 1, "loss": value, "lr": optimizer.param_groups[0]["lr"]}
-        metrics_hook = getattr(method, "metrics", None)
         if metrics_hook:
             record.update(metrics_hook(model))
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < steps_end:
             eval_started = time.time()
             record.update({f"val_{k}": v for k, v in task.evaluate().items()})
             eval_time += time.time() - eval_started
-        log.write(record)
+        if log:
+            log.write(record)
         if math.isfinite(value):
             ema = value if ema is None else 0.95 * ema + 0.05 * value
         now = time.time()
@@ -244,17 +279,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if steps_end < steps_total:  # an interrupted (--stop-at) invocation: leave a checkpoint, not a summary
         if not (cfg.save_every and steps_end % cfg.save_every == 0):
             save(steps_end)
-        log.close()
-        return {"step": steps_end, "stopped_early": True}
+        if log:
+            log.close()
+        return {"step": steps_end, "stopped_early": True, "rank": ctx.rank}
 
     # 5. Final evaluation, artifacts and summary (metrics.json marks the run complete).
+    final_state = trainable_state()
     final = {f"val_{k}": v for k, v in task.evaluate().items()}
+    task.save_artifacts(run_dir, write=main)
+    if not main:
+        return {"step": steps_end, "rank": ctx.rank, **final}
     log.write({"step": steps_end, **final})
     log.close()
-    task.save_artifacts(run_dir)
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in trainable_state().items()},
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in final_state.items()},
               str(run_dir / "trainable.safetensors"))
-    if hasattr(method, "save_artifacts"):
+    if hasattr(method, "save_artifacts") and not fsdp:
         method.save_artifacts(model, run_dir, cfg)
     records = read_jsonl(run_dir / "metrics.jsonl")
     train_losses = [r["loss"] for r in records if "loss" in r and math.isfinite(r["loss"])]
@@ -269,19 +308,40 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "skipped_steps": skipped,
         "wall_time_s": time.time() - started,
         "sec_per_step": train_time / max(1, steps_end - start_step),  # loop only, this invocation
-        "trainable_params": sum(p.numel() for p in trainable_now),
+        "trainable_params": sum(p.numel() for p in final_state.values() if p.is_floating_point())
+        if fsdp else sum(p.numel() for p in trainable_now),
         "total_params": sum(p.numel() for p in model.parameters()),
         "param_bytes": tensor_bytes(model.parameters()) + tensor_bytes(model.buffers()),
         "grad_bytes": tensor_bytes(trainable_now),
         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "device": str(device),
+        "world_size": ctx.world,
+        "strategy": ctx.strategy,
     }
     if metrics_hook:
         metrics.update(metrics_hook(model))
     plot_losses(records, run_dir / "loss.png", title=f"{cfg.method} + {cfg.optim} on {cfg.data}")
     write_summary(run_dir / "metrics.json", metrics)
     return metrics
+
+
+def _prefetch(cfg: TrainConfig) -> None:
+    """Fetch a bundled data set once (on rank 0) before every process reads it from the cache."""
+    if cfg.data in ("vader", "bible"):
+        from .sources import load_source
+
+        load_source(cfg.data)
+
+
+def _wrap_for_distributed(task, groups: list[dict], ctx: dist.DistContext) -> list[dict]:
+    """Wrap the task's model for DDP/FSDP2 and re-point the param groups at the (possibly new) parameters."""
+    model = task.model
+    names = {id(p): n for n, p in model.named_parameters()}
+    group_names = [[names[id(p)] for p in g["params"]] for g in groups]
+    task.forward_model = dist.wrap_model(model, ctx)
+    current = dict(model.named_parameters())
+    return [{**g, "params": [current[n] for n in ns]} for g, ns in zip(groups, group_names)]
 
 
 def _load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -86,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     metrics = train(cfg)
+    if metrics.get("rank", 0) != 0:  # under torchrun only rank 0 reports
+        return 0
     if metrics.get("stopped_early"):
         print(f"stopped at step {metrics['step']} (--stop-at); continue with: leantrain train --out {cfg.out} --resume")
         return 0
@@ -94,16 +96,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_summary(m: dict, cfg: TrainConfig) -> str:
+    """Human summary of metrics.json; lines whose metrics a task does not report are left out."""
     mib = 1024 * 1024
-    tfidf = m.get("tfidf_baseline_accuracy")
-    lines = [
-        f"run folder          {cfg.out}",
-        f"validation accuracy {m['val_accuracy']:.4f}   (majority baseline {m['majority_baseline_accuracy']:.4f}"
-        + (f", TF-IDF+LR baseline {tfidf:.4f})" if tfidf is not None else ")"),
-        f"validation loss     {m['val_loss']:.4f}   train loss (last 20 steps) {m['train_loss_last']:.4f}",
-        f"steps               {m['steps']} in {m['wall_time_s']:.1f} s",
-        f"trainable params    {m['trainable_params']:,} of {m['total_params']:,}",
-        f"memory (MiB)        params {m['param_bytes'] / mib:.1f}  grads {m['grad_bytes'] / mib:.1f}  "
-        f"optimizer state {m['optimizer_state_bytes'] / mib:.2f}  peak RSS {m['peak_rss_bytes'] / mib:.0f}",
-    ]
+    lines = [f"run folder          {cfg.out}"]
+    if "val_accuracy" in m:
+        baselines = [f"majority baseline {m['majority_baseline_accuracy']:.4f}"]
+        if m.get("tfidf_baseline_accuracy") is not None:
+            baselines.append(f"TF-IDF+LR baseline {m['tfidf_baseline_accuracy']:.4f}")
+        lines.append(f"validation accuracy {m['val_accuracy']:.4f}   ({', '.join(baselines)})")
+    if "val_perplexity" in m:
+        lines.append(f"validation perplexity {m['val_perplexity']:.3f}")
+    train_loss = m.get("train_loss_last")
+    lines.append(f"validation loss     {m['val_loss']:.4f}" +
+                 (f"   train loss (last 20 steps) {train_loss:.4f}" if train_loss is not None else ""))
+    lines.append(f"steps               {m['steps']} in {m['wall_time_s']:.1f} s ({m['sec_per_step']:.3f} s/step)")
+    lines.append(f"trainable params    {m['trainable_params']:,} of {m['total_params']:,}")
+    lines.append(f"memory (MiB)        params {m['param_bytes'] / mib:.1f}  grads {m['grad_bytes'] / mib:.1f}  "
+                 f"optimizer state {m['optimizer_state_bytes'] / mib:.2f}  peak RSS {m['peak_rss_bytes'] / mib:.0f}")
     return "\n".join(lines)
