@@ -177,3 +177,17 @@ def test_estimate_config_maps_trainconfig_fields() -> None:
     b = estimate("tiny", method="lora", optim="adamw8bit", rank=4, batch_size=3, seq_len=20)
     assert a.as_dict() == b.as_dict()
     assert estimate_config(cfg, batch_size=6).activations > a.activations
+
+
+def test_other_architectures_are_built_on_meta() -> None:
+    from leantrain.memory import from_hf_config
+
+    cfg = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 500, "n_positions": 128,
+           "architectures": ["GPT2LMHeadModel"]}
+    spec = from_hf_config(cfg, "gpt2-tiny")
+    # Hand count: wte 500·64 + wpe 128·64 + 2 × (2 LN (2·64 each) + c_attn 64·192+192 + c_proj 64·64+64
+    #             + c_fc 64·256+256 + c_proj 256·64+64) + ln_f 2·64   (GPT2Model: no LM head)
+    per_layer = 4 * 64 + (64 * 192 + 192) + (64 * 64 + 64) + (64 * 256 + 256) + (256 * 64 + 64)
+    assert spec.num_params == 500 * 64 + 128 * 64 + 2 * per_layer + 2 * 64
+    assert (spec.hidden, spec.layers, spec.heads) == (64, 2, 4)
+    assert estimate(spec, "full", batch_size=2, seq_len=16).total > 0

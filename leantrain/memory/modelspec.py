@@ -151,8 +151,10 @@ def from_hf_config(cfg: dict[str, Any], name: str = "model", num_labels: int = 2
         spec.buffers = {"encoder.embeddings.position_ids": (P, 8), "encoder.embeddings.token_type_ids": (P, 8)}
         spec.kv_heads = cfg["num_attention_heads"]
         spec.dropout = cfg.get("hidden_dropout_prob", 0.1) > 0 or cfg.get("attention_probs_dropout_prob", 0.1) > 0
-    else:
+    else:  # any other architecture: build it on the meta device; geometry comes from its config object
         spec = from_module(_meta_build(cfg), name)
+        spec.family = "generic"
+        return spec
     spec.hidden, spec.layers = cfg["hidden_size"], cfg["num_hidden_layers"]
     spec.heads, spec.intermediate = cfg["num_attention_heads"], cfg.get("intermediate_size", 4 * cfg["hidden_size"])
     spec.vocab = cfg.get("vocab_size", 0)
