@@ -266,9 +266,12 @@ class ShiraLinear(AdapterLayer):
         if w is None:  # quantized / strided base: dense delta through the base helper (not bit-exact)
             return add_to_base_weight(self.base_layer, self.delta_weight(name))
         flat_w = w.view(-1)
-        orig = flat_w.index_select(0, p.flat)
+        orig = flat_w.index_select(0, p.flat)  # kept for the bit-exact restore
         acc = torch.promote_types(w.dtype, torch.float32)  # fp32 math on half weights (spec pitfall §6)
-        flat_w.index_copy_(0, p.flat, (orig.to(acc) + p.shira_weight.to(acc) * p.scaling).to(w.dtype))
+        delta = p.shira_weight.detach().to(acc)
+        if p.scaling != 1.0:
+            delta = delta * p.scaling
+        flat_w.index_copy_(0, p.flat, (orig.to(acc) + delta).to(w.dtype))
         p.merged_orig = orig
 
     @torch.no_grad()
