@@ -96,12 +96,16 @@ class CodeTable:
             self._dev[device] = (self.code.to(device), self.lo.to(device), self.mid.to(device))
         return self._dev[device]
 
-    def nearest(self, s: Tensor) -> Tensor:
-        """Index (uint8) of the nearest code value for each element of the contiguous float32 tensor ``s``."""
+    def nearest(self, s: Tensor, out: Tensor | None = None) -> Tensor:
+        """Index (uint8) of the nearest code value for each element of the contiguous float32 tensor ``s``
+        (written into the contiguous uint8 tensor ``out`` when given)."""
         _, lo, mid = self.on(s.device)
         flat = s.reshape(-1)
         h = (flat.view(torch.int32) >> 16) & 0xFFFF  # top 16 bits as a table index (2 vectorised int ops)
-        return (lo.index_select(0, h) + (flat > mid.index_select(0, h))).view(s.shape)
+        above = flat > mid.index_select(0, h)
+        if out is None:
+            return (lo.index_select(0, h) + above).view(s.shape)
+        return torch.add(lo.index_select(0, h), above, out=out.view(-1)).view(s.shape)
 
 
 _TABLES: dict[tuple, CodeTable] = {}
@@ -153,7 +157,10 @@ def quantize_into(x: Tensor, table: CodeTable, block_size: int, codes_out: Tenso
     full = n // block_size * block_size
     if full:
         s = x[:full].view(-1, block_size) / div[: full // block_size, None]
-        codes_out[:full].copy_(table.nearest(s).view(-1))
+        if codes_out.is_contiguous():
+            table.nearest(s, out=codes_out[:full])
+        else:
+            codes_out[:full].copy_(table.nearest(s).view(-1))
     if full < n:
         codes_out[full:].copy_(table.nearest(x[full:] / div[-1]))
 
