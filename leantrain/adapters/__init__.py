@@ -20,7 +20,7 @@ from .base import AdapterLayer, add_to_base_weight, base_weight
 from .inject import adapter_config, adapter_layers, adapter_names, delete, inject, resolve_targets
 from .io import load, save, saved_config
 from .lora import LoraConfig
-from .multi import active_adapters, combine, disable, merge, set_active, unmerge
+from .multi import active_adapters, combine, disable, merge, set_active, unload, unmerge
 from .registry import register_adapter
 from .vera import VeraConfig
 
@@ -47,6 +47,7 @@ __all__ = [
     "save",
     "saved_config",
     "set_active",
+    "unload",
     "unmerge",
 ]
 

@@ -82,7 +82,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
 
         dequantize_model(model)
     adapters.merge(model)
-    adapters.multi.unload(model)
+    adapters.unload(model)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / "model.safetensors"
