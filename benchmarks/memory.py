@@ -26,6 +26,8 @@ SWEEP = [("full", "adamw"), ("head", "adamw"), ("lora", "adamw"), ("rslora", "ad
          ("gradnormlorp", "adamw"), ("full", "adamw8bit"), ("lora", "adamw8bit"), ("full", "adamw4bit"),
          ("full", "galore-adamw"), ("full", "galore-adamw8bit"), ("gradnormlorp", "adamw8bit")]
 QUICK = [("head", "adamw"), ("lora", "adamw"), ("full", "adamw")]
+# A second, activation-dominated shape (batch 16 x seq 128): checks the activation model, not just the states.
+ACTIVATION_CASES = [("full", "adamw"), ("lora", "adamw"), ("dora", "adamw"), ("full", "galore-adamw8bit")]
 PAPER = {"llama-60m": (128, 0.36, 0.24), "llama-130m": (256, 0.76, 0.52), "llama-350m": (256, 2.06, 1.22),
          "llama-1b": (512, 7.80, 4.38)}
 MIB = 2**20
@@ -69,6 +71,19 @@ def sweep(cases: list[tuple[str, str]], batch_size: int, seq_len: int) -> list[d
                      "resident_ratio": round((e.weights + e.optimizer_states) / m.resident, 3),
                      "est": e.as_dict()})
     return rows
+
+
+def print_rows(rows: list[dict], batch_size: int, seq_len: int) -> None:
+    print(f"\nMiniLM-L6, fp32, batch {batch_size} x seq {seq_len}, rank 8 (MiB)")
+    print(f"{'method':<13} {'optim':<17} {'est peak':>9} {'measured':>9} {'ratio':>6} {'est res.':>9} "
+          f"{'meas res.':>9} {'ratio':>6} {'est act.':>9}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['method']:<13} {r['optim']:<17} not measured: {r['error']}")
+            continue
+        print(f"{r['method']:<13} {r['optim']:<17} {r['est_total'] / MIB:>9.1f} {r['measured_peak'] / MIB:>9.1f} "
+              f"{r['ratio']:>6.3f} {r['est_resident'] / MIB:>9.1f} {r['measured_resident'] / MIB:>9.1f} "
+              f"{r['resident_ratio']:>6.3f} {r['est']['activations'] / MIB:>9.1f}")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -115,21 +130,15 @@ def main() -> int:
         print(f"{r['model']:<11} {r['method']:<7} {r['rank']:>4} {r['paper_gib']:>6.2f} {r['ours_gib']:>7.3f} "
               f"{r['deviation']:>+7.1%}")
     rows = sweep(QUICK if args.quick else SWEEP, args.batch_size, args.seq_len)
-    print(f"\nMiniLM-L6, fp32, batch {args.batch_size} x seq {args.seq_len}, rank 8 (MiB)")
-    print(f"{'method':<13} {'optim':<17} {'est peak':>9} {'measured':>9} {'ratio':>6} {'est res.':>9} "
-          f"{'meas res.':>9} {'ratio':>6}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['method']:<13} {r['optim']:<17} not measured: {r['error']}")
-            continue
-        print(f"{r['method']:<13} {r['optim']:<17} {r['est_total'] / MIB:>9.1f} {r['measured_peak'] / MIB:>9.1f} "
-              f"{r['ratio']:>6.3f} {r['est_resident'] / MIB:>9.1f} {r['measured_resident'] / MIB:>9.1f} "
-              f"{r['resident_ratio']:>6.3f}")
+    print_rows(rows, args.batch_size, args.seq_len)
+    act_rows = [] if args.quick else sweep(ACTIVATION_CASES, 16, 128)
+    if act_rows:
+        print_rows(act_rows, 16, 128)
     if args.png:
         plot(rows, args.png)
     if args.json:
         tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"galore_table": table, "sweep": rows}, indent=1))
+        tmp.write_text(json.dumps({"galore_table": table, "sweep": rows, "activation_sweep": act_rows}, indent=1))
         os.replace(tmp, args.json)
     return 0
 

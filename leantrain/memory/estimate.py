@@ -60,10 +60,16 @@ class MemoryReport:
     params_trainable: int
     setting: dict[str, Any] = field(default_factory=dict)
     details: dict[str, int] = field(default_factory=dict)
+    backward_start_gradients: int = 0  # gradients already alive when backward starts (head, DLRT step tensors)
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer_states + max(self.activations, self.optimizer_workspace)
+        """Peak = resident + the larger of the backward start (all activations) and the optimizer step (all
+        gradients + step workspace). In between, backward frees each block's activations as it creates that
+        block's gradients, so the sum of the two ramps peaks at one of its ends."""
+        backward = self.activations + self.backward_start_gradients
+        step = self.gradients + self.optimizer_workspace
+        return self.weights + self.optimizer_states + max(backward, step)
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -274,7 +280,8 @@ def estimate(model: str | ModelSpec, method: str = "full", optim: str = "adamw",
     # ---- activations and optimizer workspace -------------------------------------------------------------------
     act = activation_bytes(spec, batch_size, seq_len, elt, activation_checkpointing, attention,
                            trainable_encoder=method != "head",
-                           adapter_bytes_per_token=_adapter_act_per_token(method, targets_l, rank, elt))
+                           adapter_bytes_per_token=_adapter_act_per_token(method, targets_l, rank, elt),
+                           mask_bytes=1 if device == "cuda" else elt)
     details.update({"activations.blocks": act.blocks, "activations.outside": act.outside,
                     "activations.adapters": act.adapters})
     torch_adamw = optim in ("adamw", "adam") and method != "gradnormlorp"
@@ -286,7 +293,9 @@ def estimate(model: str | ModelSpec, method: str = "full", optim: str = "adamw",
     kept = spec.num_params - (sum(p.numel for p in targets_l) if method == "dlrt" else 0)
     added = sum(t.numel for t in trainables if t.name.rsplit(".", 1)[-1] not in ("weight", "bias", "V", "K", "L"))
     n_total = kept + added  # parameters of the trained model (frozen bases/buffers of adapters not included)
-    return MemoryReport(weights, gradients, states, act.total, workspace, n_total, n_train, setting, details)
+    head_grads = sum(t.numel for t in trainables if any(p.name == t.name and p.is_head for p in spec.params)) * elt
+    return MemoryReport(weights, gradients, states, act.total, workspace, n_total, n_train, setting, details,
+                        backward_start_gradients=head_grads + dlrt_step)
 
 
 def _workspace(trainables: list[_Trainable], n_states: int, elt: int, rank: int, device: str,
