@@ -223,7 +223,8 @@ def plot(switch_rows: list[dict], mem_rows: list[dict], out_dir: Path) -> list[P
         ax.barh([r["method"] for r in rs], [r["switch_ms"] for r in rs],
                 color=["tab:green" if "leantrain SHiRA" == r["method"] else "tab:gray" for r in rs])
         ax.set_xscale("log")
-        ax.set_xlabel("apply + remove one adapter (ms, log)")
+        ax.set_xlim(left=1.0)  # bars start at 1 ms so their lengths compare on the log axis
+        ax.set_xlabel("apply + remove one adapter (ms, log scale from 1 ms)")
         ax.set_title(f"switching: {kind}")
         for i, r in enumerate(rs):
             ax.text(r["switch_ms"], i, f" {r['switch_ms']:.1f}", va="center", fontsize=8)

@@ -338,3 +338,22 @@ def test_merge_twice_raises():
     adapters.merge(m)
     with pytest.raises(ValueError, match="already merged"):
         adapters.merge(m)
+
+
+def test_switch_command_smoke(tmp_path, capsys):
+    import argparse
+
+    from leantrain.commands import switch as switch_cmd
+
+    parser = argparse.ArgumentParser()
+    switch_cmd.register(parser.add_subparsers())
+    out = tmp_path / "switch.json"
+    args = parser.parse_args(["switch", "--layers", "2", "--dim", "16", "--rank", "1", "--num-adapters", "2",
+                              "--rounds", "1", "--json", str(out)])
+    assert args.func(args) == 0
+    result = json.loads(out.read_text())
+    assert result["bit_exact_restore"] and result["switches"] == 2 and result["layers_adapted"] == 2
+    assert "bit-exact" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--rounds"):
+        args.rounds = 0
+        switch_cmd.run(args)
