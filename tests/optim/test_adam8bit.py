@@ -309,3 +309,13 @@ def test_against_torchao_adamw8bit():
     ours, _ = _run(lambda ps: AdamW8bit(ps, lr=1e-3), P0, grads)
     theirs, _ = _run(lambda ps: AoAdamW8bit(ps, lr=1e-3), P0, grads)
     assert ((ours - theirs).norm() / (theirs - P0).norm()).item() < 0.02
+
+
+@pytest.mark.parametrize("cls", [AdamW8bit, AdamW4bit])
+def test_chunking_does_not_change_results(cls):
+    """The chunked loop is an implementation detail: small and huge chunks give bit-identical trajectories."""
+    p0 = torch.randn(5000)
+    grads = _grads((5000,), 4)
+    small, _ = _run(lambda ps: cls(ps, lr=1e-2, chunk_size=512, block_size=128), p0, grads)
+    big, _ = _run(lambda ps: cls(ps, lr=1e-2, chunk_size=1 << 20, block_size=128), p0, grads)
+    assert torch.equal(small, big)
