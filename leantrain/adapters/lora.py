@@ -333,3 +333,5 @@ def pissa_init(base: nn.Module, p: LoraParams, niter: int | None) -> None:
 
 
 register_adapter(LoraConfig, LoraLinear, extra_layers={nn.Embedding: LoraEmbedding})
+
+from . import lora_conv  # noqa: E402,F401  (adds nn.Conv2d support to the LoRA registry entry)

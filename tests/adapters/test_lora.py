@@ -68,7 +68,24 @@ class Deep(nn.Module):
         return torch.randn(6, 12)
 
 
-MODELS = {"MLP": MLP, "EmbMLP": EmbMLP, "Deep": Deep}
+class ConvNet(nn.Module):
+    """Conv2d(3, 8, 3, padding=1) -> ReLU -> Conv2d(8, 6, 3, stride=2) -> mean -> Linear(6, 2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1 = nn.Conv2d(8, 6, 3, stride=2)
+        self.lin = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(self.conv1(torch.relu(self.conv0(x))).mean((2, 3)))
+
+    @staticmethod
+    def inputs() -> torch.Tensor:
+        return torch.randn(4, 3, 9, 9)
+
+
+MODELS = {"MLP": MLP, "EmbMLP": EmbMLP, "Deep": Deep, "ConvNet": ConvNet}
 
 TEST_CASES = [
     ("LoRA lin0", "MLP", LoraConfig, {"r": 2, "alpha": 4, "target_modules": ["lin0"]}),
@@ -89,6 +106,7 @@ TEST_CASES = [
         },
     ),
     ("LoRA embedding", "EmbMLP", LoraConfig, {"r": 3, "target_modules": ["emb", "lin0"]}),
+    ("LoRA conv2d", "ConvNet", LoraConfig, {"r": 2, "target_modules": ["conv0", "conv1"]}),
     ("rsLoRA", "MLP", LoraConfig, {"r": 4, "alpha": 8, "target_modules": ["lin0"], "use_rslora": True}),
     ("DoRA", "MLP", LoraConfig, {"r": 2, "target_modules": ["lin0", "lin1"], "use_dora": True}),
     ("DoRA all-linear", "Deep", LoraConfig, {"r": 3, "target_modules": "all-linear", "use_dora": True}),
@@ -189,7 +207,16 @@ def test_disable_gives_base_output(case):
 
 
 # one row per method x layer type keeps the default run short
-TRAIN_IDS = ["LoRA lin0", "LoRA embedding", "rsLoRA", "DoRA", "PiSSA", "VeRA", "VeRA all-linear"]
+TRAIN_IDS = [
+    "LoRA lin0",
+    "LoRA embedding",
+    "LoRA conv2d",
+    "rsLoRA",
+    "DoRA",
+    "PiSSA",
+    "VeRA",
+    "VeRA all-linear",
+]
 TRAIN_CASES = [c for c in TEST_CASES if c[0] in TRAIN_IDS]
 
 

@@ -197,3 +197,30 @@ def test_pissa_converted_file_loads_in_peft_on_original_base(base_and_inputs, tm
     adapters.save(model, tmp_path, pissa_to_lora=True)
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
     torch.testing.assert_close(theirs(x), expected, atol=1e-5, rtol=1e-5)
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0, self.conv1 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 6, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv1(torch.relu(self.conv0(x)))
+
+
+def test_conv2d_lora_both_directions(tmp_path):
+    torch.manual_seed(0)
+    base, x = ConvNet().eval(), torch.randn(2, 3, 9, 9)
+    model = copy.deepcopy(base)
+    adapters.inject(model, LoraConfig(r=2, alpha=5, target_modules=["conv0", "conv1"]))
+    randomize(model)
+    adapters.save(model, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(theirs(x), model(x), atol=1e-5, rtol=1e-5)
+    config = peft.LoraConfig(r=3, lora_alpha=4, target_modules=["conv0", "conv1"], init_lora_weights=False)
+    theirs = peft.get_peft_model(copy.deepcopy(base), config).eval()
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    mine = copy.deepcopy(base)
+    adapters.load(mine, tmp_path / "theirs")
+    assert (theirs(x) - base(x)).abs().max() > 1e-3
+    torch.testing.assert_close(mine(x), theirs(x), atol=1e-5, rtol=1e-5)
