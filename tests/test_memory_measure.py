@@ -108,3 +108,12 @@ SWEEP = [("full", "adamw"), ("head", "adamw"), ("lora", "adamw"), ("rslora", "ad
 @pytest.mark.parametrize("method,optim", SWEEP, ids=[f"{m}-{o}" for m, o in SWEEP])
 def test_estimate_matches_measured_step_on_minilm_sweep(method: str, optim: str) -> None:
     _compare(method, optim, 4, 32)
+
+
+ACTIVATION_CASES = [("full", "adamw"), ("lora", "adamw"), ("dora", "adamw")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,optim", ACTIVATION_CASES, ids=[f"{m}-{o}" for m, o in ACTIVATION_CASES])
+def test_estimate_matches_measured_step_when_activations_dominate(method: str, optim: str) -> None:
+    _compare(method, optim, 16, 128)

@@ -85,6 +85,8 @@ class MemoryReport:
         width = max(len(r[0]) for r in rows)
         lines = [head, f"parameters: {self.params_total:,} total, {self.params_trainable:,} trainable"]
         lines += [f"{name:<{width}}  {human_bytes(b):>12}" for name, b in rows]
+        lines.append("peak = weights + optimizer states + max(activations + head gradients, "
+                     "gradients + step workspace)")
         return "\n".join(lines)
 
 
