@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
                           block_size=args.block_size, attention=args.attention, layerwise=args.layerwise,
                           device=args.device, num_labels=args.num_labels)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"leantrain memory: error: {exc}", file=sys.stderr)
+        print(f"leantrain: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(report.as_dict(), sort_keys=True))
