@@ -13,7 +13,8 @@ Formats (QLoRA, Dettmers et al. 2023, https://arxiv.org/abs/2305.14314, §3 and 
   Cost per weight: 4 + 8/64 + 32/(64*256) = 4.127 bits for NF4 with block 64.
 
 A weight whose size is not a multiple of ``block_size`` gets a partial last block (padded with zeros, which
-quantize exactly to the zero code); blocks never straddle tensors.
+quantize exactly to the zero code); blocks never straddle tensors. The nearest-code search, the dynamic map and
+the 4-bit packing are shared with the 8-bit optimizer states (``leantrain.optim.quant``).
 """
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from leantrain.optim.quant import dynamic_map, quantize_blockwise
+from leantrain.optim.quant import pack_4bit as _pack_4bit
 
 ABSMAX_BLOCK = 256  # QLoRA's block size for the double-quantized absmax constants
 SUPPORTED_BITS = (4, 8)
@@ -47,18 +51,8 @@ def int8_code() -> torch.Tensor:
 
 
 def dynamic_code() -> torch.Tensor:
-    """bitsandbytes' signed 8-bit dynamic map (256 sorted values, used for the double-quantized absmax).
-
-    Same construction as ``bitsandbytes.functional.create_dynamic_map(signed=True)``: for exponent i = 0..6,
-    2^i linear fractions in (0.1, 1] times 10^(i-6), both signs, plus 0 and 1.
-    """
-    data: list[float] = []
-    for i in range(7):
-        b = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
-        means = ((b[:-1] + b[1:]) / 2 * 10 ** (i - 6)).tolist()
-        data += means + [-m for m in means]
-    data += [0.0, 1.0]
-    return torch.tensor(sorted(data), dtype=torch.float32)
+    """bitsandbytes' signed 8-bit dynamic map (256 sorted values), used for the double-quantized absmax."""
+    return dynamic_map(signed=True)
 
 
 def code_for_bits(bits: int) -> torch.Tensor:
@@ -96,20 +90,22 @@ def padded_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def quantize_to_code(x: torch.Tensor, code: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-wise absmax scaling + nearest code value. Returns (uint8 indices (padded numel,), fp32 absmax)."""
-    blocks = padded_blocks(x, block_size)
-    absmax = blocks.abs().amax(dim=1)
-    scaled = (blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny)[:, None]).clamp_(-1, 1)
-    code = code.to(device=x.device, dtype=torch.float32)
-    mids = (code[1:] + code[:-1]) / 2
-    idx = torch.bucketize(scaled, mids)  # ties go to the lower code, like bitsandbytes
-    return idx.to(torch.uint8).reshape(-1), absmax
+    """Block-wise absmax scaling + nearest code value. Returns (uint8 indices (padded numel,), fp32 absmax).
+
+    The nearest-code search is the optimizer states' (``leantrain.optim.quant``: a 65 536-entry lookup on the
+    top 16 float bits, same result as bucketize over the midpoints with ties to the lower code, 3x faster).
+    """
+    flat = padded_blocks(x, block_size).reshape(-1)
+    try:
+        idx, absmax = quantize_blockwise(flat, code.to(torch.float32), block_size)
+    except ValueError:
+        raise ValueError(f"cannot quantize a tensor of shape {tuple(x.shape)} with NaN or inf values") from None
+    return idx.reshape(-1), absmax
 
 
 def pack_4bit(idx: torch.Tensor) -> torch.Tensor:
-    """Two 4-bit indices per byte, the first in the high nibble (bitsandbytes' order). ``idx`` has even numel."""
-    pairs = idx.reshape(-1, 2)
-    return (pairs[:, 0] << 4) | (pairs[:, 1] & 0x0F)
+    """Two 4-bit indices per byte, the first in the high nibble (bitsandbytes' order)."""
+    return _pack_4bit(idx)
 
 
 def unpack_4bit(packed: torch.Tensor) -> torch.Tensor:

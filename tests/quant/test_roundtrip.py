@@ -124,3 +124,5 @@ def test_bad_inputs_name_value():
         quantize_tensor(torch.ones(4, 64, dtype=torch.complex64), 4)
     with pytest.raises(ValueError, match=r"\(0, 5\)"):
         quantize_tensor(torch.ones(0, 5), 4)
+    with pytest.raises(ValueError, match=r"\(2, 3\) with NaN"):
+        quantize_tensor(torch.tensor([[1.0, 2.0, 3.0], [0.0, float("nan"), 1.0]]), 4)
