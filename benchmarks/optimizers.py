@@ -72,10 +72,12 @@ def time_opt(make: Callable, params0: list[torch.Tensor], grads: list[torch.Tens
     return statistics.median(times) * 1e3, state_bytes(opt)
 
 
-def workloads(quick: bool) -> dict[str, list[torch.Tensor]]:
+def workloads(quick: bool, wanted: set[str]) -> dict[str, list[torch.Tensor]]:
     n = 1024 if quick else 4096
-    out = {f"matrix {n}x{n}": [torch.randn(n, n, generator=torch.Generator().manual_seed(0))]}
-    if not quick:
+    out = {}
+    if "matrix" in wanted:
+        out[f"matrix {n}x{n}"] = [torch.randn(n, n, generator=torch.Generator().manual_seed(0))]
+    if not quick and "minilm" in wanted:
         try:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             from leantrain.models import build_classifier
@@ -95,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3, quick 1)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--no-peers", action="store_true", help="skip bitsandbytes and torchao")
+    ap.add_argument("--workloads", default="matrix,minilm", help="comma-separated subset of: matrix, minilm")
+    ap.add_argument("--peer-workloads", default="matrix,minilm",
+                    help="workloads on which the peers run (torchao compiles once per shape: slow on minilm)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -113,11 +118,15 @@ def main(argv: list[str] | None = None) -> int:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
         tqdm = None
-    for wname, params0 in workloads(args.quick).items():
+    wanted = set(args.workloads.split(","))
+    peer_ok = set(args.peer_workloads.split(","))
+    for wname, params0 in workloads(args.quick, wanted).items():
         g = torch.Generator().manual_seed(1)
         grads = [torch.randn(p.shape, generator=g) * 1e-2 for p in params0]
         numel = sum(p.numel() for p in params0)
-        it = makers.items() if tqdm is None else tqdm(list(makers.items()), desc=wname, leave=False)
+        kind = wname.split()[0]
+        todo = [(k, v) for k, v in makers.items() if k.startswith(("torch ", "leantrain ")) or kind in peer_ok]
+        it = todo if tqdm is None else tqdm(todo, desc=wname, leave=False)
         for oname, make in it:
             try:
                 ms, nbytes = time_opt(make, params0, grads, warmup, steps)
