@@ -156,6 +156,8 @@ def child_memory(method: str, layers: int, dim: int, rank: int, tokens: int, ste
             adapters.inject(model, ShiraConfig(r=rank))
         elif method == "lora":
             adapters.inject(model, adapters.LoraConfig(r=rank, alpha=2 * rank))
+        elif method == "lora-dropout":  # dropout keeps a dropped-out copy of x per layer for backward
+            adapters.inject(model, adapters.LoraConfig(r=rank, alpha=2 * rank, dropout=0.05))
         elif method == "peft-lora":
             model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
         elif method == "peft-shira":
@@ -192,7 +194,7 @@ def child_memory(method: str, layers: int, dim: int, rank: int, tokens: int, ste
 
 def memory(layers: int, dim: int, rank: int, tokens: int, steps: int, threads: int | None) -> list[dict]:
     rows = []
-    for method in ("lora", "shira", "peft-lora", "peft-shira"):
+    for method in ("lora", "shira", "lora-dropout", "peft-lora", "peft-shira"):
         cmd = [sys.executable, __file__, "--child", method, "--layers", str(layers), "--dim", str(dim),
                "--rank", str(rank), "--tokens", str(tokens), "--steps", str(steps)]
         if threads:
@@ -286,9 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         mem_rows = memory(args.layers, args.dim, args.rank, args.tokens, args.steps, args.threads)
         print(f"\nTraining memory ({args.layers} x Linear({args.dim}), {args.tokens} rows, AdamW, {args.steps} steps;"
               " peak RSS of a child process minus its RSS after building the model)")
-        print(f"{'method':11} {'trainable':>10} {'overhead MiB':>13} {'x LoRA':>7} {'step ms':>9}")
+        print(f"{'method':12} {'trainable':>10} {'overhead MiB':>13} {'x LoRA':>7} {'step ms':>9}")
         for r in mem_rows:
-            print(f"{r['method']:11} {r['trainable']:>10,} {r['training_overhead_mb']:>13.1f} "
+            print(f"{r['method']:12} {r['trainable']:>10,} {r['training_overhead_mb']:>13.1f} "
                   f"{r['overhead_vs_lora']:>7.2f} {r['step_ms']:>9.1f}")
     if not args.quick:
         for p in plot(switch_rows, mem_rows, Path(args.plot_dir)):

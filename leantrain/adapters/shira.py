@@ -38,7 +38,7 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta"
 
 @dataclass
 class ShiraConfig:
-    """One SHiRA adapter. K per layer = ``round(fraction*out*in)`` if ``fraction`` else ``r*(out+in)``.
+    """One SHiRA adapter. K per layer = ``int(fraction*out*in)`` if ``fraction`` else ``r*(out+in)``.
 
     ``mask``: "random" | "magnitude" | "gradient" | "snip" | a callable ``fn(weight, k, *, seed, grad) -> Tensor``
     returning a 0/1 mask of the weight's shape, K flat row-major indices or (2, K) row/col indices. "gradient"
@@ -190,27 +190,31 @@ class ShiraParams(nn.Module):
         self.shape = shape
         self.scaling = 1.0  # alpha of W + alpha * S; 1 while training (set_scale for inference / fusion)
         self.shira_weight = nn.Parameter(values)
-        for name in ("flat", "crow", "t_crow", "t_perm", "merged_orig"):
+        for name in ("flat", "crow", "merged_orig"):
             self.register_buffer(name, None, persistent=False)
         self.set_positions(flat)
 
     def set_positions(self, flat: torch.Tensor) -> None:
-        """Install sorted flat indices and the row pointers of S (CSR); S^T's layout is built on first use."""
+        """Install sorted flat indices (int32 when they fit: 4 bytes per entry) and the row pointers of S."""
         out_f, in_f = self.shape
-        flat = flat.to(device=self.shira_weight.device, dtype=torch.int64)
+        dtype = torch.int32 if out_f * in_f < 2**31 else torch.int64
+        flat = flat.to(device=self.shira_weight.device, dtype=dtype)
         self.flat = flat
-        self.crow = torch.cat([flat.new_zeros(1), torch.bincount(flat // in_f, minlength=out_f).cumsum(0)])
-        self.t_crow = self.t_perm = None
+        counts = torch.bincount((flat // in_f).long(), minlength=out_f)
+        self.crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(dtype)
 
     def transposed(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(row pointers, permutation of the values) of S^T in CSR order; only dL/dx needs it, so it is lazy
-        (switching/inference never pays the sort)."""
-        if self.t_perm is None:
-            out_f, in_f = self.shape
-            rows, cols = self.flat // in_f, self.flat % in_f
-            self.t_perm = torch.sort(cols, stable=True).indices  # flat is row-major: stable -> (col, row) order
-            self.t_crow = torch.cat([cols.new_zeros(1), torch.bincount(cols, minlength=in_f).cumsum(0)])
-        return self.t_crow, self.t_perm
+        """(row pointers, value permutation) of S^T in CSR order. Rebuilt per backward instead of cached: one sort
+        of K indices (~10% of the backward's sparse time) saves 8 bytes per entry of persistent memory."""
+        in_f = self.shape[1]
+        cols = self.flat % in_f
+        perm = torch.sort(cols, stable=True).indices  # flat is row-major: stable -> (col, row) order
+        counts = torch.bincount(cols.long(), minlength=in_f)
+        return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(self.flat.dtype), perm
+
+    def long_flat(self) -> torch.Tensor:
+        """int64 positions for index_select / index_copy_ / index_add_ (they require long indices)."""
+        return self.flat.long()
 
     def rows(self) -> torch.Tensor:
         return self.flat // self.shape[1]
@@ -242,7 +246,7 @@ class ShiraLinear(AdapterLayer):
         p = self.adapters[name]
         dtype = base_weight(self.base_layer).dtype
         delta = torch.zeros(p.shape[0] * p.shape[1], dtype=p.shira_weight.dtype, device=p.flat.device)
-        delta.index_add_(0, p.flat, p.shira_weight * p.scaling)
+        delta.index_add_(0, p.long_flat(), p.shira_weight * p.scaling)
         return delta.view(p.shape).to(dtype)
 
     def adapter_output(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
@@ -265,13 +269,13 @@ class ShiraLinear(AdapterLayer):
         w = self._plain_weight()
         if w is None:  # quantized / strided base: dense delta through the base helper (not bit-exact)
             return add_to_base_weight(self.base_layer, self.delta_weight(name))
-        flat_w = w.view(-1)
-        orig = flat_w.index_select(0, p.flat)  # kept for the bit-exact restore
+        flat_w, idx = w.view(-1), p.long_flat()
+        orig = flat_w.index_select(0, idx)  # kept for the bit-exact restore
         acc = torch.promote_types(w.dtype, torch.float32)  # fp32 math on half weights (spec pitfall §6)
         delta = p.shira_weight.detach().to(acc)
         if p.scaling != 1.0:
             delta = delta * p.scaling
-        flat_w.index_copy_(0, p.flat, (orig.to(acc) + delta).to(w.dtype))
+        flat_w.index_copy_(0, idx, (orig.to(acc) + delta).to(w.dtype))
         p.merged_orig = orig
 
     @torch.no_grad()
@@ -279,13 +283,13 @@ class ShiraLinear(AdapterLayer):
         p = self.adapters[name]
         if p.merged_orig is None:
             return add_to_base_weight(self.base_layer, -self.delta_weight(name))
-        self.base_layer.weight.data.view(-1).index_copy_(0, p.flat, p.merged_orig)
+        self.base_layer.weight.data.view(-1).index_copy_(0, p.long_flat(), p.merged_orig)
         p.merged_orig = None
 
     # ---- PEFT tensors --------------------------------------------------------------------------------------------
     def peft_state(self, name: str) -> dict[str, torch.Tensor]:
         p = self.adapters[name]
-        return {"shira_weight": p.shira_weight, "shira_indices": flat_to_indices(p.flat, p.shape[1])}
+        return {"shira_weight": p.shira_weight, "shira_indices": flat_to_indices(p.long_flat(), p.shape[1])}
 
     def load_peft_state(self, name: str, tensors: dict[str, torch.Tensor], where: str = "") -> None:
         p = self.adapters[name]

@@ -30,12 +30,12 @@ _SLACK = 1.3  # keep ~30% more candidates than K so the sampled threshold almost
 
 
 def shira_count(out_features: int, in_features: int, r: int | None = None, fraction: float | None = None) -> int:
-    """Number of trainable entries K: ``round(fraction * out * in)`` if fraction is given, else ``r * (out + in)``."""
+    """Number of trainable entries K: ``int(fraction * out * in)`` (>= 1) if fraction is given, else ``r*(out+in)``."""
     total = out_features * in_features
     if fraction is not None:
         if not 0 < fraction <= 1:
             raise ValueError(f"SHiRA fraction={fraction!r} must be in (0, 1]")
-        k = max(1, round(fraction * total))
+        k = max(1, int(fraction * total))  # int(): the same count as leantrain.memory.estimate
     else:
         if r is None or r <= 0:
             raise ValueError(f"SHiRA r={r!r} must be a positive integer")
