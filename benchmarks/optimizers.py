@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from leantrain.optim import AdamW4bit, AdamW8bit  # noqa: E402
+from leantrain.optim import AdamW4bit, AdamW8bit
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:

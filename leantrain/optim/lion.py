@@ -24,9 +24,9 @@ class Lion8bit(BlockOptimizer):
                  weight_decay: float = 0.0, *, block_size: int = 256, min_8bit_size: int = 4096,
                  percentile_clipping: int = 100, skip_nonfinite: bool = False, codec: str | None = None,
                  chunk_size: int = 1 << 18) -> None:
-        defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, block_size=block_size,
-                        min_8bit_size=min_8bit_size, percentile_clipping=percentile_clipping,
-                        skip_nonfinite=skip_nonfinite, codec=codec, chunk_size=chunk_size, decoupled=True)
+        defaults = {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay, "block_size": block_size,
+                        "min_8bit_size": min_8bit_size, "percentile_clipping": percentile_clipping,
+                        "skip_nonfinite": skip_nonfinite, "codec": codec, "chunk_size": chunk_size, "decoupled": True}
         super().__init__(params, defaults)
 
     def _rule(self, g: Tensor, bufs: list[Tensor], group: dict[str, Any], t: int) -> tuple[Tensor, float]:

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+
 def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> Tensor:
     """Sorted float32 dynamic-tree code (bitsandbytes ``create_dynamic_map``): decades 10^-k with linear fractions.
 

@@ -31,10 +31,10 @@ class SGD8bit(BlockOptimizer):
             raise ValueError(f"SGD8bit: dampening={dampening!r} must be in [0, 1]")
         if nesterov and dampening != 0:
             raise ValueError("SGD8bit: nesterov momentum requires dampening=0")
-        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, block_size=block_size, min_8bit_size=min_8bit_size,
-                        percentile_clipping=percentile_clipping, skip_nonfinite=skip_nonfinite, codec=codec,
-                        chunk_size=chunk_size, decoupled=False)
+        defaults = {"lr": lr, "momentum": momentum, "dampening": dampening, "weight_decay": weight_decay,
+                        "nesterov": nesterov, "block_size": block_size, "min_8bit_size": min_8bit_size,
+                        "percentile_clipping": percentile_clipping, "skip_nonfinite": skip_nonfinite, "codec": codec,
+                        "chunk_size": chunk_size, "decoupled": False}
         super().__init__(params, defaults)
 
     def _rule(self, g: Tensor, bufs: list[Tensor], group: dict[str, Any], t: int) -> tuple[Tensor, float]:

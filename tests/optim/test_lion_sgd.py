@@ -60,8 +60,8 @@ def test_lion_8bit_close_to_reference():
     assert opt.state_bytes() / P0.numel() < 1.05
 
 
-@pytest.mark.parametrize("kw", [dict(momentum=0.9), dict(momentum=0.5, dampening=0.3, weight_decay=0.01),
-                                dict(momentum=0.9, nesterov=True, weight_decay=0.1)])
+@pytest.mark.parametrize("kw", [{"momentum": 0.9}, {"momentum": 0.5, "dampening": 0.3, "weight_decay": 0.01},
+                                {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1}])
 def test_sgd_small_tensor_matches_torch(kw):
     p0 = torch.randn(1000)
     grads = _grads((1000,), 6)
