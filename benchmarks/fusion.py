@@ -23,8 +23,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from leantrain import adapters  # noqa: E402
-from leantrain.adapters.shira import ShiraConfig  # noqa: E402
+from leantrain import adapters
+from leantrain.adapters.shira import ShiraConfig
 
 D_IN, HIDDEN, CLASSES = 32, 128, 4
 

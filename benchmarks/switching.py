@@ -33,9 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from leantrain import adapters  # noqa: E402
-from leantrain.adapters.shira import ShiraConfig  # noqa: E402
-from leantrain.commands.switch import build_stack  # noqa: E402
+from leantrain import adapters
+from leantrain.adapters.shira import ShiraConfig
+from leantrain.commands.switch import build_stack
 
 BERT_LINEARS = ["query", "key", "value", "dense"]  # every encoder Linear of MiniLM (= our "all-linear")
 
@@ -84,9 +84,9 @@ def switching(kind: str, layers: int, dim: int, rank: int, reps: int) -> list[di
     switch = _median_ms(lambda: (adapters.merge(m), adapters.unmerge(m)), reps)
     exact = all(torch.equal(p, weights0[n]) for n, p in m.named_parameters())
     n_train = sum(p.numel() for n, p in m.named_parameters() if "shira_weight" in n)
-    rows.append(dict(model=kind, method="leantrain SHiRA", create_ms=create, switch_ms=switch, params=n_train,
-                     bit_exact=exact))
-    del m, weights0
+    rows.append({"model": kind, "method": "leantrain SHiRA", "create_ms": create, "switch_ms": switch, "params": n_train,
+                     "bit_exact": exact})
+    m = weights0 = None
 
     # leantrain LoRA
     m = copy.deepcopy(base)
@@ -94,8 +94,8 @@ def switching(kind: str, layers: int, dim: int, rank: int, reps: int) -> list[di
     _randomise_lora(m)
     switch = _median_ms(lambda: (adapters.merge(m), adapters.unmerge(m)), reps)
     n_train = sum(p.numel() for n, p in m.named_parameters() if "lora_" in n)
-    rows.append(dict(model=kind, method="leantrain LoRA", create_ms=create, switch_ms=switch, params=n_train))
-    del m
+    rows.append({"model": kind, "method": "leantrain LoRA", "create_ms": create, "switch_ms": switch, "params": n_train})
+    m = None
 
     # PEFT LoRA
     m = copy.deepcopy(base)
@@ -104,8 +104,8 @@ def switching(kind: str, layers: int, dim: int, rank: int, reps: int) -> list[di
     _randomise_lora(pm)
     switch = _median_ms(lambda: (pm.merge_adapter(), pm.unmerge_adapter()), reps)
     n_train = sum(p.numel() for n, p in pm.named_parameters() if "lora_" in n)
-    rows.append(dict(model=kind, method="PEFT LoRA", create_ms=create, switch_ms=switch, params=n_train))
-    del m, pm
+    rows.append({"model": kind, "method": "PEFT LoRA", "create_ms": create, "switch_ms": switch, "params": n_train})
+    m = pm = None
 
     # PEFT SHiRA
     m = copy.deepcopy(base)
@@ -113,8 +113,8 @@ def switching(kind: str, layers: int, dim: int, rank: int, reps: int) -> list[di
                                                                         init_weights=False)))
     switch = _median_ms(lambda: (pm.merge_adapter(), pm.unmerge_adapter()), reps)
     n_train = sum(p.numel() for n, p in pm.named_parameters() if "shira_weight" in n)
-    rows.append(dict(model=kind, method="PEFT SHiRA", create_ms=create, switch_ms=switch, params=n_train))
-    del m, pm
+    rows.append({"model": kind, "method": "PEFT SHiRA", "create_ms": create, "switch_ms": switch, "params": n_train})
+    m = pm = None
     ours = rows[0]["switch_ms"]
     for r in rows:
         r["switch_vs_ours"] = r["switch_ms"] / ours
@@ -188,8 +188,8 @@ def child_memory(method: str, layers: int, dim: int, rank: int, tokens: int, ste
     reset = _reset_peak()
     times, trainable = train(adapt(model, layers, rank), x, target, steps)
     peak = _peak_mb() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return dict(method=method, trainable=trainable, model_rss_mb=before,
-                peak_rss_mb=peak, training_overhead_mb=peak - before, step_ms=statistics.median(times[1:] or times))
+    return {"method": method, "trainable": trainable, "model_rss_mb": before,
+                "peak_rss_mb": peak, "training_overhead_mb": peak - before, "step_ms": statistics.median(times[1:] or times)}
 
 
 def memory(layers: int, dim: int, rank: int, tokens: int, steps: int, threads: int | None) -> list[dict]:

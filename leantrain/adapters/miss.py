@@ -67,7 +67,7 @@ class MissConfig:
                 "bias": "none", "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None}
 
     @classmethod
-    def from_peft_dict(cls, d: dict[str, Any]) -> "MissConfig":
+    def from_peft_dict(cls, d: dict[str, Any]) -> MissConfig:
         init = d.get("init_weights", True)
         variant = init if init in ("bat", "mini") else "default"
         if d.get("bias", "none") not in ("none", None):
@@ -133,7 +133,7 @@ class MissParams(nn.Module):
 class MissLinear(AdapterLayer):
     """MiSS / BAT on nn.Linear (or a quantized Linear exposing ``dequantize()``)."""
 
-    peft_keys = {"miss_block": "miss_block"}
+    peft_keys: ClassVar[dict[str, str]] = {"miss_block": "miss_block"}
 
     def create_adapter(self, name: str, config: MissConfig) -> nn.Module:
         where = getattr(self, "layer_name", type(self.base_layer).__name__)

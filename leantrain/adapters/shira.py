@@ -98,7 +98,7 @@ class ShiraConfig:
         return body
 
     @classmethod
-    def from_peft_dict(cls, d: dict[str, Any]) -> "ShiraConfig":
+    def from_peft_dict(cls, d: dict[str, Any]) -> ShiraConfig:
         mask = d.get("mask_type", "random")
         config = cls(r=int(d.get("r", 32)), fraction=d.get("fraction"),
                      mask=mask if mask in MASK_KINDS else "random",
@@ -158,7 +158,7 @@ class _SparseDelta(torch.autograd.Function):
     """y = x @ S^T for S = csr(values * scale); grads for x (transposed CSR) and values (SDDMM)."""
 
     @staticmethod
-    def forward(ctx: Any, x2d: torch.Tensor, values: torch.Tensor, p: "ShiraParams", scale: float) -> torch.Tensor:
+    def forward(ctx: Any, x2d: torch.Tensor, values: torch.Tensor, p: ShiraParams, scale: float) -> torch.Tensor:
         s = torch.sparse_csr_tensor(p.crow, p.cols(), values * scale, p.shape, check_invariants=False)
         ctx.save_for_backward(x2d, values)
         ctx.p, ctx.scale = p, scale

@@ -78,7 +78,7 @@ def switch_demo(model: nn.Module, names: list[str], rounds: int) -> dict:
     adapters.unmerge(model)
     after = _snapshot(model)
     exact = all(torch.equal(original[k], after[k]) for k in original)
-    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    med = lambda xs: sorted(xs)[len(xs) // 2]
     return {"adapters": names, "switches": len(applies), "apply_ms_median": med(applies),
             "remove_ms_median": med(removes), "fuse_all_ms": fuse, "bit_exact_restore": exact}
 

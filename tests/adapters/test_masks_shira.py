@@ -5,8 +5,16 @@ import pytest
 import torch
 
 from leantrain.adapters.shira_masks import (
-    as_flat_indices, flat_to_indices, gradient_mask, indices_to_flat, magnitude_mask, make_mask, random_mask,
-    shira_count, snip_mask, topk_flat,
+    as_flat_indices,
+    flat_to_indices,
+    gradient_mask,
+    indices_to_flat,
+    magnitude_mask,
+    make_mask,
+    random_mask,
+    shira_count,
+    snip_mask,
+    topk_flat,
 )
 
 
@@ -22,7 +30,7 @@ def test_count_r_rule_and_fraction():
     assert shira_count(3, 3, fraction=1e-9) == 1  # at least one entry
 
 
-@pytest.mark.parametrize("kwargs", [dict(r=0), dict(r=11), dict(r=None), dict(fraction=0.0), dict(fraction=1.5)])
+@pytest.mark.parametrize("kwargs", [{"r": 0}, {"r": 11}, {"r": None}, {"fraction": 0.0}, {"fraction": 1.5}])
 def test_count_bad(kwargs):
     with pytest.raises(ValueError):
         shira_count(10, 10, **kwargs)
@@ -75,7 +83,7 @@ def test_magnitude_gradient_snip_pick_top_scores():
     w = torch.randn(30, 20, generator=g)
     grad = torch.rand(30, 20, generator=g)
     k = 50
-    ref = lambda s: set(torch.topk(s.reshape(-1), k).indices.tolist())  # noqa: E731
+    ref = lambda s: set(torch.topk(s.reshape(-1), k).indices.tolist())
     assert set(magnitude_mask(w, k).tolist()) == ref(w.abs())
     assert set(gradient_mask(grad, k).tolist()) == ref(grad)
     assert set(snip_mask(w, grad, k).tolist()) == ref((w * grad).abs())

@@ -121,7 +121,7 @@ def test_mini_needs_divisible_out():
         adapters.inject(_linear(8, 10), MissConfig(r=2, variant="mini", mini_r=3, target_modules=["0"]))
 
 
-@pytest.mark.parametrize("kwargs", [dict(r=0), dict(variant="bone"), dict(dropout=1.0), dict(mini_r=0)])
+@pytest.mark.parametrize("kwargs", [{"r": 0}, {"variant": "bone"}, {"dropout": 1.0}, {"mini_r": 0}])
 def test_bad_config(kwargs):
     with pytest.raises(ValueError):
         MissConfig(**kwargs)

@@ -31,10 +31,10 @@ def _model(seed: int) -> MLP:
 
 
 CASES = [  # (our kwargs, PEFT kwargs)
-    (dict(r=2), dict(r=2, init_weights=True)),
-    (dict(r=3), dict(r=3, init_weights=True)),  # in=10 not divisible by 3: padding / remainder rule
-    (dict(r=2, variant="bat"), dict(r=2, init_weights="bat")),
-    (dict(r=2, variant="mini", mini_r=5), dict(r=2, init_weights="mini", mini_r=5)),
+    ({"r": 2}, {"r": 2, "init_weights": True}),
+    ({"r": 3}, {"r": 3, "init_weights": True}),  # in=10 not divisible by 3: padding / remainder rule
+    ({"r": 2, "variant": "bat"}, {"r": 2, "init_weights": "bat"}),
+    ({"r": 2, "variant": "mini", "mini_r": 5}, {"r": 2, "init_weights": "mini", "mini_r": 5}),
 ]
 
 

@@ -319,8 +319,8 @@ def test_training_lowers_loss_and_changes_only_selected_entries():
 
 
 @pytest.mark.parametrize("kwargs,err", [
-    (dict(mask="struct"), ValueError), (dict(r=0), ValueError), (dict(fraction=0.0), ValueError),
-    (dict(fraction=2.0), ValueError),
+    ({"mask": "struct"}, ValueError), ({"r": 0}, ValueError), ({"fraction": 0.0}, ValueError),
+    ({"fraction": 2.0}, ValueError),
 ])
 def test_bad_config(kwargs, err):
     with pytest.raises(err):
