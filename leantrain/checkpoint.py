@@ -149,6 +149,11 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tenso
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
+    except (OSError, SafetensorError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        kept = f"; {previous} is intact" if previous else ""
+        raise CheckpointError(f"writing checkpoint step {step} to {root} failed ({exc}){kept}") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -82,6 +82,9 @@ def head_parameter_names(model: nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters() if id(p) in ids}
 
 
+HEAD_NAMES = ("classifier", "lm_head", "score")
+
+
 class FullFineTuning:
     """Every parameter trains (the reference every memory saving is measured against)."""
 
@@ -90,7 +93,9 @@ class FullFineTuning:
 
     def apply(self, model: nn.Module, cfg: TrainConfig, calib: Calibration | None = None) -> list[dict]:
         head = head_parameter_names(model)
-        linear_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+        # Output heads (lm_head, score) stay dense: GaLore projects attention/MLP matrices only, as in the paper.
+        linear_ids = {id(m.weight) for name, m in model.named_modules()
+                      if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] not in HEAD_NAMES}
         linear, other = [], []
         for n, p in model.named_parameters():
             p.requires_grad_(True)

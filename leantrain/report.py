@@ -17,8 +17,7 @@ class StepLog:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
             write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         self._handle = self.path.open("a")
 
@@ -28,6 +27,14 @@ class StepLog:
 
     def close(self) -> None:
         self._handle.close()
+
+
+def _step_of(line: str) -> float:
+    """Step of a log line; a torn line (the process was killed mid-write) counts as past any checkpoint."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return float("inf")
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -30,6 +30,7 @@ from .optim.registry import build_optimizer
 from .report import StepLog, plot_losses, read_jsonl, write_summary
 
 # Fields that may differ between the original run and a --resume invocation.
+PER_INVOCATION = {"resume", "stop_at", "progress", "overwrite"}
 RUNTIME_FIELDS = {"resume", "stop_at", "progress", "save_every", "eval_every", "steps", "overwrite", "device",
                   "strategy"}
 CALIBRATION_BATCHES = 4
@@ -87,9 +88,10 @@ def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, TrainConfig]:
                    and v != getattr(TrainConfig(), k)]
         if changed:
             raise ValueError(f"--resume: option(s) {', '.join(changed)} differ from {saved}; drop them to resume")
-        runtime = {k: getattr(cfg, k) for k in RUNTIME_FIELDS}
-        if cfg.steps is None:  # keep the planned length unless the resume extends it
-            runtime["steps"] = old.steps
+        # Per-invocation fields come from this call; the others keep the run's values unless given anew.
+        defaults = TrainConfig()
+        runtime = {k: getattr(cfg, k) for k in RUNTIME_FIELDS
+                   if k in PER_INVOCATION or getattr(cfg, k) != getattr(defaults, k)}
         return run_dir, replace(old, **runtime)
     if run_dir.exists() and any(run_dir.iterdir()) and not cfg.overwrite:
         raise FileExistsError(f"run folder {run_dir} is not empty; pass --resume to continue it or "
