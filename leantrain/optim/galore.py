@@ -64,9 +64,9 @@ class _GaLoreMixin:
             raise ValueError(f"{type(self).__name__}: correct_bias={correct_bias!r} is not supported "
                              "(the Adam core always corrects the bias)")
         super().__init__(_galore_groups(params), lr, betas, eps, weight_decay, **kwargs)
-        galore = dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, svd=svd,
-                      seed=seed, oversample=oversample, power_iters=power_iters, refresh_moments=refresh_moments,
-                      eps_convention=eps_convention)
+        galore = {"rank": rank, "update_proj_gap": update_proj_gap, "scale": scale, "proj_type": proj_type,
+                  "svd": svd, "seed": seed, "oversample": oversample, "power_iters": power_iters,
+                  "refresh_moments": refresh_moments, "eps_convention": eps_convention}
         # Set the GaLore defaults after construction so every group gets them even though the core's
         # ``defaults`` dict was built by the parent; then re-check each group with its final keys.
         self.defaults.update(galore)

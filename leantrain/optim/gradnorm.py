@@ -45,7 +45,7 @@ class WeightNormLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "WeightNormLinear":
+    def from_linear(cls, linear: nn.Linear) -> WeightNormLinear:
         """Reparametrise ``linear`` exactly: ``V = W0``, ``g = ||W0||_row``; the bias Parameter is shared."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"WeightNormLinear.from_linear needs an nn.Linear, got {type(linear).__name__}")

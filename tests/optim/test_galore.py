@@ -3,6 +3,7 @@ moment handling at a refresh (keep vs reproject), state_dict round trip with the
 from __future__ import annotations
 
 import io
+import itertools
 import json
 
 import pytest
@@ -28,7 +29,7 @@ def _one_thread():
 def _mlp(seed: int = 0, sizes=(24, 48, 32, 4)) -> nn.Sequential:
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
-    for a, b in zip(sizes[:-1], sizes[1:]):
+    for a, b in itertools.pairwise(sizes):
         layers += [nn.Linear(a, b), nn.Tanh()]
     return nn.Sequential(*layers[:-1])
 

@@ -9,8 +9,14 @@ import torch
 from torch import nn
 
 from leantrain.config import TrainConfig
-from leantrain.optim.gradnorm import (GRADNORMLORP, WeightNormLinear, merge, merged_state_dict, reparametrize,
-                                      resolve_linear_targets)
+from leantrain.optim.gradnorm import (
+    GRADNORMLORP,
+    WeightNormLinear,
+    merge,
+    merged_state_dict,
+    reparametrize,
+    resolve_linear_targets,
+)
 
 
 class MLP(nn.Module):
