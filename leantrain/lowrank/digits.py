@@ -86,7 +86,7 @@ def train_run(method: str = "dlrt", tau: float | None = 0.1, *, epochs: int = 30
                 out.backward()
                 return out
 
-            loss = opt.step(closure)
+            loss = opt.step(closure).detach()
             step += 1
             if isinstance(opt, KLSOptimizer):
                 history.append((step, list(opt.ranks().values())))
