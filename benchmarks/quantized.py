@@ -187,7 +187,7 @@ def _plot(path: Path, rows: list[dict]) -> None:
     for i, r in enumerate(rows):
         ax.text(i, r["model_MB"] + 1, f"{r['bits_per_weight']:.2f} b/w", ha="center", fontsize=8)
     ax.set_ylabel("MiB")
-    ax.set_title("MiniLM-L6 classifier: bytes with the encoder's Linear weights quantized")
+    ax.set_title("MiniLM-L6 classifier: bytes with the encoder's Linear weights quantized", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
