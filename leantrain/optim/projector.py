@@ -174,11 +174,14 @@ def compute_basis(grad: Tensor, rank: int, side: int, *, svd: str = "randomized"
     """Orthonormal basis of the top-``rank`` singular subspace of ``grad`` on ``side``.
 
     Returns ``(P, None)`` with P = Vh_r (r x n) for RIGHT or P = U_r (m x r) for LEFT, and ``(U_r, Vh_r)``
-    for BOTH; cast to ``grad.dtype`` (as galore-torch does).
+    for BOTH; cast to ``grad.dtype`` (as galore-torch does). ``svd="randomized"`` on a matrix whose smaller side
+    is at most ``2 * (rank + oversample)`` uses the exact SVD instead (same cost, no approximation).
     """
     if grad.ndim != 2:
         raise ValueError(f"gradient projection needs a 2-D tensor, got shape {tuple(grad.shape)}")
     rank = min(rank, *grad.shape)
+    if svd == "randomized" and 2 * (rank + oversample) >= min(grad.shape):
+        svd = "full"  # the sketch would be about as large as the matrix: an exact SVD costs the same
     if svd == "full":
         u, vh = _full_svd(grad, rank, seed)
     elif svd == "randomized":

@@ -41,7 +41,7 @@ def test_shapes_follow_the_smaller_side(shape, basis_shape, low_shape, svd):
 @pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right"])
 @pytest.mark.parametrize("svd", ["full", "randomized"])
 def test_basis_is_orthonormal(proj_type, svd):
-    grad = torch.randn(48, 30)
+    grad = torch.randn(96, 60)  # large enough for the randomized path (2 * (8 + 8) < 60)
     state: dict = {}
     pj.project(grad, state, _group(proj_type=proj_type, svd=svd), step=1)
     p = state["proj_basis"].double()
@@ -82,8 +82,15 @@ def test_randomized_captures_nearly_the_exact_energy():
     assert e_rand <= e_exact + 1e-5  # nothing beats the top-r subspace
 
 
+def test_randomized_on_a_small_matrix_is_the_exact_svd():
+    grad = torch.randn(40, 30)  # 2 * (8 + 8) >= 30: the sketch would be as large as the matrix
+    exact, _ = pj.compute_basis(grad, 8, pj.RIGHT, svd="full")
+    rand, _ = pj.compute_basis(grad, 8, pj.RIGHT, svd="randomized", seed=4)
+    assert torch.equal(rand, exact)
+
+
 def test_randomized_is_deterministic_given_the_seed():
-    grad = torch.randn(80, 50)
+    grad = torch.randn(160, 100)
     a, _ = pj.compute_basis(grad, 8, pj.RIGHT, svd="randomized", seed=11)
     b, _ = pj.compute_basis(grad.clone(), 8, pj.RIGHT, svd="randomized", seed=11)
     c, _ = pj.compute_basis(grad, 8, pj.RIGHT, svd="randomized", seed=12, power_iters=0)
@@ -94,7 +101,7 @@ def test_randomized_is_deterministic_given_the_seed():
 
 
 def test_project_uses_group_seed_and_step_deterministically():
-    grad = torch.randn(60, 40)
+    grad = torch.randn(120, 80)
     s1, s2, s3 = {}, {}, {}
     pj.project(grad, s1, _group(svd="randomized", seed=5, power_iters=0), step=1)
     pj.project(grad, s2, _group(svd="randomized", seed=5, power_iters=0), step=1)
@@ -184,8 +191,11 @@ def test_svd_failure_falls_back_to_randomized(monkeypatch):
     grad = _decaying(30, 20, decay=0.5)
     monkeypatch.setattr(torch.linalg, "svd",
                         _failing_svd(torch.linalg.svd, {(30, 20)}, {torch.float32, torch.float64}))
-    with pytest.warns(RuntimeWarning, match=r"\(30, 20\).*randomized"):
+    with pytest.warns(RuntimeWarning) as record:
         basis, _ = pj.compute_basis(grad, 4, pj.RIGHT, svd="full")
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 3 and all("(30, 20)" in m for m in messages)
+    assert "float64" in messages[0] and "jitter" in messages[1] and "randomized" in messages[2]
     s = np.linalg.svd(grad.double().numpy(), compute_uv=False)
     exact = float((s[:4] ** 2).sum() / (s**2).sum())
     assert pj.captured_energy(grad, basis, pj.RIGHT) >= 0.999 * exact
