@@ -45,6 +45,8 @@ def target_linear_names(model: nn.Module, targets: str | Iterable[str] = "all-li
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _is_head(n)]
     if targets == "all-linear":
         return [n for n, _ in linears]
+    if isinstance(targets, str) and not targets.startswith("re:"):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]  # CLI form "query,value"
     if not isinstance(targets, str):
         targets = list(targets)
         if not all(isinstance(t, str) for t in targets):

@@ -127,8 +127,11 @@ def test_quantize_skips_head_and_targets():
     assert isinstance(m2.lin0, nn.Linear) and isinstance(m2.lin1, QuantLinear) and m2.lin1.bits == 8
     m3 = MLP()
     assert quantize(m3, bits=4, targets="re:lin[01]") == ["lin0", "lin1"]
+    assert quantize(MLP(), bits=4, targets="lin0, lin1") == ["lin0", "lin1"]  # the CLI's --targets form
     with pytest.raises(ValueError, match="'lin9'"):
         quantize(MLP(), targets=["lin0", "lin9"])
+    with pytest.raises(ValueError, match="'lin9'"):
+        quantize(MLP(), targets="lin0,lin9")
     with pytest.raises(ValueError, match="bits=2"):
         quantize(MLP(), bits=2)
 
