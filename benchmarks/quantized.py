@@ -31,7 +31,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from leantrain.quant import QuantLinear, model_nbytes, quantize, quantized_layers  # noqa: E402
+from leantrain.quant import QuantLinear, model_nbytes, quantize, quantized_layers
 
 
 def _best_time(fn, repeats: int, warmup: int = 1) -> float:
@@ -100,11 +100,11 @@ def layer_table(quick: bool) -> list[dict]:
             if layer is None:
                 continue
 
-            def forward(layer=layer):
+            def forward(layer=layer, x=x):
                 with torch.no_grad():
                     layer(x)
 
-            def forward_backward(layer=layer):
+            def forward_backward(layer=layer, x=x):
                 xg = x.detach().requires_grad_()
                 layer(xg).sum().backward()
 

@@ -31,7 +31,7 @@ class _QuantMatmul(torch.autograd.Function):
     """y = x W^T + b with W dequantized in forward and again in backward (nothing dense is saved)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, layer: "QuantLinear") -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, layer: QuantLinear) -> torch.Tensor:
         ctx.layer = layer
         ctx.has_bias = bias is not None
         return F.linear(x, layer.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
@@ -73,7 +73,7 @@ class QuantLinear(nn.Module):
     # ---- construction ------------------------------------------------------------------------------------------
     @classmethod
     def from_linear(cls, linear: nn.Module, bits: int = 4, block_size: int = 64, double_quant: bool = True,
-                    merge_policy: str = "exact") -> "QuantLinear":
+                    merge_policy: str = "exact") -> QuantLinear:
         weight = linear.weight
         check_float(weight, f"weight of {type(linear).__name__}")
         qweight = quantize_tensor(weight, bits=bits, block_size=block_size, double_quant=double_quant)

@@ -31,7 +31,7 @@ def test_loftq_beats_plain_quantization(bits):
 
 def test_loftq_scaling_and_rank_one_svd_identity():
     w = _weight()
-    q, a, b = loftq_init(w, r=4, iters=1, scaling=2.0)
+    _, a, b = loftq_init(w, r=4, iters=1, scaling=2.0)
     # one alternation = quantize W, then best rank-4 approximation of the residual (Eckart-Young)
     residual = w - dequantize_tensor(quantize_tensor(w, 4))
     u, s, vh = torch.linalg.svd(residual, full_matrices=False)
