@@ -45,7 +45,7 @@ class TrainConfig:
     alpha: float = 16.0  # LoRA scaling numerator: scale = alpha / r (alpha / sqrt(r) for rslora)
     dropout: float = 0.0  # dropout on the adapter input
     targets: str = "all-linear"  # "all-linear", comma-separated module names, or a regex (prefix "re:")
-    init: str = "default"  # LoRA init: default | gaussian | pissa | pissa_fast
+    init: str = "default"  # LoRA init: default | gaussian | pissa | pissa_fast | loftq (needs --quantize)
     lora_plus_ratio: float | None = None  # LoRA+: lr of B = ratio * lr of A (e.g. 16); None = plain LoRA
     mask: str = "random"  # SHiRA mask: random | magnitude | gradient | snip
     fraction: float | None = None  # SHiRA: share of each matrix that trains (overrides the r-based count)
@@ -98,6 +98,25 @@ class TrainConfig:
             (self.gap > 0, "gap", self.gap, "must be > 0"),
             (self.fraction is None or 0 < self.fraction <= 1, "fraction", self.fraction, "must be in (0, 1]"),
             (self.task in ("classify", "causal-lm"), "task", self.task, "must be 'classify' or 'causal-lm'"),
+            (self.quantize in (None, "nf4", "int8"), "quantize", self.quantize, "must be nf4 or int8"),
+            (self.quantize is None or self.method not in ("full", "galore", "gradnormlorp", "dlrt"), "quantize",
+             self.quantize, f"needs a frozen base; method {self.method!r} trains the base weights"),
+            (self.init != "loftq" or (self.quantize is not None and self.method in ("lora", "rslora")), "init",
+             self.init, "works with --quantize nf4|int8 and --method lora or rslora"),
+            (self.strategy in ("auto", "ddp", "fsdp"), "strategy", self.strategy, "must be auto, ddp or fsdp"),
+            (self.model_dropout is None or 0 <= self.model_dropout < 1, "model_dropout", self.model_dropout,
+             "must be in [0, 1)"),
+            (0 <= self.dropout < 1, "dropout", self.dropout, "must be in [0, 1)"),
+            (self.alpha > 0, "alpha", self.alpha, "must be > 0"),
+            (self.block_size > 0, "block_size", self.block_size, "must be > 0"),
+            (self.proj_scale > 0, "proj_scale", self.proj_scale, "must be > 0"),
+            (self.svd in ("full", "randomized"), "svd", self.svd, "must be 'full' or 'randomized'"),
+            (self.lora_plus_ratio is None or self.lora_plus_ratio > 0, "lora_plus_ratio", self.lora_plus_ratio,
+             "must be > 0"),
+            (self.miss_variant in ("default", "bat", "mini"), "miss_variant", self.miss_variant,
+             "must be default, bat or mini"),
+            (self.init_weights in ("pretrained", "scratch"), "init_weights", self.init_weights,
+             "must be 'pretrained' or 'scratch'"),
         ]
         for ok, name, value, why in checks:
             if not ok:

@@ -137,14 +137,18 @@ def _train(cfg: TrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
             yield task.loss(task.batch(i))
 
     # 2. Shape the model: optional quantized frozen base, then the method, then DDP/FSDP.
+    loftq = cfg.init == "loftq"
     if cfg.quantize:
         from .quant import quantize
 
-        bits = {"nf4": 4, "int8": 8}.get(cfg.quantize)
-        if bits is None:
-            raise ValueError(f"--quantize {cfg.quantize!r}: choose nf4 or int8")
-        quantize(model, bits=bits, targets=cfg.targets)
-    groups = method.apply(model, cfg, calib)
+        bits = {"nf4": 4, "int8": 8}[cfg.quantize]
+        if not loftq:  # LoftQ quantizes after the adapter exists, so Q + BA can approximate W jointly
+            quantize(model, bits=bits, targets=cfg.targets)
+    groups = method.apply(model, replace(cfg, init="default") if loftq else cfg, calib)
+    if loftq:
+        from .quant import apply_loftq
+
+        apply_loftq(model, "default", bits=bits)
     head = head_module(model)
     lr = cfg.lr if cfg.lr is not None else method.default_lr
     if head is not None:

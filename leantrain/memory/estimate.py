@@ -128,13 +128,15 @@ def quantized_bytes(numel: int, rows: int, scheme: str) -> int:
 
 
 def shira_index_bytes(k: int, shape: tuple[int, ...], layout: str = "leantrain") -> int:
-    """Index bytes of K sparse entries: PEFT keeps int32 (2, K); leantrain's CSR layer keeps int64 flat positions,
-    the int64 permutation to the transposed layout and the int64 row pointers of S and S^T."""
+    """Index bytes of K sparse entries: PEFT keeps int32 (2, K); leantrain's CSR layer keeps K flat positions and
+    the out+1 row pointers of S, int32 while the matrix has < 2**31 entries (the transposed layout is rebuilt in
+    each backward, not kept)."""
     if layout == "peft":
         return 2 * k * 4
     if layout == "leantrain":
         out_f, in_f = shape
-        return 8 * (2 * k + out_f + 1 + in_f + 1)
+        width = 4 if out_f * in_f < 2**31 else 8
+        return width * (k + out_f + 1)
     raise ValueError(f"shira_layout={layout!r} must be 'leantrain' or 'peft'")
 
 
