@@ -125,6 +125,7 @@ class KLSOptimizer(torch.optim.Optimizer):
             old.grad = None
             return old
         new = nn.Parameter(data, requires_grad=old.requires_grad)
+        old.grad = None  # a caller holding the old object (a cached param list) must not see a stale gradient
         setattr(layer, pname, new)
         gi, pi = self._where.pop(id(old))
         self.inner.param_groups[gi]["params"][pi] = new
@@ -169,6 +170,13 @@ class KLSOptimizer(torch.optim.Optimizer):
             for layer in layers:
                 layer.mode, layer.cache = "s", False
         # K- and L-step: step only K, L (everything else waits for the S-step, evaluated at the same point).
+        reached = {layer: layer.K.grad is not None or layer.L.grad is not None for layer in layers}
+        if not any(reached.values()):  # the closure dropped all grads (e.g. nan-policy "skip"): no update at all
+            for layer in layers:
+                layer.pop_cache()
+                self._set(layer, "K", layer.K.detach().new_empty(0))
+                self._set(layer, "L", layer.L.detach().new_empty(0))
+            return loss.detach() if isinstance(loss, torch.Tensor) else loss
         factor_ids = {id(p) for layer in layers for p in (layer.K, layer.L, layer.S)}
         held = {}
         for group in self.inner.param_groups:
@@ -191,7 +199,10 @@ class KLSOptimizer(torch.optim.Optimizer):
         if cached:
             for layer in layers:
                 u_hat, v_hat = bases[layer]
-                grads = [layer.project_grad(x, dy, u_hat, v_hat) for x, dy in layer.pop_cache()]
+                cache = layer.pop_cache()
+                if not reached[layer]:
+                    cache = []  # the closure dropped this step's grads (e.g. a non-finite loss): no S-step either
+                grads = [layer.project_grad(x, dy, u_hat, v_hat) for x, dy in cache]
                 layer.S.grad = torch.stack(grads).sum(0).to(layer.S.dtype) if grads else None
                 layer.U, layer.V = u_hat, v_hat
             for p, g in held.items():

@@ -272,3 +272,24 @@ def test_spec_quadratic_descent_recovers_rank3_target():
         ranks.append(layer.rank)
     assert max(ranks) > 3 and ranks[-1] == 3, ranks
     assert float((layer.weight_matrix() - a).norm() / a.norm()) < 1e-4
+
+
+def test_closure_that_drops_grads_skips_the_step_and_stale_params_lose_grads():
+    """A loop's nan-policy 'skip' zeroes grads inside the closure: then W must not move (no S-step from the
+    cached activations either), and Parameter objects swapped out by a rank change carry no stale gradient."""
+    torch.manual_seed(0)
+    a, x, y = _teacher()
+    layer = LowRankLinear(48, 64, 16, bias=True)
+    opt = KLSOptimizer(layer, inner="sgd", lr=0.5, tau=0.05)
+    stale = list(layer.parameters())
+    opt.step(_mse_closure(opt, layer, x, y))
+    assert all(p.grad is None for p in stale if not any(p is q for q in layer.parameters()))
+    w0, b0 = layer.weight_matrix().clone(), layer.bias.detach().clone()
+
+    def skipping():
+        loss = _mse_closure(opt, layer, x, y)()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    opt.step(skipping)
+    assert torch.allclose(layer.weight_matrix(), w0, atol=1e-5) and torch.equal(layer.bias.detach(), b0)
