@@ -196,8 +196,13 @@ def compute_basis(grad: Tensor, rank: int, side: int, *, svd: str = "randomized"
     return u, vh
 
 
+def _as(basis: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return basis if basis is None or basis.dtype == dtype else basis.to(dtype)
+
+
 def project_with(grad: Tensor, basis: Tensor, side: int, basis_right: Tensor | None = None) -> Tensor:
-    """Coordinates of ``grad`` in the stored basis (pure)."""
+    """Coordinates of ``grad`` in the stored basis (pure; computed in ``grad``'s dtype)."""
+    basis, basis_right = _as(basis, grad.dtype), _as(basis_right, grad.dtype)
     if side == RIGHT:
         return grad @ basis.mT
     if side == LEFT:
@@ -206,7 +211,9 @@ def project_with(grad: Tensor, basis: Tensor, side: int, basis_right: Tensor | N
 
 
 def project_back_with(low: Tensor, basis: Tensor, side: int, basis_right: Tensor | None = None) -> Tensor:
-    """Full-shape matrix from low-rank coordinates (pure, no scale)."""
+    """Full-shape matrix from low-rank coordinates (pure, no scale; computed in ``low``'s dtype, so an fp32
+    update of a bf16 parameter is mapped back in fp32)."""
+    basis, basis_right = _as(basis, low.dtype), _as(basis_right, low.dtype)
     if side == RIGHT:
         return low @ basis
     if side == LEFT:
@@ -293,11 +300,12 @@ def project_back(update: Tensor, state: Mapping[str, Any], group: Mapping[str, A
 def project_back_add_(param: Tensor, update: Tensor, state: Mapping[str, Any], group: Mapping[str, Any],
                       alpha: float) -> Tensor:
     """``param += alpha * project_back(update)`` without a full-size temporary (one fused ``addmm_``)."""
-    basis, side = state["proj_basis"], state["proj_side"]
+    dtype = param.dtype
+    basis, side = _as(state["proj_basis"], dtype), state["proj_side"]
     a = alpha * float(group_option(group, "scale"))
-    upd = update.to(basis.dtype)
+    upd = update.to(dtype)
     if side == RIGHT:
         return param.addmm_(upd, basis, alpha=a)
     if side == LEFT:
         return param.addmm_(basis, upd, alpha=a)
-    return param.addmm_(basis @ upd, state["proj_basis_right"], alpha=a)
+    return param.addmm_(basis @ upd, _as(state["proj_basis_right"], dtype), alpha=a)

@@ -78,6 +78,21 @@ def test_first_step_is_scaled_sign_of_projected_gradient():
     assert st["exp_avg"].numel() == 64 * 8  # moments live in R's shape (64 x 8)
 
 
+@pytest.mark.parametrize("cls", [GaLoreAdamW, GaLoreAdamW8bit])
+def test_bf16_parameter(cls):
+    """The basis is kept in the gradient's dtype (bf16); the fp32 update is mapped back in fp32 and cast once."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(96, 64, dtype=torch.bfloat16))
+    w0 = w.detach().float().clone()
+    opt = cls([w], lr=1e-2, rank=8, update_proj_gap=2, weight_decay=0.0)
+    for _ in range(3):
+        w.grad = torch.randn(96, 64, dtype=torch.bfloat16)
+        opt.step()
+    assert w.dtype == torch.bfloat16 and opt.state[w]["proj_basis"].dtype == torch.bfloat16
+    moved = (w.detach().float() - w0).norm()
+    assert torch.isfinite(moved) and 0 < moved < 3 * 1e-2 * 0.25 * (96 * 8) ** 0.5 * 3
+
+
 def test_refresh_count_over_2T_plus_1_steps():
     """Spec A.6 check 4: bases are computed at calls 1, T+1, 2T+1 only."""
     model, T = _mlp(), 7
