@@ -1,0 +1,300 @@
+"""Method x optimizer x strategy matrix under torchrun (2 gloo processes vs 1 process), MiniLM scaling, and
+per-rank optimizer-state bytes under FSDP2.
+
+Every configuration runs in its own process(es): a 1-process reference (``python -m leantrain train``) and a
+2-process ``torchrun`` job with the same global batch and dropout 0, then the per-step losses
+(``metrics.jsonl``) and the final trainable tensors (``trainable.safetensors``) are compared. A failing run
+records the innermost exception line of its traceback as the reason.
+
+    .venv/bin/python benchmarks/distributed.py --matrix --json docs/img/distributed_matrix.json
+    .venv/bin/python benchmarks/distributed.py --scaling --json docs/img/distributed_scaling.json
+    .venv/bin/python benchmarks/distributed.py --state-bytes --json docs/img/distributed_state.json
+    .venv/bin/python benchmarks/distributed.py --quick          # two configurations, for a smoke test
+
+``--worker-state-bytes`` is the per-rank part of ``--state-bytes`` (launched by torchrun, not by hand).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # import leantrain from this checkout
+BASE = ["--model", "tiny", "--train-size", "96", "--val-size", "48", "--max-length", "24", "--batch-size", "8",
+        "--no-progress", "--lr", "1e-3", "--steps", "4", "--dropout", "0", "--model-dropout", "0"]
+METHODS = ["full", "head", "lora", "rslora", "dora", "pissa", "vera", "miss", "shira", "gradnormlorp", "dlrt"]
+# key optimizers: on full fine-tuning (where GaLore projects) and on LoRA (small adapter tensors)
+OPTIM_CONFIGS = [("full", o) for o in ("adamw8bit", "adamw4bit", "galore-adamw", "galore-adamw8bit", "lion8bit")]
+OPTIM_CONFIGS += [("lora", o) for o in ("adamw8bit", "adamw4bit", "lion8bit")]
+STRATEGIES = ("ddp", "fsdp")
+TIMEOUT = 900
+
+
+def _env() -> dict[str, str]:
+    path = os.pathsep.join(x for x in (str(ROOT), os.environ.get("PYTHONPATH", "")) if x)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
+            "PYTHONPATH": path}
+
+
+def launch(args: list[str], nproc: int) -> subprocess.CompletedProcess:
+    """One ``leantrain train`` job: plain python for 1 process, torchrun for more."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "leantrain", "train", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               "-m", "leantrain", "train", *args]
+    try:
+        return subprocess.run(cmd, check=False, capture_output=True, text=True, env=_env(), cwd=ROOT,
+                              timeout=TIMEOUT)
+    except subprocess.TimeoutExpired as exc:
+        return subprocess.CompletedProcess(cmd, -9, exc.stdout or "", f"TimeoutExpired: no exit after {TIMEOUT} s")
+
+
+_ERR = re.compile(r"^(?:\[rank\d+\]:\s*)?([A-Za-z_.]*(?:Error|Exception|Expired)[A-Za-z_]*: .*)$")
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+
+
+def failure_reason(stderr: str) -> str:
+    """The first rank's innermost exception line plus the deepest leantrain frame that raised it."""
+    lines = stderr.splitlines()
+    for i, line in enumerate(lines):
+        if "Traceback (most recent call last)" not in line:
+            continue
+        frame, j = "", i + 1
+        while j < len(lines):
+            m = _FRAME.search(lines[j])
+            if m and "/leantrain/" in m.group(1) or (m and "/benchmarks/" in m.group(1)):
+                frame = f"{m.group(1).split('/work/main/')[-1]}:{m.group(2)} ({m.group(3)})"
+            e = _ERR.match(lines[j].strip())
+            if e and not lines[j].strip().startswith("File"):
+                return f"{e.group(1)[:300]} [at {frame}]" if frame else e.group(1)[:300]
+            j += 1
+    tail = [x for x in lines if x.strip()][-3:]
+    return " | ".join(tail)[-300:] or "unknown"
+
+
+def compare(a: Path, b: Path) -> tuple[float, float]:
+    """Max |loss difference| over logged steps and max |tensor difference| over the final trainable state."""
+    from safetensors.torch import load_file
+
+    from leantrain.report import read_jsonl
+
+    la = [(r["step"], r["loss"]) for r in read_jsonl(a / "metrics.jsonl") if "loss" in r]
+    lb = [(r["step"], r["loss"]) for r in read_jsonl(b / "metrics.jsonl") if "loss" in r]
+    if [s for s, _ in la] != [s for s, _ in lb]:
+        raise ValueError(f"logged steps differ: {[s for s, _ in la]} vs {[s for s, _ in lb]}")
+    loss = max(abs(x - y) for (_, x), (_, y) in zip(la, lb))
+    wa, wb = load_file(a / "trainable.safetensors"), load_file(b / "trainable.safetensors")
+    if wa.keys() != wb.keys():
+        raise ValueError(f"trainable tensors differ: {sorted(set(wa) ^ set(wb))[:4]}")
+    shapes = [k for k in wa if wa[k].shape != wb[k].shape]
+    if shapes:
+        raise ValueError(f"tensor {shapes[0]} has shape {tuple(wa[shapes[0]].shape)} vs {tuple(wb[shapes[0]].shape)}")
+    weight = max(((wa[k].double() - wb[k].double()).abs().max().item() for k in wa if wa[k].numel()), default=0.0)
+    return loss, weight
+
+
+def run_pair(method: str, optim: str, strategies: tuple[str, ...], work: Path) -> list[dict]:
+    """1-process reference, then one 2-process run per strategy; one row per strategy."""
+    args = [*BASE, "--method", method, "--optim", optim]
+    ref = work / f"{method}-{optim}-1"
+    t0 = time.time()
+    proc = launch([*args, "--out", str(ref)], 1)
+    ref_time = time.time() - t0
+    rows = []
+    for strategy in strategies:
+        row = {"method": method, "optim": optim, "strategy": strategy, "works": False, "max_loss_diff": None,
+               "max_weight_diff": None, "reason": ""}
+        if proc.returncode != 0:
+            row["reason"] = "1-process reference failed: " + failure_reason(proc.stderr)
+            row["stderr_tail"] = proc.stderr[-6000:]
+            rows.append(row)
+            continue
+        out = work / f"{method}-{optim}-{strategy}"
+        t0 = time.time()
+        two = launch([*args, "--strategy", strategy, "--out", str(out)], 2)
+        row["seconds"] = round(time.time() - t0, 1)
+        row["ref_seconds"] = round(ref_time, 1)
+        if two.returncode != 0:
+            row["reason"] = failure_reason(two.stderr)
+            row["stderr_tail"] = two.stderr[-6000:]
+        else:
+            try:
+                row["max_loss_diff"], row["max_weight_diff"] = compare(ref, out)
+                row["works"] = row["max_loss_diff"] < 1e-5 and row["max_weight_diff"] < 1e-5
+                if not row["works"]:
+                    row["reason"] = "runs, but 2 processes diverge from 1 process"
+            except Exception as exc:  # noqa: BLE001 -- a broken output is a result row, not a crash
+                row["reason"] = f"runs, outputs not comparable: {exc}"
+        rows.append(row)
+    return rows
+
+
+def matrix(configs: list[tuple[str, str]], strategies: tuple[str, ...], jobs: int) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="lt-dist-") as tmp, ThreadPoolExecutor(jobs) as pool:
+        futures = [pool.submit(run_pair, m, o, strategies, Path(tmp)) for m, o in configs]
+        for fut in tqdm(futures, desc="matrix", unit="config"):
+            for row in fut.result():
+                rows.append(row)
+                print({k: v for k, v in row.items() if k != "stderr_tail"}, flush=True)
+    return rows
+
+
+def fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1e}"
+
+
+def print_matrix(rows: list[dict]) -> None:
+    print("| method | optimizer | strategy | works | max loss diff | max weight diff | reason when not |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['optim']} | {r['strategy']} | {'yes' if r['works'] else 'no'} | "
+              f"{fmt(r['max_loss_diff'])} | {fmt(r['max_weight_diff'])} | {r['reason'].replace('|', '/')} |")
+
+
+def scaling(steps: int) -> list[dict]:
+    """sec/step of the training loop (rank 0's ``metrics.json``) for 1 and 2 processes on the embedded MiniLM."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lt-scale-") as tmp:
+        for method in ("lora", "full"):
+            for nproc in (1, 2):
+                out = Path(tmp) / f"{method}-{nproc}"
+                args = ["--model", "minilm", "--train-size", "256", "--val-size", "32", "--max-length", "64",
+                        "--batch-size", "16", "--steps", str(steps), "--no-progress", "--method", method,
+                        "--out", str(out)]
+                if nproc > 1:
+                    args += ["--strategy", "ddp"]
+                proc = launch(args, nproc)
+                row = {"method": method, "nproc": nproc, "batch": 16, "max_length": 64, "steps": steps}
+                if proc.returncode != 0:
+                    row["error"] = failure_reason(proc.stderr)
+                else:
+                    row["sec_per_step"] = json.loads((out / "metrics.json").read_text())["sec_per_step"]
+                rows.append(row)
+                print(row, flush=True)
+    return rows
+
+
+def state_bytes_worker(method: str, optim: str, model: str) -> None:
+    """Under torchrun: build the run like ``leantrain train --strategy fsdp``, take one step, report the bytes
+    of this rank's optimizer state (``.to_local()`` of DTensor states) and of its parameters."""
+    import torch
+
+    from leantrain import dist
+    from leantrain.config import TrainConfig
+    from leantrain.methods import get_method, head_module
+    from leantrain.optim.registry import build_optimizer
+    from leantrain.train import _wrap_for_distributed, build_task
+
+    cfg = TrainConfig(model=model, method=method, optim=optim, train_size=64, val_size=16, max_length=32,
+                      batch_size=8, dropout=0.0, model_dropout=0.0, progress=False)
+    ctx = dist.init_from_env("cpu", "fsdp")
+    torch.manual_seed(0)
+    task = build_task(cfg, ctx.device)
+    groups = get_method(method).apply(task.model, cfg, None)
+    head = head_module(task.model)
+    for p in head.parameters():
+        p.requires_grad_(True)
+    groups.append({"params": list(head.parameters()), "name": "head", "lr": 1e-3})
+    if ctx.enabled:
+        groups = _wrap_for_distributed(task, groups, ctx)
+    opt = build_optimizer(optim, groups, cfg, 1e-4)
+    opt.zero_grad()
+    task.loss(dist.shard_batch(task.batch(0), ctx)).backward()
+    opt.step()
+
+    from leantrain.dist_utils import local_bytes, optimizer_state_bytes_local
+
+    state = optimizer_state_bytes_local(opt)
+    global_state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+                       if isinstance(t, torch.Tensor))
+    params = local_bytes(task.model.parameters())
+    row = {"rank": ctx.rank, "world": ctx.world, "optimizer_state_bytes_local": state,
+           "optimizer_state_bytes_global_view": global_state, "param_bytes_local": params}
+    rows = [None] * ctx.world
+    if ctx.enabled:
+        torch.distributed.all_gather_object(rows, row)
+    else:
+        rows = [row]
+    if ctx.rank == 0:
+        print("STATE-BYTES " + json.dumps(rows), flush=True)
+    dist.shutdown(ctx)
+
+
+def state_bytes(configs: list[tuple[str, str]], model: str) -> list[dict]:
+    rows = []
+    for method, optim in configs:
+        for nproc in (1, 2):
+            worker = [str(Path(__file__).resolve()), "--worker-state-bytes", method, optim, model]
+            cmd = ([sys.executable] if nproc == 1 else
+                   [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"])
+            proc = subprocess.run([*cmd, *worker], check=False, capture_output=True, text=True, env=_env(), cwd=ROOT,
+                                  timeout=TIMEOUT)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("STATE-BYTES ")), None)
+            row = {"method": method, "optim": optim, "model": model, "nproc": nproc}
+            if proc.returncode != 0 or line is None:
+                row["error"] = failure_reason(proc.stderr)
+            else:
+                row["ranks"] = json.loads(line.split(" ", 1)[1])
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--matrix", action="store_true", help="the full method/optimizer x strategy matrix")
+    ap.add_argument("--only", default=None, help="comma list of method:optim pairs instead of the default matrix")
+    ap.add_argument("--strategies", default="ddp,fsdp")
+    ap.add_argument("--scaling", action="store_true", help="MiniLM sec/step, 1 vs 2 processes (LoRA, full)")
+    ap.add_argument("--scaling-steps", type=int, default=6)
+    ap.add_argument("--state-bytes", action="store_true", help="per-rank optimizer-state bytes under FSDP")
+    ap.add_argument("--state-model", default="minilm")
+    ap.add_argument("--quick", action="store_true", help="lora/adamw and full/adamw8bit under ddp+fsdp")
+    ap.add_argument("--jobs", type=int, default=2, help="configurations run at the same time")
+    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--worker-state-bytes", nargs=3, metavar=("METHOD", "OPTIM", "MODEL"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker_state_bytes:
+        state_bytes_worker(*args.worker_state_bytes)
+        return 0
+    strategies = tuple(s for s in args.strategies.split(",") if s)
+    bad = [s for s in strategies if s not in STRATEGIES]
+    if bad:
+        raise SystemExit(f"--strategies: unknown {bad[0]!r}; choose from {', '.join(STRATEGIES)}")
+    results: dict = {}
+    if args.quick or args.matrix or args.only:
+        if args.only:
+            configs = [tuple(x.split(":")) for x in args.only.split(",")]
+        elif args.quick:
+            configs = [("lora", "adamw"), ("full", "adamw8bit")]
+        else:
+            configs = [(m, "adamw") for m in METHODS] + OPTIM_CONFIGS
+        results["matrix"] = matrix(configs, strategies, args.jobs)
+        print_matrix(results["matrix"])
+    if args.scaling:
+        results["scaling"] = scaling(args.scaling_steps)
+    if args.state_bytes:
+        results["state_bytes"] = state_bytes([("full", "adamw"), ("full", "adamw8bit"), ("lora", "adamw")],
+                                             args.state_model)
+    if not results:
+        ap.error("choose --matrix, --only, --quick, --scaling or --state-bytes")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
