@@ -20,10 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import torch
+from tqdm import tqdm
 
-from leantrain.lowrank.digits import load_digits_split, plot_results, table, train_run  # noqa: E402
+from leantrain.lowrank.digits import load_digits_split, plot_results, table, train_run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr) as bar:
         for seed in range(args.seeds):
             data = load_digits_split(seed)
-            common = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-                          seed=seed, data=data, progress=bar)
+            common = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                      "momentum": args.momentum, "seed": seed, "data": data, "progress": bar}
             rows = [train_run("dense", None, **common)]
             rows += [train_run("dlrt", tau, start_rank=args.start_rank, **common) for tau in taus]
             per_seed.append(rows)

@@ -66,8 +66,8 @@ def run_experiment(args: argparse.Namespace) -> list[dict]:
     if not args.lr > 0:
         raise ValueError(f"--lr={args.lr} must be > 0")
     data = load_digits_split(args.seed)
-    common = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-                  seed=args.seed, data=data, widths=args.widths)
+    common = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "momentum": args.momentum,
+              "seed": args.seed, "data": data, "widths": args.widths}
     rows = []
     with tqdm(total=args.epochs * (1 + len(args.taus)), desc="dlrt-demo", unit="epoch",
               disable=not args.progress) as bar:

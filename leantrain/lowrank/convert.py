@@ -104,7 +104,7 @@ def make_lowrank(module: nn.Module, name: str = "", rank: int | None = None, *, 
     rank = max(lo, min(rank, hi))
     if rank > hi:
         raise ValueError(f"{label}: rank={rank} exceeds max_rank={hi}")
-    kw = dict(bias=module.bias is not None, min_rank=lo, max_rank=hi, dtype=w.dtype, device=w.device)
+    kw = {"bias": module.bias is not None, "min_rank": lo, "max_rank": hi, "dtype": w.dtype, "device": w.device}
     if isinstance(module, nn.Conv2d):
         new: LowRankMixin = LowRankConv2d(module.in_channels, module.out_channels, module.kernel_size, rank,
                                           module.stride, module.padding, module.dilation, **kw)

@@ -7,6 +7,7 @@ Linear becomes a LowRankLinear trained from scratch by the KLS integrator, the 5
 """
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,7 +37,7 @@ def load_digits_split(seed: int = 0, test_fraction: float = 0.25) -> tuple[torch
 def mlp(widths: Sequence[int] = WIDTHS, seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
         layers.append(nn.Linear(a, b))
         if i < len(widths) - 2:
             layers.append(nn.ReLU())
@@ -80,7 +81,7 @@ def train_run(method: str = "dlrt", tau: float | None = 0.1, *, epochs: int = 30
             idx = perm[i:i + batch_size]
             xb, yb = xtr[idx], ytr[idx]
 
-            def closure() -> torch.Tensor:
+            def closure(xb: torch.Tensor = xb, yb: torch.Tensor = yb) -> torch.Tensor:
                 opt.zero_grad()
                 out = loss_fn(model(xb), yb)
                 out.backward()

@@ -21,7 +21,7 @@ Adam on K, L, S works in practice but is not covered by the paper's guarantees (
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch

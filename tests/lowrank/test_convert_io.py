@@ -5,9 +5,19 @@ import pytest
 import torch
 from torch import nn
 
-from leantrain.lowrank import (KLSOptimizer, LowRankConv2d, LowRankLinear, convert_to_lowrank, load_lowrank,
-                               load_lowrank_state, lowrank_layers, lowrank_state, make_lowrank, model_params,
-                               save_lowrank)
+from leantrain.lowrank import (
+    KLSOptimizer,
+    LowRankConv2d,
+    LowRankLinear,
+    convert_to_lowrank,
+    load_lowrank,
+    load_lowrank_state,
+    lowrank_layers,
+    lowrank_state,
+    make_lowrank,
+    model_params,
+    save_lowrank,
+)
 
 
 class MLP(nn.Module):

@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-from leantrain.commands import dlrt_demo  # noqa: E402
+from leantrain.commands import dlrt_demo
 
 
 def _parser() -> argparse.ArgumentParser:

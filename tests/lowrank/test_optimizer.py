@@ -96,7 +96,7 @@ def test_full_rank_momentum_state_is_moved_with_the_basis():
 
 def test_fixed_rank_mode_keeps_rank_and_orthonormality():
     torch.manual_seed(0)
-    a, x, y = _teacher()
+    _a, x, y = _teacher()
     layer = LowRankLinear(48, 64, 8, bias=False)
     opt = KLSOptimizer(layer, inner="sgd", lr=0.5, tau=None)
     closure = _mse_closure(opt, layer, x, y)
@@ -127,7 +127,7 @@ def test_cached_and_recomputed_s_step_agree():
 def _rank_change_pair():
     """Two copies after one identical K/L step; A keeps all 2r directions, B truncates hard (τ = 0.5)."""
     torch.manual_seed(0)
-    a, x, y = _teacher(n=40, m=30, rank=3, batch=128)
+    _a, x, y = _teacher(n=40, m=30, rank=3, batch=128)
     layer = LowRankLinear(30, 40, 6, bias=False, max_rank=12, dtype=torch.float64)
     xs, ys = x.double(), y.double()
     runs = {}
@@ -163,7 +163,7 @@ def test_state_rebuilt_after_rank_change_is_projection_of_full_state():
 
 def test_adam_state_shapes_follow_rank_and_training_continues():
     torch.manual_seed(0)
-    a, x, y = _teacher()
+    _a, x, y = _teacher()
     layer = LowRankLinear(48, 64, 32, bias=True)
     opt = KLSOptimizer(layer, inner="adam", lr=1e-2, tau=0.05)
     closure = _mse_closure(opt, layer, x, y)
@@ -185,7 +185,7 @@ def test_adam_state_shapes_follow_rank_and_training_continues():
 
 def test_state_dict_roundtrip_continues_identically():
     torch.manual_seed(0)
-    a, x, y = _teacher()
+    _a, x, y = _teacher()
     layer = LowRankLinear(48, 64, 32)
     opt = KLSOptimizer({"fc": layer}, inner="adamw", lr=1e-2, tau=0.05)
     for _ in range(3):
@@ -207,7 +207,7 @@ def test_state_dict_roundtrip_continues_identically():
 
 def test_optimizer_state_rejects_mismatched_ranks():
     torch.manual_seed(0)
-    a, x, y = _teacher()
+    _a, x, y = _teacher()
     layer = LowRankLinear(48, 64, 32)
     opt = KLSOptimizer({"fc": layer}, inner="sgd", lr=0.5, tau=0.05)
     opt.step(_mse_closure(opt, layer, x, y))
@@ -278,7 +278,7 @@ def test_closure_that_drops_grads_skips_the_step_and_stale_params_lose_grads():
     """A loop's nan-policy 'skip' zeroes grads inside the closure: then W must not move (no S-step from the
     cached activations either), and Parameter objects swapped out by a rank change carry no stale gradient."""
     torch.manual_seed(0)
-    a, x, y = _teacher()
+    _a, x, y = _teacher()
     layer = LowRankLinear(48, 64, 16, bias=True)
     opt = KLSOptimizer(layer, inner="sgd", lr=0.5, tau=0.05)
     stale = list(layer.parameters())
