@@ -211,8 +211,9 @@ def _train(cfg: TrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
         ckpt.write_text_atomic(run_dir / "config.json", cfg.to_json() + "\n")
         task.write_run_files(run_dir)
     log = StepLog(run_dir / "metrics.jsonl", resume_step=start_step if cfg.resume else None) if main else None
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    names = {id(p): n for n, p in model.named_parameters()}
+    def trainable_now() -> list[torch.nn.Parameter]:
+        # Recomputed each step: DLRT replaces parameters when a layer's rank changes.
+        return [p for p in model.parameters() if p.requires_grad]
 
     def save(step: int) -> None:
         model_state, opt_state = trainable_state(), optimizer_state()  # collectives under FSDP: every rank
@@ -236,9 +237,11 @@ def _train(cfg: TrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
             loss.backward()
             total += loss.detach()
         total = dist.mean_across(total, ctx)  # the global-batch loss, identical on every rank
+        trainable = trainable_now()
         norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or float("inf"))
         norm = dist.full_tensor(norm)
         if not (torch.isfinite(total) and torch.isfinite(norm)):
+            names = {id(p): n for n, p in model.named_parameters()}
             bad = next((names.get(id(p), "?") for p in trainable
                         if p.grad is not None and not torch.isfinite(dist.full_tensor(p.grad)).all()), "the loss")
             if cfg.nan_policy == "stop":
@@ -303,7 +306,7 @@ def _train(cfg: TrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
         method.save_artifacts(model, run_dir, cfg)
     records = read_jsonl(run_dir / "metrics.jsonl")
     train_losses = [r["loss"] for r in records if "loss" in r and math.isfinite(r["loss"])]
-    trainable_now = [p for p in model.parameters() if p.requires_grad]
+    trainable_final = trainable_now()
     metrics = {
         "method": cfg.method,
         "optim": cfg.optim,
@@ -315,10 +318,10 @@ def _train(cfg: TrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
         "wall_time_s": time.time() - started,
         "sec_per_step": train_time / max(1, steps_end - start_step),  # loop only, this invocation
         "trainable_params": sum(p.numel() for p in final_state.values() if p.is_floating_point())
-        if fsdp else sum(p.numel() for p in trainable_now),
+        if fsdp else sum(p.numel() for p in trainable_final),
         "total_params": sum(p.numel() for p in model.parameters()),
         "param_bytes": tensor_bytes(model.parameters()) + tensor_bytes(model.buffers()),
-        "grad_bytes": tensor_bytes(trainable_now),
+        "grad_bytes": tensor_bytes(trainable_final),
         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "device": str(device),

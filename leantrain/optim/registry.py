@@ -44,7 +44,9 @@ def galore_groups(groups: list[dict], cfg: TrainConfig) -> list[dict]:
     tagged = []
     for g in groups:
         g = dict(g)
-        wants = g.get("name") == "linear" or (g.get("name") not in ("head", "other") and g.get("rank") is None)
+        # "lowrank" = DLRT factors, which are already low-rank and follow their own integrator
+        wants = g.get("name") == "linear" or (g.get("name") not in ("head", "other", "lowrank")
+                                              and g.get("rank") is None)
         if wants and g.get("rank") is None:
             mats = [p for p in g["params"] if p.ndim == 2 and min(p.shape) > cfg.rank]
             rest = [p for p in g["params"] if not (p.ndim == 2 and min(p.shape) > cfg.rank)]
