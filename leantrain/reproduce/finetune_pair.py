@@ -1,0 +1,38 @@
+"""Generic "method A vs method B" fine-tuning experiment used by miss/shira/blockwise8bit/gradnormlorp/galore."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from tqdm.auto import tqdm
+
+from .common import FULL, MIB, bar_plot, finetune, runs_table, write_report
+
+
+def run_pair(name: str, *, title: str, paper: str, runs: Sequence[tuple[str, dict[str, Any]]], out: Path,
+             work: Path, quick: bool, progress: bool,
+             compare: Callable[[list[dict[str, Any]]], tuple[list[tuple[str, str, str]], str]],
+             metric: str = "optimizer_state_bytes", metric_label: str = "optimizer state (MiB)") -> Path:
+    rows = []
+    bar = tqdm(runs, desc=f"reproduce {name}", disable=not progress, unit="run")
+    for label, overrides in bar:
+        bar.set_postfix_str(label)
+        rows.append(finetune(label, work, quick, progress, **overrides))
+    out = Path(out) / name
+    bar_plot(out / f"{name}.png", rows, title, metric, metric_label, MIB)
+    comparison, explanation = compare(rows)
+    scale = "tiny BERT, 2 steps" if quick else (
+        f"embedded MiniLM-L6, VADER sentiment, {FULL['train_size']} train / {FULL['val_size']} validation sentences, "
+        f"{FULL['max_length']} tokens, batch {FULL['batch_size']}, {FULL['steps']} steps")
+    details = runs_table(rows) + f"\n\nSetup: {scale}, seed 0, CPU. Peak RSS is the whole process."
+    return write_report(out, name, title, paper, comparison, explanation, details,
+                        f"leantrain reproduce {name}" + (" --quick" if quick else ""), quick)
+
+
+def pct(a: float, b: float) -> str:
+    """Reduction of a relative to b in percent."""
+    return f"{100 * (1 - a / b):.1f} %" if b else "n/a"
+
+
+def acc(r: dict[str, Any]) -> str:
+    return f"{100 * r['val_accuracy']:.2f} %"
