@@ -43,17 +43,17 @@ PROJECTED_GROUPS = ("linear", "lowrank", "gradnormlorp")
 
 
 def finetune_config(method: str, optim: str, lr: float, steps: int, out: str) -> dict:
-    return dict(task="causal-lm", model="smollm2", data="bible", method=method, optim=optim, lr=lr, steps=steps,
-                batch_size=4, max_length=64, rank=8, alpha=16.0, train_size=None, val_size=16, warmup_ratio=0.1,
-                weight_decay=0.0, out=out, overwrite=True, progress=False, extra={"eval_before": True})
+    return {"task": "causal-lm", "model": "smollm2", "data": "bible", "method": method, "optim": optim, "lr": lr, "steps": steps,
+                "batch_size": 4, "max_length": 64, "rank": 8, "alpha": 16.0, "train_size": None, "val_size": 16, "warmup_ratio": 0.1,
+                "weight_decay": 0.0, "out": out, "overwrite": True, "progress": False, "extra": {"eval_before": True}}
 
 
 def pretrain_config(method: str, optim: str, lr: float, steps: int, out: str, preset: str) -> dict:
-    return dict(task="causal-lm", model="minilm", data="bible", init_weights="scratch", arch="llama", preset=preset,
-                method=method, optim=optim, lr=lr, steps=steps, batch_size=16, max_length=64, rank=32, gap=50,
-                proj_scale=0.25, tau=0.1, train_size=None, val_size=64, warmup_ratio=0.1, weight_decay=0.0,
-                eval_every=max(1, steps // 5), out=out, overwrite=True, progress=False,
-                extra={"eval_before": True})
+    return {"task": "causal-lm", "model": "minilm", "data": "bible", "init_weights": "scratch", "arch": "llama", "preset": preset,
+                "method": method, "optim": optim, "lr": lr, "steps": steps, "batch_size": 16, "max_length": 64, "rank": 32, "gap": 50,
+                "proj_scale": 0.25, "tau": 0.1, "train_size": None, "val_size": 64, "warmup_ratio": 0.1, "weight_decay": 0.0,
+                "eval_every": max(1, steps // 5), "out": out, "overwrite": True, "progress": False,
+                "extra": {"eval_before": True}}
 
 
 # --- one run (child process) ----------------------------------------------------------------------------------
@@ -100,7 +100,7 @@ def launch(cfg: dict, threads: int) -> dict:
         spec.write_text(json.dumps({**cfg, "threads": threads}))
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         proc = subprocess.run([sys.executable, __file__, "--one", str(spec), str(result)], env=env,
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, check=False)
         if proc.returncode != 0 or not result.is_file():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
             return {"error": " | ".join(tail)}
@@ -154,8 +154,8 @@ def plot(results: list[dict], path: Path, title: str) -> None:
 
 def finetune_table(results: list[dict]) -> str:
     ref = next((r for r in results if "error" not in r), None)
-    lines = ["| method | optimizer | lr | trainable params | val ppl before | val ppl after | s/step | "
-             "step time vs LoRA | peak RSS (MiB) | optimizer state (MiB) |", "|" + "---|" * 10]
+    lines = [("| method | optimizer | lr | trainable params | val ppl before | val ppl after | s/step | "
+              "step time vs LoRA | peak RSS (MiB) | optimizer state (MiB) |"), "|" + "---|" * 10]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['label']} | {r['optim']} | | | | | | | | failed: {r['error'][:80]} |")
@@ -169,8 +169,8 @@ def finetune_table(results: list[dict]) -> str:
 
 def pretrain_table(results: list[dict]) -> str:
     full = next((r for r in results if "error" not in r and r["label"] == "full Adam"), None)
-    lines = ["| method | optimizer | lr | params | val ppl (init) | final val ppl | ppl vs full | "
-             "opt. state, matrices (KiB) | opt. state, embeddings+norms (KiB) | total state vs full | s/step |",
+    lines = [("| method | optimizer | lr | params | val ppl (init) | final val ppl | ppl vs full | "
+              "opt. state, matrices (KiB) | opt. state, other (KiB) | total state vs full | s/step |"),
              "|" + "---|" * 11]
     for r in results:
         if "error" in r:

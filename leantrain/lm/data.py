@@ -52,7 +52,7 @@ def _read_jsonl(path: Path) -> list[Document]:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
         if not isinstance(row, dict):
-            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            raise TypeError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
         if isinstance(row.get("text"), str) and row["text"].strip():
             docs.append(Document(text=row["text"]))
         elif isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str) and row["response"]:
@@ -132,7 +132,7 @@ class Blocks:
     def __len__(self) -> int:
         return self.ids.shape[0]
 
-    def subset(self, size: int | None) -> "Blocks":
+    def subset(self, size: int | None) -> Blocks:
         """``size`` blocks evenly spaced over the corpus (all of them when size is None or too large)."""
         n = len(self)
         if size is None or size >= n:
@@ -166,7 +166,7 @@ class VocabMap:
         self._original = torch.tensor(self.kept, dtype=torch.long)
 
     @classmethod
-    def from_blocks(cls, blocks: Blocks, extra_ids: list[int], unk_id: int) -> "VocabMap":
+    def from_blocks(cls, blocks: Blocks, extra_ids: list[int], unk_id: int) -> VocabMap:
         return cls(torch.unique(blocks.ids).tolist() + list(extra_ids), unk_id)
 
     def __len__(self) -> int:

@@ -23,8 +23,16 @@ import torch.nn.functional as F
 
 from ..checkpoint import write_text_atomic
 from ..config import TrainConfig
-from .data import BlockBatcher, Blocks, VocabMap, end_of_text_id, load_documents, pack, split_documents, \
-    tokenize_documents
+from .data import (
+    BlockBatcher,
+    Blocks,
+    VocabMap,
+    end_of_text_id,
+    load_documents,
+    pack,
+    split_documents,
+    tokenize_documents,
+)
 from .models import PRESETS, build_scratch_lm, context_length, load_lm_tokenizer, load_pretrained_lm
 
 SAMPLE_PROMPT_TOKENS = 8

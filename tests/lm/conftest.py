@@ -28,8 +28,8 @@ def lm_config():
 
 
 def make_lm_config(corpus, out, **kw) -> TrainConfig:
-    base = dict(task="causal-lm", model="minilm", data=str(corpus), init_weights="scratch", arch="llama",
-                preset="nano", method="full", optim="adamw", lr=3e-3, steps=30, batch_size=8, max_length=16,
-                train_size=None, val_size=16, warmup_ratio=0.0, out=str(out), progress=False, overwrite=True)
+    base = {"task": "causal-lm", "model": "minilm", "data": str(corpus), "init_weights": "scratch", "arch": "llama",
+                "preset": "nano", "method": "full", "optim": "adamw", "lr": 3e-3, "steps": 30, "batch_size": 8, "max_length": 16,
+                "train_size": None, "val_size": 16, "warmup_ratio": 0.0, "out": str(out), "progress": False, "overwrite": True}
     base.update(kw)
     return TrainConfig(**base)

@@ -92,11 +92,11 @@ def test_missing_tokenizer_names_the_folder(tmp_path):
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(init_weights="pretrained", model="minilm", arch=None, preset=None), "encoder"),
-    (dict(init_weights="pretrained", arch="llama"), "--init-weights scratch"),
-    (dict(arch="gpt2"), "'gpt2'"),
-    (dict(preset="huge"), "'huge'"),
-    (dict(init_weights="random"), "'random'"),
+    ({"init_weights": "pretrained", "model": "minilm", "arch": None, "preset": None}, "encoder"),
+    ({"init_weights": "pretrained", "arch": "llama"}, "--init-weights scratch"),
+    ({"arch": "gpt2"}, "'gpt2'"),
+    ({"preset": "huge"}, "'huge'"),
+    ({"init_weights": "random"}, "'random'"),
 ])
 def test_bad_model_options(corpus_path, tmp_path, lm_config, kw, match):
     with pytest.raises(ValueError, match=match):

@@ -9,11 +9,10 @@ import math
 import pytest
 import torch
 
-from leantrain.lm.data import Blocks, BlockBatcher
+from leantrain.lm.data import BlockBatcher, Blocks
 from leantrain.lm.task import CausalLMTask
 from leantrain.methods import get_method
 from leantrain.optim.registry import build_optimizer
-
 
 STEPS = 20
 
@@ -69,7 +68,7 @@ def test_pretraining_lowers_validation_loss(task, init_model, method_name, optim
     for step in range(STEPS):
         batch = task.batch(step)
 
-        def closure():
+        def closure(batch=batch):
             opt.zero_grad(set_to_none=True)
             loss = task.loss(batch)
             loss.backward()
