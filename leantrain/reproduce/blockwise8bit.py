@@ -15,7 +15,7 @@ def compare(rows):
          pct(eight["optimizer_state_bytes"], full["optimizer_state_bytes"])),
     ]
     explanation = ("The state saving is slightly below 75 % because of the per-block absmax values and tensors "
-                   "smaller than the minimum size that stay 32-bit; the accuracy comparison is one seed of a 60-step "
+                   "smaller than the minimum size that stay 32-bit; the accuracy comparison is one seed of a 30-step "
                    "full fine-tune, so differences below ~1 point are noise.")
     return comparison, explanation
 

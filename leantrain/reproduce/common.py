@@ -13,7 +13,7 @@ from typing import Any, Sequence
 MIB = 1024 * 1024
 
 # Default scale of the fine-tuning runs (quick: a seconds-long smoke run on the random tiny BERT).
-FULL = {"model": "minilm", "train_size": 640, "val_size": 320, "max_length": 32, "batch_size": 16, "steps": 60,
+FULL = {"model": "minilm", "train_size": 320, "val_size": 160, "max_length": 32, "batch_size": 16, "steps": 30,
         "eval_every": 0, "save_every": 0}
 QUICK = {"model": "tiny", "train_size": 64, "val_size": 32, "max_length": 16, "batch_size": 8, "steps": 2,
          "eval_every": 0, "save_every": 0}

@@ -17,13 +17,13 @@ def compare(rows):
     ]
     explanation = ("GaLore projects only the 2-D weight matrices (rank 8 here vs 128-512 in the paper); embeddings, "
                    "norms and the head keep full Adam states, so the reduction depends on that share. The paper "
-                   "pre-trains LLaMA on C4; we fine-tune an encoder for 60 steps, so only the memory ratio and the "
+                   "pre-trains LLaMA on C4; we fine-tune an encoder for 30 steps, so only the memory ratio and the "
                    "direction of the quality gap carry over.")
     return comparison, explanation
 
 
 def run(out, work, quick=False, progress=True):
-    return run_pair("galore", title="AdamW vs GaLore-AdamW (full fine-tune, rank 8, gap 20)", paper=PAPER,
+    return run_pair("galore", title="AdamW vs GaLore-AdamW (full fine-tune, rank 8, gap 10)", paper=PAPER,
                     runs=[("full adamw", {"method": "full", "optim": "adamw"}),
-                          ("full galore-adamw", {"method": "full", "optim": "galore-adamw", "rank": 8, "gap": 20})],
+                          ("full galore-adamw", {"method": "full", "optim": "galore-adamw", "rank": 8, "gap": 10})],
                     out=out, work=work, quick=quick, progress=progress, compare=compare)

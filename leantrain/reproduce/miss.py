@@ -18,7 +18,7 @@ def compare(rows):
          f"{miss['sec_per_step'] / lora['sec_per_step']:.2f}x"),
     ]
     explanation = ("The paper fine-tunes 7B LLMs on math/code/commonsense benchmarks; here a 22M-parameter encoder "
-                   "is tuned for 60 steps on a 3-class sentiment task, so only the direction of the accuracy "
+                   "is tuned for 30 steps on a 3-class sentiment task, so only the direction of the accuracy "
                    "difference is comparable. Both runs include the fresh classification head in the trainable "
                    "count, and step time on a shared 2-core machine is noisy.")
     return comparison, explanation

@@ -18,7 +18,7 @@ def compare(rows):
     explanation = ("The paper's memory saving is measured on GPU for a 7B model whose adapter activations dominate; "
                    "our peak RSS counts the whole CPU process (Python, torch, tokenizer, data), so a few MiB of "
                    "adapter difference is a small share of it and the measured reduction is far smaller (it can "
-                   "even be negative within noise). Accuracy compares 60 steps on a small sentiment task.")
+                   "even be negative within noise). Accuracy compares 30 steps on a small sentiment task.")
     return comparison, explanation
 
 
