@@ -36,3 +36,28 @@ def optimizer_state_bytes_local(optimizer: Any) -> int:
 def grad_bytes_local(parameters: Iterable[torch.Tensor]) -> int:
     """Bytes of this rank's gradients (FSDP2 keeps reduce-scattered, i.e. sharded, gradients)."""
     return local_bytes(p.grad for p in parameters if p.grad is not None)
+
+
+def average_gradients(parameters: Iterable[torch.Tensor], world: int) -> None:
+    """Mean of every existing gradient over all processes (one all-reduce per dtype), in place.
+
+    DDP's job done by hand, for methods DDP's reducer cannot follow: DLRT's KLS integrator runs several
+    backward passes per step, each touching a different subset of parameters, and replaces parameters with new
+    shapes when the rank adapts. Every rank must pass the same parameters in the same order with the same
+    gradient presence, which holds when every rank runs the same deterministic method on its batch shard."""
+    import torch.distributed as dist
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if world <= 1 or not grads:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for same in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in same])
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for g in same:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
