@@ -48,3 +48,42 @@ def test_quick_matrix_runs(tmp_path):
     bench = load_bench()
     rows = bench.matrix([("lora", "adamw")], ("ddp",), jobs=1)
     assert len(rows) == 1 and rows[0]["works"], rows
+
+
+AVERAGE_SCRIPT = """
+import sys
+import torch
+import torch.distributed as dist
+sys.path.insert(0, {root!r})
+from leantrain.dist_utils import average_gradients, local_bytes
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+a = torch.nn.Parameter(torch.zeros(3, 2))
+b = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
+c = torch.nn.Parameter(torch.zeros(5))  # no gradient: skipped on every rank
+a.grad = torch.full((3, 2), float(rank + 1))
+b.grad = torch.arange(4, dtype=torch.float64) * (rank + 1)
+average_gradients([a, b, c], dist.get_world_size())
+assert torch.equal(a.grad, torch.full((3, 2), 1.5)), a.grad
+assert torch.equal(b.grad, torch.arange(4, dtype=torch.float64) * 1.5), b.grad
+assert c.grad is None
+assert local_bytes([a, b, "not a tensor"]) == 6 * 4 + 4 * 8
+dist.destroy_process_group()
+print("OK", rank)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process runs on Linux")
+def test_average_gradients_two_processes(tmp_path):
+    import os
+    import subprocess
+
+    script = tmp_path / "avg.py"
+    script.write_text(AVERAGE_SCRIPT.format(root=str(BENCH.parents[1])))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script)], capture_output=True, text=True, check=False, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "OK 0" in proc.stdout and "OK 1" in proc.stdout
