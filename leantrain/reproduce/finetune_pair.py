@@ -24,7 +24,14 @@ def run_pair(name: str, *, title: str, paper: str, runs: Sequence[tuple[str, dic
     scale = "tiny BERT, 2 steps" if quick else (
         f"embedded MiniLM-L6, VADER sentiment, {FULL['train_size']} train / {FULL['val_size']} validation sentences, "
         f"{FULL['max_length']} tokens, batch {FULL['batch_size']}, {FULL['steps']} steps")
-    details = runs_table(rows) + f"\n\nSetup: {scale}, seed 0, CPU. Peak RSS is the whole process."
+    base = rows[0]
+    baselines = ""
+    if base.get("majority_baseline_accuracy") is not None:
+        baselines = f" Majority-class baseline {100 * base['majority_baseline_accuracy']:.2f} %"
+        if base.get("tfidf_baseline_accuracy") is not None:
+            baselines += f", TF-IDF + logistic regression {100 * base['tfidf_baseline_accuracy']:.2f} %"
+        baselines += " (same split)."
+    details = runs_table(rows) + f"\n\nSetup: {scale}, seed 0, CPU. Peak RSS is the whole process.{baselines}"
     return write_report(out, name, title, paper, comparison, explanation, details,
                         f"leantrain reproduce {name}" + (" --quick" if quick else ""), quick)
 
