@@ -78,6 +78,9 @@ def failure_reason(stderr: str) -> str:
             if e and not lines[j].strip().startswith("File"):
                 return f"{e.group(1)[:300]} [at {frame}]" if frame else e.group(1)[:300]
             j += 1
+    cli = next((x.split("leantrain: error: ", 1)[1] for x in lines if "leantrain: error: " in x), None)
+    if cli:  # the CLI's one-line error for bad input (no traceback)
+        return f"leantrain: error: {cli}"[:300]
     tail = [x for x in lines if x.strip()][-3:]
     return " | ".join(tail)[-300:] or "unknown"
 
@@ -268,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scaling-steps", type=int, default=6)
     ap.add_argument("--state-bytes", action="store_true", help="per-rank optimizer-state bytes under FSDP")
     ap.add_argument("--state-model", default="minilm")
+    ap.add_argument("--state-configs", default="full:adamw,full:adamw8bit,lora:adamw",
+                    help="method:optim pairs for --state-bytes")
     ap.add_argument("--quick", action="store_true", help="lora/adamw and full/adamw8bit under ddp+fsdp")
     ap.add_argument("--jobs", type=int, default=2, help="configurations run at the same time")
     ap.add_argument("--json", default=None, help="write the results here")
@@ -302,8 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.scaling:
         results["scaling"] = scaling(args.scaling_steps)
     if args.state_bytes:
-        results["state_bytes"] = state_bytes([("full", "adamw"), ("full", "adamw8bit"), ("lora", "adamw")],
-                                             args.state_model)
+        pairs = [tuple(x.split(":")) for x in args.state_configs.split(",") if x]
+        results["state_bytes"] = state_bytes(pairs, args.state_model)
     if not results:
         ap.error("choose --matrix, --only, --quick, --scaling or --state-bytes")
     if args.json:

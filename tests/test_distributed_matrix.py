@@ -87,3 +87,8 @@ def test_average_gradients_two_processes(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "OK 0" in proc.stdout and "OK 1" in proc.stdout
+
+
+def test_failure_reason_reads_the_cli_error_line():
+    stderr = "W launcher\n[rank0]:W1123 noise\nleantrain: error: --strategy fsdp: no\nChildFailedError:\n"
+    assert load_bench().failure_reason(stderr) == "leantrain: error: --strategy fsdp: no"
