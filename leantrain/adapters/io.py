@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..atomic import atomic_write
 from .base import AdapterLayer
 from .inject import _candidates, _suffix_match, adapter_config, adapter_layers, adapter_names, delete, inject
 from .registry import spec_for_config, spec_for_peft_type
@@ -33,18 +32,6 @@ LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 LAYER_PREFIX = "base_model.model."
 SHARED_PREFIX = "base_model."
 PEFT_VERSION = "0.21.2"  # the PEFT release this format was checked against
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write via a temp file in the same folder + os.replace, so a crash never leaves a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def compact_targets(model: nn.Module, targets: list[str]) -> list[str]:
@@ -111,9 +98,9 @@ def _save_one(model: nn.Module, directory: Path, name: str, pissa_to_lora: bool 
         config, state = pissa_to_lora_state(config, state, _layers_of(model, name), name)
     body = config_to_peft_dict(config, compact_targets(model, targets))
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     text = json.dumps(body, indent=2, sort_keys=True)
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
 
 
 def save(

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from ..atomic import atomic_write
 
 
 def register(subparsers) -> None:
@@ -31,17 +31,6 @@ def register(subparsers) -> None:
         "--out", required=True, help="folder for model.safetensors, config.json and labels.json"
     )
     parser.set_defaults(func=run)
-
-
-def _write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
@@ -86,9 +75,9 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / "model.safetensors"
-    _write(target, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    _write(out_dir / "config.json", lambda tmp: Path(tmp).write_text(cfg.to_json() + "\n"))
-    _write(out_dir / "labels.json", lambda tmp: Path(tmp).write_text(json.dumps(labels) + "\n"))
+    atomic_write(target, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write(out_dir / "config.json", lambda tmp: Path(tmp).write_text(cfg.to_json() + "\n"))
+    atomic_write(out_dir / "labels.json", lambda tmp: Path(tmp).write_text(json.dumps(labels) + "\n"))
     return target
 
 

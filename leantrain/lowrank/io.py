@@ -7,14 +7,13 @@ optimizer state be loaded (``KLSOptimizer.load_state_dict`` checks that the rank
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..atomic import atomic_write
 from .layers import lowrank_layers
 
 TRANSIENT = ("K", "L")  # live only inside a KLS step, never saved
@@ -81,14 +80,7 @@ def save_lowrank(model: nn.Module, path: str | Path, trainable_only: bool = Fals
     tensors = {k: v.contiguous().cpu() for k, v in lowrank_state(model, trainable_only).items()}
     meta = {"format": "leantrain-dlrt", "ranks": json.dumps({n: m.rank for n, m in lowrank_layers(model)})}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path
 
 

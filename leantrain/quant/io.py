@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..atomic import atomic_write
 from .convert import _set_module, quantized_layers
 from .functional import ABSMAX_BLOCK, QuantizedTensor, check_bits, check_block_size, code_for_bits
 from .linear import QuantLinear
@@ -32,18 +31,6 @@ CONFIG_FILE = "quant_config.json"
 FORMAT = "leantrain-quant"
 VERSION = 1
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save_quantized(model: nn.Module, directory: str | Path) -> Path:
@@ -65,8 +52,8 @@ def save_quantized(model: nn.Module, directory: str | Path) -> Path:
         seen.add(value.data_ptr())
         tensors[key] = value.cpu()
     meta = {"format": FORMAT, "version": VERSION, "layers": layers}
-    _atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=2, sort_keys=True)))
+    atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=2, sort_keys=True)))
     return directory
 
 
