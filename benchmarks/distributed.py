@@ -165,12 +165,20 @@ def fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.1e}"
 
 
+def short(reason: str, limit: int = 150) -> str:
+    """The message cut to ``limit`` characters, keeping the ``[at file:line]`` suffix."""
+    message, at, frame = reason.replace("|", "/").partition(" [at ")
+    if len(message) > limit:
+        message = message[:limit - 3].rstrip() + "..."
+    return f"{message}{at}{frame}"
+
+
 def print_matrix(rows: list[dict]) -> None:
     print("| method | optimizer | strategy | works | max loss diff | max weight diff | reason when not |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['optim']} | {r['strategy']} | {'yes' if r['works'] else 'no'} | "
-              f"{fmt(r['max_loss_diff'])} | {fmt(r['max_weight_diff'])} | {r['reason'].replace('|', '/')} |")
+              f"{fmt(r['max_loss_diff'])} | {fmt(r['max_weight_diff'])} | {short(r['reason'])} |")
 
 
 def scaling(steps: int) -> list[dict]:
