@@ -13,9 +13,13 @@ def compare(rows):
         ("optimizer memory reduction vs full Adam", "up to 89.5 % (8-bit variant)",
          pct(gnl["optimizer_state_bytes"], full["optimizer_state_bytes"]) + " (32-bit states)"),
     ]
-    explanation = ("The paper's 89.5 % uses 8-bit low-rank moments on LLaMA pre-training; this run keeps 32-bit "
-                   "projected moments on MiniLM, and unprojected parameters (embeddings, norms, head) keep full "
-                   "states. One seed, 30 steps: accuracy differences under ~1 point are noise.")
+    explanation = ("Memory: the unprojected word-embedding matrix (30522 x 384 = 11.7 M of MiniLM's 22.6 M "
+                   "parameters) keeps full 32-bit Adam states (~89 MiB), which alone bounds the reduction near 50 %; "
+                   "the paper's 89.5 % uses 8-bit low-rank moments on LLaMA, whose matrices dominate the parameter "
+                   f"count. Accuracy: ours is {100 * (gnl['val_accuracy'] - lora['val_accuracy']):+.2f} points vs "
+                   "LoRA, while the paper reports +1.42 (GLUE); with 30 steps, one seed, no lr/gap tuning for this "
+                   "task and ~160 validation sentences (one sentence ≈ 0.6 points) we cannot tell that apart from "
+                   "noise, so this run neither confirms nor contradicts the paper's accuracy claim.")
     return comparison, explanation
 
 
