@@ -138,8 +138,12 @@ def corrupt_bytes(data: bytes, draw) -> tuple[str, bytes]:
         return kind, data[:pos] + bytes([data[pos] ^ (1 << draw(st.integers(0, 7)))]) + data[pos + 1:]
     if kind == "header-length":
         return kind, struct.pack("<Q", draw(st.integers(0, 2**64 - 1))) + data[8:]
-    (n,) = struct.unpack("<Q", data[:8])
-    header, body = json.loads(data[8:8 + n]), data[8 + n:]
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        header, body = json.loads(data[8:8 + n]), data[8 + n:]
+    except (ValueError, struct.error):  # not a safetensors file (a JSON file): fall back to a bit flip
+        pos = draw(st.integers(0, len(data) - 1))
+        return "bitflip", data[:pos] + bytes([data[pos] ^ 0x20]) + data[pos + 1:]
     if kind == "header-json":
         header = draw(json_values)
     else:
@@ -595,6 +599,7 @@ def test_slow_lowrank(lowrank_file, data):
     test_lowrank_corrupt_safetensors_lenient.hypothesis.inner_test(lowrank_file, data)
 
 
+@pytest.mark.xfail(strict=True, reason=QUANT_MUTATES)  # found by this variant (header shape edit), not by 8 examples
 @pytest.mark.slow
 @MANY
 @given(data=st.data())
