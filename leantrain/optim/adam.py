@@ -240,8 +240,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         u, s = self._rule(g, bufs, group, t)
         if wd:
             p.mul_(1.0 - lr * wd)
-        full = projector.project_back(u * s, state, group)
-        p.add_(full.to(p.dtype), alpha=-lr)
+        projector.project_back_add_(p, u, state, group, alpha=-lr * float(s))  # no full-size temporary
         for (_, c), e, b in zip(codecs, encs, bufs):
             c.encode_range(e, 0, b.reshape(-1))
 
