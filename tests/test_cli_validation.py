@@ -103,11 +103,11 @@ UNVALIDATED = [
     ("betas", ["--betas", "1.5", "0.9"],
      "(all(0 <= b < 1 for b in self.betas) and len(self.betas) == 2, 'betas', ..., 'must be two numbers in [0, 1)')"),
     ("device", ["--device", "bogus"],
-     "(self.device in ('auto', 'cpu') or self.device.split(':')[0] in ('cuda', 'mps'), 'device', ..., "
-     "\"must be 'auto', 'cpu' or 'cuda[:N]'\")"),
+     ("(self.device in ('auto', 'cpu') or self.device.split(':')[0] in ('cuda', 'mps'), 'device', ..., "
+      "\"must be 'auto', 'cpu' or 'cuda[:N]'\")")),
     ("targets", ["--targets", "re:("],
-     "in config.py: if self.targets.startswith('re:'): try re.compile(self.targets[3:]) except re.error as exc: "
-     "raise ValueError(f'TrainConfig.targets={self.targets!r} is not a valid regex ({exc})')"),
+     ("in config.py: if self.targets.startswith('re:'): try re.compile(self.targets[3:]) except re.error as exc: "
+      "raise ValueError(f'TrainConfig.targets={self.targets!r} is not a valid regex ({exc})')")),
 ]
 # Fields that need no bad-value case: booleans (argparse flags) and free text that is checked elsewhere.
 NO_BAD_VALUE = {"activation_checkpointing", "resume", "overwrite", "progress", "extra", "arch", "preset", "out"}

@@ -7,8 +7,9 @@ is reused when its config.json matches (several experiments share the LoRA / ful
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 MIB = 1024 * 1024
 

@@ -19,7 +19,7 @@ def run(out, work, quick=False, progress=True):
 
     data = load_digits_split(0)
     epochs = 2 if quick else 12
-    kwargs = dict(epochs=epochs, batch_size=32, lr=0.1, momentum=0.0, start_rank=32, data=data)
+    kwargs = {"epochs": epochs, "batch_size": 32, "lr": 0.1, "momentum": 0.0, "start_rank": 32, "data": data}
     rows = []
     cases = [("dense", None)] + [("dlrt", t) for t in (0.09, 0.15, 0.30)]
     bar = tqdm(total=len(cases) * epochs, desc="reproduce dlrt", disable=not progress, unit="epoch")

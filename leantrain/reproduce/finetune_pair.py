@@ -1,8 +1,9 @@
 """Generic "method A vs method B" fine-tuning experiment used by miss/shira/blockwise8bit/gradnormlorp/galore."""
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from tqdm.auto import tqdm
 

@@ -12,8 +12,8 @@ def compare(rows):
         ("optimizer state reduction vs Adam", "up to 65.5 %",
          pct(galore["optimizer_state_bytes"], full["optimizer_state_bytes"])),
         ("quality vs full-rank Adam", "60M LLaMA C4 val ppl 34.88 vs 34.06 (slightly worse)",
-         f"GaLore {acc(galore)} vs AdamW {acc(full)} val acc; val loss {galore['val_loss']:.4f} vs "
-         f"{full['val_loss']:.4f}"),
+         (f"GaLore {acc(galore)} vs AdamW {acc(full)} val acc; val loss {galore['val_loss']:.4f} vs "
+          f"{full['val_loss']:.4f}")),
     ]
     explanation = ("Memory: GaLore projects only the 2-D weight matrices (rank 8 here vs 128-512 in the paper); "
                    "MiniLM's word-embedding matrix (11.7 M of 22.6 M parameters) keeps full 32-bit Adam states "

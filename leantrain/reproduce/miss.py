@@ -12,8 +12,8 @@ def compare(rows):
         ("accuracy, MiSS vs LoRA", "MiSS ≥ LoRA on LLaMA2-7B fine-tuning (qualitative; spec has no verified number)",
          f"MiSS {acc(miss)} vs LoRA {acc(lora)}"),
         ("trainable params, MiSS / LoRA", "fewer than LoRA at equal r (r·out vs r·(in+out))",
-         f"{miss['trainable_params']:,} / {lora['trainable_params']:,} = "
-         f"{miss['trainable_params'] / lora['trainable_params']:.2f}"),
+         (f"{miss['trainable_params']:,} / {lora['trainable_params']:,} = "
+          f"{miss['trainable_params'] / lora['trainable_params']:.2f}")),
         ("time per step, MiSS / LoRA", "faster than LoRA (paper's efficiency claim)",
          f"{miss['sec_per_step'] / lora['sec_per_step']:.2f}x"),
     ]
