@@ -592,6 +592,8 @@ def test_slow_adapter_mismatch_and_config(adapter_dir, data):
         test_adapter_garbage_config.hypothesis.inner_test(adapter_dir, data)
 
 
+@pytest.mark.xfail(strict=True, reason="defect 5 in docs/reliability.md: a bit flip that renames a key (lin0.bias -> "
+                   "lin0&bias) makes load_lowrank_state fail after it has already set the factors (found at 400 examples)")
 @pytest.mark.slow
 @MANY
 @given(data=st.data())
