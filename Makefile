@@ -38,6 +38,9 @@ test-slow: venv
 compare: venv
 	$(BIN)/leantrain compare --out runs/compare
 
+reproduce: venv
+	$(BIN)/leantrain reproduce all
+
 bench: venv
 	$(BIN)/leantrain bench
 

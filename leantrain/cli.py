@@ -18,6 +18,7 @@ SUBCOMMANDS = [
     "leantrain.commands.compare",
     "leantrain.commands.bench",
     "leantrain.commands.dlrt_demo",
+    "leantrain.commands.reproduce",
 ]
 
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (ValueError, OSError, KeyError, CheckpointError, FloatingPointError) as exc:
+    except (ValueError, TypeError, OSError, KeyError, CheckpointError, FloatingPointError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"leantrain: error: {message}", file=sys.stderr)
         return 2

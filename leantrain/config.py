@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,9 +122,20 @@ class TrainConfig:
             (self.init_weights in ("pretrained", "scratch"), "init_weights", self.init_weights,
              "must be 'pretrained' or 'scratch'"),
         ]
+        checks += [
+            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", self.betas,
+             "must be two numbers in [0, 1)"),
+            (self.device in ("auto", "cpu") or self.device.split(":")[0] in ("cuda", "mps"), "device", self.device,
+             "must be 'auto', 'cpu' or 'cuda[:N]'"),
+        ]
         for ok, name, value, why in checks:
             if not ok:
                 raise ValueError(f"TrainConfig.{name}={value!r} {why}")
+        if self.targets.startswith("re:"):
+            try:
+                re.compile(self.targets[3:])
+            except re.error as exc:
+                raise ValueError(f"TrainConfig.targets={self.targets!r} is not a valid regex ({exc})") from None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -133,8 +146,29 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
+        hints = typing.get_type_hints(cls)
+        for key, value in values.items():
+            if not _matches(value, hints[key]):
+                raise ValueError(f"TrainConfig.{key}={value!r} has type {type(value).__name__}, expected {hints[key]}")
         return cls(**values)
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Loose JSON-level type check (ints are accepted for floats, lists for tuples)."""
+    args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if args and type(None) in args:
+        return value is None or any(_matches(value, a) for a in args if a is not type(None))
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is tuple:
+        return isinstance(value, (list, tuple))
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return isinstance(value, origin or hint)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from . import dist
 from .config import TrainConfig
+from .dist_utils import average_gradients, local_bytes, optimizer_state_bytes_local
 from .methods import default_trainable_state, get_method, head_module
 from .optim.registry import build_optimizer
 from .report import StepLog, plot_losses, read_jsonl, write_summary
@@ -155,7 +156,13 @@ def _train(cfg: TrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
         for p in head.parameters():
             p.requires_grad_(True)
         groups.append({"params": list(head.parameters()), "name": "head", "lr": cfg.head_lr or max(lr, 1e-3)})
-    if ctx.enabled:
+    # Multi-pass integrators (DLRT's KLS: several backward passes per step, parameters that change shape) are not
+    # wrapped in DDP; the closure averages their gradients by hand instead.
+    manual_sync = ctx.enabled and hasattr(method, "wrap_optimizer")
+    if manual_sync and ctx.strategy == "fsdp":
+        raise ValueError(f"--method {cfg.method} changes parameter shapes during training and cannot run under "
+                         "--strategy fsdp; use --strategy ddp")
+    if ctx.enabled and not manual_sync:
         groups = _wrap_for_distributed(task, groups, ctx)
     optimizer = build_optimizer(cfg.optim, groups, cfg, lr)
     if hasattr(method, "wrap_optimizer"):
@@ -165,6 +172,9 @@ def _train(cfg: TrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
     steps_total = total_steps(cfg, task.batches_per_epoch())
     steps_end = min(steps_total, cfg.stop_at or steps_total)
     fsdp = ctx.enabled and ctx.strategy == "fsdp"
+    if fsdp and (cfg.save_every or cfg.stop_at or cfg.resume) and _rank_local_state(optimizer):
+        raise ValueError(f"--strategy fsdp with --optim {cfg.optim}: its block-wise state is rank-local and cannot "
+                         "be saved as a full-state checkpoint yet; use --strategy ddp or drop --save-every/--stop-at")
 
     def trainable_state() -> dict[str, torch.Tensor]:
         hook = getattr(method, "trainable_state", None)
@@ -236,6 +246,8 @@ def _train(cfg: TrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
             loss = task.loss(batch) / cfg.grad_accum
             loss.backward()
             total += loss.detach()
+        if manual_sync:
+            average_gradients(model.parameters(), ctx.world)
         total = dist.mean_across(total, ctx)  # the global-batch loss, identical on every rank
         trainable = trainable_now()
         norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or float("inf"))
@@ -320,9 +332,10 @@ def _train(cfg: TrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
         "trainable_params": sum(p.numel() for p in final_state.values() if p.is_floating_point())
         if fsdp else sum(p.numel() for p in trainable_final),
         "total_params": sum(p.numel() for p in model.parameters()),
-        "param_bytes": tensor_bytes(model.parameters()) + tensor_bytes(model.buffers()),
-        "grad_bytes": tensor_bytes(trainable_final),
-        "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+        # per process: DTensor.numel() is the global count, so FSDP shards are counted with to_local()
+        "param_bytes": local_bytes(model.parameters()) + local_bytes(model.buffers()),
+        "grad_bytes": local_bytes(trainable_final),
+        "optimizer_state_bytes": optimizer_state_bytes_local(optimizer),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "device": str(device),
         "world_size": ctx.world,
@@ -333,6 +346,14 @@ def _train(cfg: TrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
     plot_losses(records, run_dir / "loss.png", title=f"{cfg.method} + {cfg.optim} on {cfg.data}")
     write_summary(run_dir / "metrics.json", metrics)
     return metrics
+
+
+def _rank_local_state(optimizer) -> bool:
+    """leantrain's block optimizers keep plain rank-local state tensors under FSDP2 (DCP cannot re-shard them)."""
+    from .optim.adam import BlockOptimizer
+
+    inner = getattr(optimizer, "inner", optimizer)  # DLRT's KLS wrapper holds the real optimizer in .inner
+    return isinstance(inner, BlockOptimizer)
 
 
 def _prefetch(cfg: TrainConfig) -> None:

@@ -207,6 +207,11 @@ class KLSOptimizer(torch.optim.Optimizer):
                 layer.U, layer.V = u_hat, v_hat
             for p, g in held.items():
                 p.grad = g
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                # S's gradient came from cached activations, outside the closure: average it like the rest
+                from ..dist_utils import average_gradients
+
+                average_gradients([layer.S for layer in layers], torch.distributed.get_world_size())
         else:
             for layer in layers:
                 layer.U, layer.V = bases[layer]

@@ -26,6 +26,22 @@ from .codecs import CODECS, Codec, get_codec
 _BITS = {32: "fp32", 16: "bf16", 8: "8bit", 4: "4bit"}
 
 
+def _local(t: Tensor) -> Tensor:
+    """FSDP2 shards parameters and gradients as DTensors: update this rank's shard (``to_local`` shares storage),
+    so the state is rank-local too. Plain tensors pass through."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _rows_of_rank(full: Tensor, p: Tensor) -> Tensor:
+    """The rows of a full-shape tensor that this rank's FSDP2 shard of ``p`` (Shard(0), torch.chunk) holds."""
+    mesh = p.device_mesh
+    if mesh.ndim != 1 or not p.placements[0].is_shard(0):
+        raise TypeError(f"gradient projection under FSDP2 supports Shard(0) on a 1-D mesh, got {p.placements}")
+    chunks = torch.chunk(full, mesh.size(), dim=0)
+    rank = mesh.get_local_rank()
+    return chunks[rank] if rank < len(chunks) else full[:0]
+
+
 class BlockOptimizer(torch.optim.Optimizer):
     """Shared core. ``moments`` lists the state tensors as (name, signed); ``_rule`` is the update."""
 
@@ -169,6 +185,7 @@ class BlockOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _finite(grads: list[Tensor]) -> list[bool]:
         """One host sync for all gradients: a sum is finite unless some element is NaN/inf (or it overflows)."""
+        grads = [_local(g) for g in grads]
         sums = torch.stack([g.sum(dtype=torch.float32).to(grads[0].device) for g in grads])
         quick = torch.isfinite(sums).tolist()
         return [ok or bool(torch.isfinite(g).all()) for ok, g in zip(quick, grads)]
@@ -176,7 +193,9 @@ class BlockOptimizer(torch.optim.Optimizer):
     def _update(self, p: Tensor, group: dict[str, Any]) -> None:
         state = self.state[p]
         projected = self._projected(group, p)
-        grad = p.grad
+        # FSDP2 + projection: every rank projects the *full* gradient (one all-gather) with the same seeded basis,
+        # so GaLore follows the 1-process trajectory; each rank then applies only its rows of the update.
+        grad = p.grad.full_tensor() if projected and hasattr(p.grad, "full_tensor") else _local(p.grad)
         if not state:
             state["step"] = torch.tensor(0.0)
         state["step"] += 1
@@ -195,6 +214,7 @@ class BlockOptimizer(torch.optim.Optimizer):
             self._projected_update(p, grad, state, group, t, scale, codecs, encs)
             return
         gflat = grad.reshape(-1)
+        p = _local(p)
         direct = p.dtype == torch.float32 and p.is_contiguous()
         pflat = p.view(-1) if direct else p.detach().reshape(-1).float()
         lr, wd = group["lr"], group.get("weight_decay", 0.0)
@@ -238,9 +258,16 @@ class BlockOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{type(self).__name__}: coupled weight decay cannot be combined with projection "
                              f"(rank={group['rank']}); use AdamW-style decoupled weight decay")
         u, s = self._rule(g, bufs, group, t)
-        if wd:
-            p.mul_(1.0 - lr * wd)
-        projector.project_back_add_(p, u, state, group, alpha=-lr * float(s))  # no full-size temporary
+        if hasattr(p, "to_local"):  # FSDP2: this rank's rows of the full-shape update
+            rows = _rows_of_rank(projector.project_back(u * s, state, group), p)
+            p = _local(p)
+            if wd:
+                p.mul_(1.0 - lr * wd)
+            p.add_(rows.to(p.dtype), alpha=-lr)
+        else:
+            if wd:
+                p.mul_(1.0 - lr * wd)
+            projector.project_back_add_(p, u, state, group, alpha=-lr * float(s))  # no full-size temporary
         for (_, c), e, b in zip(codecs, encs, bufs):
             c.encode_range(e, 0, b.reshape(-1))
 
