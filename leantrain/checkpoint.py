@@ -24,6 +24,8 @@ from safetensors.torch import load_file, save_file
 from .atomic import atomic_write, write_text_atomic  # noqa: F401  (re-exported)
 
 KEEP = 2  # complete checkpoints kept on disk
+REQUIRED_FILES = ("model.safetensors", "optimizer.safetensors", "optimizer.json", "trainer.safetensors",
+                  "trainer.json")
 
 
 class CheckpointError(RuntimeError):
@@ -159,7 +161,10 @@ def verify_checkpoint(path: Path) -> dict:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"checkpoint {path}: manifest.json is corrupt ({exc.msg})") from exc
-    for name, digest in manifest.get("files", {}).items():
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not set(REQUIRED_FILES) <= set(files):
+        raise CheckpointError(f"checkpoint {path}: manifest.json does not list {', '.join(REQUIRED_FILES)}")
+    for name, digest in files.items():
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"checkpoint {path} is missing {name}")
@@ -170,15 +175,20 @@ def verify_checkpoint(path: Path) -> dict:
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, Any], dict[str, torch.Tensor]]:
     """Return (model_state, optimizer_state, trainer_state, rng) after verifying every file's digest."""
-    verify_checkpoint(path)
+    manifest = verify_checkpoint(path)
     try:
         model_state = load_file(path / "model.safetensors")
         opt_state = join_state_dict(load_file(path / "optimizer.safetensors"),
                                     json.loads((path / "optimizer.json").read_text()))
         rng = load_file(path / "trainer.safetensors")
-    except (SafetensorError, OSError, json.JSONDecodeError) as exc:
+        trainer = json.loads((path / "trainer.json").read_text())
+    except (SafetensorError, OSError, json.JSONDecodeError, TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from exc
-    trainer = json.loads((path / "trainer.json").read_text())
+    if not isinstance(trainer, dict) or not isinstance(trainer.get("step"), int) or "cpu" not in rng:
+        raise CheckpointError(f"checkpoint {path}: trainer.json / trainer.safetensors lack the step or RNG state")
+    if manifest.get("step") != trainer["step"]:
+        raise CheckpointError(f"checkpoint {path}: manifest.json step {manifest.get('step')!r} does not match "
+                              f"trainer.json step {trainer['step']}")
     return model_state, opt_state, trainer, rng
 
 
