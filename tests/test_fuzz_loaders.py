@@ -237,8 +237,6 @@ def test_adapter_corrupt_safetensors_lenient(adapter_dir, data):
     _fuzz_adapter_bytes(adapter_dir, data, LENIENT)
 
 
-@pytest.mark.xfail(strict=True, reason="adapters.io.read_adapter_files lets safetensors' SafetensorError escape "
-                   "(not ValueError/OSError; the CLI prints a traceback)")
 @FEW
 @given(data=st.data())
 def test_adapter_corrupt_safetensors_strict(adapter_dir, data):
@@ -335,7 +333,6 @@ def test_quant_corrupt_safetensors_lenient(quant_dir, data):
     _fuzz_quant_bytes(quant_dir, data, LENIENT)
 
 
-@pytest.mark.xfail(strict=True, reason="quant.io.load_quantized lets safetensors' SafetensorError escape")
 @FEW
 @given(data=st.data())
 def test_quant_corrupt_safetensors_strict(quant_dir, data):
@@ -397,7 +394,6 @@ def test_lowrank_corrupt_safetensors_lenient(lowrank_file, data):
         attempt("lowrank", kind, lambda: load_lowrank(model, path), model, LENIENT)
 
 
-@pytest.mark.xfail(strict=True, reason="lowrank.io.load_lowrank lets safetensors' SafetensorError escape")
 @FEW
 @given(data=st.data())
 def test_lowrank_corrupt_safetensors_strict(lowrank_file, data):

@@ -140,7 +140,12 @@ def read_adapter_files(directory: str | Path) -> tuple[dict[str, Any], dict[str,
     if (directory / WEIGHTS_NAME).is_file():
         from safetensors.torch import load_file
 
-        tensors = load_file(str(directory / WEIGHTS_NAME))
+        from safetensors import SafetensorError
+
+        try:
+            tensors = load_file(str(directory / WEIGHTS_NAME))
+        except SafetensorError as exc:
+            raise ValueError(f"{str(directory / WEIGHTS_NAME)!r} is not a valid safetensors file ({exc})") from None
     elif (directory / LEGACY_WEIGHTS_NAME).is_file():
         tensors = torch.load(directory / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
     else:

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -86,5 +87,9 @@ def save_lowrank(model: nn.Module, path: str | Path, trainable_only: bool = Fals
 
 def load_lowrank(model: nn.Module, path: str | Path, strict: bool = True) -> dict[str, int]:
     """Load a file written by ``save_lowrank`` into a model with the same architecture; returns the ranks."""
-    load_lowrank_state(model, load_file(str(path)), strict=strict)
+    try:
+        state = load_file(str(path))
+    except SafetensorError as exc:
+        raise ValueError(f"{str(path)!r} is not a valid safetensors file ({exc})") from None
+    load_lowrank_state(model, state, strict=strict)
     return {n: m.rank for n, m in lowrank_layers(model)}

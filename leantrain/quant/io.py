@@ -18,6 +18,7 @@ import math
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -99,7 +100,10 @@ def load_quantized(model: nn.Module, directory: str | Path, device: str | torch.
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ValueError(f"{str(config_path)!r} is not a {FORMAT} v{VERSION} file "
                          f"(format={meta.get('format')!r}, version={meta.get('version')!r})")
-    tensors = load_file(str(weights_path), device=str(device) if device is not None else "cpu")
+    try:
+        tensors = load_file(str(weights_path), device=str(device) if device is not None else "cpu")
+    except SafetensorError as exc:
+        raise ValueError(f"{str(weights_path)!r} is not a valid safetensors file ({exc})") from None
     for name, info in meta["layers"].items():
         try:
             module = model.get_submodule(name)
