@@ -162,6 +162,7 @@ def plot_compare(rows: list[dict[str, Any]], out: Path) -> None:
     if ok[0].get("tfidf_baseline_accuracy"):
         axes[2].axhline(ok[0]["tfidf_baseline_accuracy"], ls="--", color="gray", label="TF-IDF + LR")
     axes[2].set_xscale("symlog", linthresh=0.1)
+    axes[2].set_xlim(left=0)
     axes[2].set(title="accuracy vs gradient + optimizer-state memory", xlabel="MiB", ylabel="validation accuracy")
     axes[2].legend(fontsize=8)
     fig.tight_layout()
