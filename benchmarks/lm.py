@@ -66,7 +66,7 @@ def run_one(spec_path: str, result_path: str) -> None:
 
     from leantrain import methods
     from leantrain.config import TrainConfig
-    from leantrain.train import optimizer_state_bytes, tensor_bytes
+    from leantrain.dist_utils import local_bytes, optimizer_state_bytes_local
 
     train_module = importlib.import_module("leantrain.train")  # the module (leantrain.train is also a function)
     spec = json.loads(Path(spec_path).read_text())
@@ -84,13 +84,13 @@ def run_one(spec_path: str, result_path: str) -> None:
     opt = captured["opt"]
     projected = other = 0
     for group in opt.param_groups:
-        size = sum(tensor_bytes(opt.state[p].values()) for p in group["params"] if p in opt.state)
+        size = sum(local_bytes(opt.state[p].values()) for p in group["params"] if p in opt.state)
         if group.get("name") in PROJECTED_GROUPS:
             projected += size
         else:
             other += size
     metrics.update(state_bytes_matrices=projected, state_bytes_other=other,
-                   inner_optimizer_state_bytes=optimizer_state_bytes(opt))
+                   inner_optimizer_state_bytes=optimizer_state_bytes_local(opt))
     Path(result_path).write_text(json.dumps(metrics))
 
 

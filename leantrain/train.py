@@ -65,18 +65,6 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-
-
-def optimizer_state_bytes(optimizer) -> int:
-    total = 0
-    for state in getattr(optimizer, "state", {}).values():
-        if isinstance(state, dict):
-            total += tensor_bytes(state.values())
-    return total
-
-
 def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, TrainConfig]:
     """Validate the output folder; on --resume return the saved config (runtime fields from the new one)."""
     run_dir = Path(cfg.out)
