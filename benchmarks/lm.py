@@ -124,6 +124,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from leantrain.report import smooth
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for i, r in enumerate(results):
@@ -133,10 +134,8 @@ def plot(results: list[dict], path: Path, title: str) -> None:
         color = f"C{i}"
         if train:
             steps, losses = zip(*train)
-            k = max(1, len(losses) // 15)
-            smooth = [sum(losses[max(0, j - k + 1): j + 1]) / len(losses[max(0, j - k + 1): j + 1])
-                      for j in range(len(losses))]
-            ax.plot(steps, smooth, color=color, label=f"{r['label']} (train, smoothed)")
+            ax.plot(steps, smooth(list(losses), max(1, len(losses) // 15)), color=color,
+                    label=f"{r['label']} (train, smoothed)")
         points = ([(0, r["val_loss_before"])] if "val_loss_before" in r else []) + val
         if points:
             s, v = zip(*points)

@@ -16,7 +16,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .checkpoint import write_text_atomic
-from .report import read_jsonl
+from .report import read_jsonl, smooth
 
 
 @dataclass(frozen=True)
@@ -140,10 +140,7 @@ def plot_compare(rows: list[dict[str, Any]], out: Path) -> None:
         recs = [x for x in read_jsonl(out / r["label"] / "metrics.jsonl") if "loss" in x]
         steps = [x["step"] for x in recs]
         losses = [x["loss"] for x in recs]
-        window = max(1, len(losses) // 15)
-        smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
-                  for i in range(len(losses))]
-        axes[0].plot(steps, smooth, label=r["label"])
+        axes[0].plot(steps, smooth(losses, max(1, len(losses) // 15)), label=r["label"])
     axes[0].set(title="training loss (smoothed)", xlabel="step", ylabel="cross-entropy")
     axes[0].legend(fontsize=8)
     names = [r["label"] for r in ok]

@@ -45,7 +45,8 @@ def write_summary(path: Path, metrics: dict[str, Any]) -> None:
     write_text_atomic(Path(path), json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
 
-def _smooth(values: list[float], window: int) -> list[float]:
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average over at most ``window`` values (shorter at the start)."""
     out, acc = [], 0.0
     for i, v in enumerate(values):
         acc += v
@@ -70,7 +71,7 @@ def plot_losses(records: list[dict[str, Any]], path: Path, title: str = "") -> P
     if train:
         steps, losses = zip(*train)
         ax.plot(steps, losses, color="tab:blue", alpha=0.25, lw=0.8, label="train (per step)")
-        ax.plot(steps, _smooth(list(losses), max(1, len(losses) // 20)), color="tab:blue", label="train (smoothed)")
+        ax.plot(steps, smooth(list(losses), max(1, len(losses) // 20)), color="tab:blue", label="train (smoothed)")
     if val:
         steps, losses = zip(*val)
         ax.plot(steps, losses, "o-", color="tab:orange", label="validation")
