@@ -136,21 +136,42 @@ def read_adapter_files(directory: str | Path) -> tuple[dict[str, Any], dict[str,
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"{str(directory)!r} has no {CONFIG_NAME}")
-    values = json.loads(config_path.read_text())
+    try:
+        values = json.loads(config_path.read_text())
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError: say which file
+        raise ValueError(f"{str(config_path)!r} is not valid JSON ({exc})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{str(config_path)!r} is not a JSON object (got {type(values).__name__})")  # noqa: TRY004
     if (directory / WEIGHTS_NAME).is_file():
-        from safetensors.torch import load_file
-
         from safetensors import SafetensorError
+        from safetensors.torch import load_file
 
         try:
             tensors = load_file(str(directory / WEIGHTS_NAME))
         except SafetensorError as exc:
             raise ValueError(f"{str(directory / WEIGHTS_NAME)!r} is not a valid safetensors file ({exc})") from None
     elif (directory / LEGACY_WEIGHTS_NAME).is_file():
-        tensors = torch.load(directory / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+        tensors = _load_legacy(directory / LEGACY_WEIGHTS_NAME)
     else:
         raise FileNotFoundError(f"{str(directory)!r} has no {WEIGHTS_NAME}")
     return values, tensors
+
+
+def _load_legacy(path: Path) -> dict[str, torch.Tensor]:
+    """A legacy ``adapter_model.bin`` as plain tensors (``weights_only``: a pickle with code is refused)."""
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError...: all mean "refused"
+        # torch's weights_only message is many lines; the one naming the offending global / opcode is the useful one
+        lines = [line.split("WeightsUnpickler error:")[-1].strip() for line in str(exc).splitlines()]
+        lines = [line for line in lines if line] or [type(exc).__name__]
+        reason = next((line for line in lines if line.startswith("Unsupported")), lines[0])
+        raise ValueError(f"{str(path)!r}: refused, not a plain tensor file ({reason})") from None
+    if not isinstance(tensors, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+    ):
+        raise ValueError(f"{str(path)!r} is not a dict of named tensors")
+    return tensors
 
 
 def load(
@@ -160,15 +181,20 @@ def load(
 
     The adapter is frozen unless ``trainable``. Tensors for plain modules (PEFT ``modules_to_save``, e.g. a
     head) are copied into those modules. Shape mismatches raise ValueError naming the key and both shapes;
-    keys that fit no module raise KeyError. Returns the wrapped module names.
+    keys that fit no module raise KeyError. Returns the wrapped module names. A failed load leaves the model
+    as it was: module tree, values and ``requires_grad`` flags (PiSSA's residual base aside).
     """
     values, tensors = read_adapter_files(directory)
     config = config_from_peft_dict(values)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}  # inject() freezes everything else
     targets = inject(model, config, name)
     try:
         _load_tensors(model, name, dict(tensors))
     except Exception:
-        delete(model, name)  # leave the model as it was (PiSSA's residual base aside)
+        delete(model, name)
+        for n, p in model.named_parameters():
+            if n in flags:
+                p.requires_grad_(flags[n])
         raise
     for _, layer in _layers_of(model, name):
         for p in layer.adapters[name].parameters():
@@ -192,9 +218,14 @@ def _load_tensors(model: nn.Module, name: str, remaining: dict[str, torch.Tensor
 
 
 def _load_plain_modules(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy leftover ``base_model.model.<param path>`` tensors (PEFT modules_to_save) into the model."""
+    """Copy leftover ``base_model.model.<param path>`` tensors (PEFT modules_to_save) into the model.
+
+    Every key and shape is checked before the first copy: these are base-model tensors, which the caller's
+    ``delete`` on failure would not restore.
+    """
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
+    copies = []
     for key, value in tensors.items():
         path = key.removeprefix(LAYER_PREFIX)
         path = path.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
@@ -208,7 +239,9 @@ def _load_plain_modules(model: nn.Module, tensors: dict[str, torch.Tensor]) -> N
                 f"shape mismatch for {key}: file has {tuple(value.shape)}, "
                 f"model expects {tuple(target.shape)}"
             )
-        with torch.no_grad():
+        copies.append((target, value))
+    with torch.no_grad():
+        for target, value in copies:
             target.copy_(value.to(dtype=target.dtype, device=target.device))
 
 
