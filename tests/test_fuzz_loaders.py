@@ -488,9 +488,6 @@ def test_lowrank_corrupt_safetensors_strict(lowrank_file, data):
         attempt("lowrank", kind, lambda: load_lowrank(model, path), model, CLEAN)
 
 
-@pytest.mark.xfail(strict=True, reason="lowrank.io.load_lowrank_state calls set_factors layer by layer and copies "
-                   "tensors before the unknown-key / shape / strict-missing checks finish, so a failed load leaves "
-                   "the model changed; a 1-D stored S raises IndexError")
 @FEW
 @given(data=st.data())
 def test_lowrank_mismatched_tensors(lowrank_file, data):
@@ -498,6 +495,31 @@ def test_lowrank_mismatched_tensors(lowrank_file, data):
     model, path, tmp = _lowrank_case(tensors=tensors)
     with tmp:
         attempt("lowrank", "tensor-" + kind, lambda: load_lowrank(model, path), model)
+
+
+@pytest.mark.parametrize("edit, exc, match", [
+    (lambda t: t.update({"lin0.S": torch.ones(3)}), ValueError, "'lin0'.*matrices"),  # was IndexError
+    (lambda t: t.update({"lin1&bias": t.pop("lin1.bias")}), KeyError, "lin1&bias"),  # after both layers' factors
+    (lambda t: t.update({"lin1.bias": torch.zeros(5)}), ValueError, r"lin1\.bias"),
+    (lambda t: t.update({"lin1.S": torch.eye(4)}), ValueError, "'lin1'"),
+    (lambda t: t.update({"lin1.U": torch.zeros(4, 0), "lin1.S": torch.zeros(0, 3)}), ValueError, "rank"),
+    (lambda t: [t.pop(f"lin1.{k}") for k in "USV"], KeyError, r"lin1\.S"),  # strict: a layer without factors
+])
+def test_lowrank_failed_load_changes_nothing(lowrank_file, tmp_path, edit, exc, match):
+    """Defect 5: everything is validated before the first set_factors / copy_."""
+    tensors = load_file(str(lowrank_file))
+    edit(tensors)
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    model = lowrank_model()
+    refused(lambda: load_lowrank(model, tmp_path / "m.safetensors"), model, exc, match)
+
+
+def test_lowrank_load_sets_stored_ranks(lowrank_file):
+    """The positive case the checks above must not break: rank 2 -> the file's rank 3, exact values."""
+    model = lowrank_model()
+    assert load_lowrank(model, lowrank_file) == {"lin0": 3, "lin1": 3}
+    stored = load_file(str(lowrank_file))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in stored.items())
 
 
 # --- checkpoints --------------------------------------------------------------------------------------------------
@@ -670,8 +692,6 @@ def test_slow_adapter_mismatch_and_config(adapter_dir, data):
         test_adapter_garbage_config.hypothesis.inner_test(adapter_dir, data)
 
 
-@pytest.mark.xfail(strict=True, reason="defect 5 in docs/reliability.md: a bit flip that renames a key (lin0.bias -> "
-                   "lin0&bias) makes load_lowrank_state fail after it has already set the factors (found at 400 examples)")
 @pytest.mark.slow
 @MANY
 @given(data=st.data())

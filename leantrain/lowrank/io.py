@@ -37,9 +37,12 @@ def load_lowrank_state(model: nn.Module, state: dict[str, torch.Tensor], strict:
     """Load ``state`` into ``model``, resizing low-rank factors to the stored ranks first.
 
     ``strict=True`` also demands that every parameter/buffer of the model (except K, L) is in ``state``.
-    Raises KeyError naming unknown keys, ValueError naming a key whose shape does not fit.
+    Raises KeyError naming unknown keys, ValueError naming a key whose shape does not fit. Everything is
+    checked before the first factor is set or tensor copied, so a failed load leaves the model unchanged.
     """
     state = dict(state)
+    given = set(state)
+    factors = []  # (name, layer, U, S, V), applied only once everything is checked
     for name, layer in lowrank_layers(model):
         pre = f"{name}." if name else ""
         keys = [pre + k for k in ("U", "S", "V")]
@@ -49,14 +52,8 @@ def load_lowrank_state(model: nn.Module, state: dict[str, torch.Tensor], strict:
                            f"needs all of {keys}")
         if all(present):
             u, s, v = (state.pop(k) for k in keys)
-            if u.ndim != 2 or not 1 <= u.shape[1] <= min(layer.n, layer.m):
-                raise ValueError(f"low-rank layer {name!r}: stored U has shape {tuple(u.shape)}; rank must be in "
-                                 f"[1, min(out, in) = {min(layer.n, layer.m)}]")
-            try:
-                layer.set_factors(u.to(layer.U.device), s.to(layer.S.device), v.to(layer.V.device))
-            except ValueError as exc:
-                raise ValueError(f"low-rank layer {name!r}: {exc}") from exc
-            layer.S.grad = None
+            _check_factors(name, layer, u, s, v)
+            factors.append((layer, u, s, v))
     skip = _transient_names(model)
     own = dict(model.named_parameters())
     own.update(dict(model.named_buffers()))
@@ -67,12 +64,29 @@ def load_lowrank_state(model: nn.Module, state: dict[str, torch.Tensor], strict:
         target = own[key]
         if tuple(target.shape) != tuple(value.shape):
             raise ValueError(f"state[{key!r}] has shape {tuple(value.shape)}, model expects {tuple(target.shape)}")
-        with torch.no_grad():
-            target.copy_(value.to(device=target.device, dtype=target.dtype))
     if strict:
-        missing = sorted(k for k in own if k not in state and k not in skip and not k.endswith((".U", ".S", ".V")))
+        missing = sorted(k for k in own if k not in given and k not in skip)
         if missing:
-            raise KeyError(f"state lacks keys of the model: {missing[:5]}")
+            raise KeyError(f"state lacks keys of the model: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    for layer, u, s, v in factors:
+        layer.set_factors(u.to(layer.U.device), s.to(layer.S.device), v.to(layer.V.device))
+        layer.S.grad = None
+    with torch.no_grad():
+        for key, value in state.items():
+            own[key].copy_(value.to(device=own[key].device, dtype=own[key].dtype))
+
+
+def _check_factors(name: str, layer: nn.Module, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> None:
+    """What ``set_factors`` needs, checked up front with the layer's name in the message."""
+    shapes = f"stored U{tuple(u.shape)} S{tuple(s.shape)} V{tuple(v.shape)}"
+    top = min(layer.n, layer.m)
+    if u.ndim != 2 or s.ndim != 2 or v.ndim != 2:
+        raise ValueError(f"low-rank layer {name!r}: {shapes}; U, S and V must be matrices")
+    if not (1 <= u.shape[1] <= top and 1 <= v.shape[1] <= top):
+        raise ValueError(f"low-rank layer {name!r}: {shapes}; rank must be in [1, min(out, in) = {top}]")
+    if u.shape[0] != layer.n or v.shape[0] != layer.m or tuple(s.shape) != (u.shape[1], v.shape[1]):
+        raise ValueError(f"low-rank layer {name!r}: {shapes} do not fit a {layer.n}x{layer.m} weight "
+                         f"(U n x r, S r x r', V m x r')")
 
 
 def save_lowrank(model: nn.Module, path: str | Path, trainable_only: bool = False) -> Path:
