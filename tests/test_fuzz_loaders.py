@@ -397,6 +397,7 @@ def test_quant_garbage_config_no_crash(quant_dir, data):
     (lambda t: t.update({"lin1.data": t["lin1.data"].to(torch.float16)}), ValueError, "dtype"),
     (lambda t: t.update({"lin1.residual": torch.zeros(3)}), ValueError, r"lin1\.residual"),
     (lambda t: t.update({"lin1.bias": torch.zeros(5)}), ValueError, r"lin1\.bias"),
+    (lambda t: t.update({"lin1.bias": t["lin1.bias"].to(torch.int32)}), ValueError, r"lin1\.bias"),  # found at 400
     (lambda t: t.update({"head.weight": torch.zeros(2)}), KeyError, r"unexpected \['head\.weight'\]"),
     (lambda t: t.pop("lin1.absmax_scale"), KeyError, r"lin1\.absmax_scale"),
 ])
@@ -409,6 +410,21 @@ def test_quant_failed_load_converts_nothing(quant_dir, tmp_path, edit, exc, matc
     model = quant_skeleton()
     refused(lambda: load_quantized(model, d), model, exc, match)
     assert all(type(m) is not QuantLinear for m in model.modules())
+
+
+@pytest.mark.parametrize("value, match", [(torch.zeros(4, 3), r"size mismatch for lin1\.weight"),
+                                          (torch.zeros(4, 64, dtype=torch.int32), r"dtype mismatch for lin1\.weight")])
+def test_quant_unquantized_tensor_checked_before_swap(tmp_path, value, match):
+    """A layer left dense (lin1) with a wrong tensor: refused before lin0 becomes a QuantLinear."""
+    model = quant_skeleton(0)
+    quantize(model, bits=4, targets=["lin0"], double_quant=False, block_size=64)
+    d = save_quantized(model, tmp_path / "q")
+    tensors = load_file(str(d / "quantized.safetensors"))
+    tensors["lin1.weight"] = value
+    save_file(tensors, str(d / "quantized.safetensors"))
+    skeleton = quant_skeleton()
+    refused(lambda: load_quantized(skeleton, d), skeleton, ValueError, match)
+    assert type(skeleton.lin0) is nn.Linear
 
 
 QUANT_CONFIG_EDITS = {

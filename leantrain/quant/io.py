@@ -139,8 +139,9 @@ def _build_layer(name: str, info: dict, tensors: dict[str, torch.Tensor]) -> Qua
     bias = tensors.pop(f"{name}.bias", None)
     if info["bias"] and bias is None:
         raise KeyError(f"quantized file lacks {name + '.bias'!r}")
-    if bias is not None and tuple(bias.shape) != (out_features,):
-        raise ValueError(f"{name + '.bias'!r} has shape {tuple(bias.shape)}, expected ({out_features},)")
+    if bias is not None and (tuple(bias.shape) != (out_features,) or not bias.is_floating_point()):
+        raise ValueError(f"{name + '.bias'!r} is {bias.dtype} {tuple(bias.shape)}, expected a floating-point "
+                         f"({out_features},)")
     residual = tensors.pop(f"{name}.residual", None)
     if residual is not None and (tuple(residual.shape) != (out_features, in_features)
                                  or not residual.is_floating_point()):
@@ -192,6 +193,9 @@ def load_quantized(model: nn.Module, directory: str | Path, device: str | torch.
     rest = {k: v for k, v in model.state_dict().items() if not _under(k, built)}
     bad = [f"size mismatch for {k}: file has {tuple(tensors[k].shape)}, skeleton has {tuple(v.shape)}"
            for k, v in rest.items() if k in tensors and tuple(tensors[k].shape) != tuple(v.shape)]
+    # assign=True keeps the file's dtype (a bf16 file stays bf16); an int tensor for a float one is corruption
+    bad += [f"dtype mismatch for {k}: file has {tensors[k].dtype}, skeleton has {v.dtype}"
+            for k, v in rest.items() if k in tensors and tensors[k].is_floating_point() != v.is_floating_point()]
     if bad:
         raise ValueError(f"{str(weights_path)!r} does not fit the skeleton: {'; '.join(bad)}")
     missing, unexpected = sorted(set(rest) - set(tensors)), sorted(set(tensors) - set(rest))
