@@ -329,10 +329,9 @@ def test_adapter_garbage_config(adapter_dir, data):
         attempt("adapters", "config-" + kind.split(":")[0], lambda: adapters.load(model, d), model)
 
 
-@pytest.mark.xfail(strict=True, reason="adapters/lora.py LoraConfig.from_peft_dict coerces instead of checking: "
-                   "int(r), float(lora_alpha), bool(use_rslora); fix: reject non-int r, bool/non-number lora_alpha, "
-                   "non-bool use_rslora/use_dora with a ValueError naming adapter_config.json and the key")
-@pytest.mark.parametrize("key, value", [("r", 2.5), ("lora_alpha", True), ("use_rslora", "no")])
+@pytest.mark.parametrize("key, value", [("r", 2.5), ("r", 0), ("lora_alpha", True), ("lora_alpha", "16"),
+                                        ("use_rslora", "no"), ("use_dora", 1), ("lora_dropout", [0.1]),
+                                        ("rank_pattern", ["q"])])
 def test_adapter_config_wrong_type_refused(adapter_dir, tmp_path, key, value):
     copy_dir(adapter_dir, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())

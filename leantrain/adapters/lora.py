@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config_fields import get_bool, get_dict, get_float, get_int
 from .base import AdapterLayer, base_weight, layer_shape, set_base_weight
 from .registry import register_adapter
 
@@ -135,17 +136,17 @@ class LoraConfig:
         if isinstance(exclude, str):
             exclude = "re:" + exclude.removeprefix("re:")
         return cls(
-            r=int(d.get("r", 8)),
-            alpha=float(d.get("lora_alpha", 8)),
+            r=get_int(d, "r", 8, "LoRA", minimum=1),
+            alpha=get_float(d, "lora_alpha", 8, "LoRA"),
             target_modules=targets,
             exclude_modules=exclude,
-            dropout=float(d.get("lora_dropout", 0.0)),
-            use_rslora=bool(d.get("use_rslora", False)),
-            use_dora=bool(d.get("use_dora", False)),
+            dropout=get_float(d, "lora_dropout", 0.0, "LoRA"),
+            use_rslora=get_bool(d, "use_rslora", False, "LoRA"),
+            use_dora=get_bool(d, "use_dora", False, "LoRA"),
             init=init,
             pissa_niter=niter,
-            rank_pattern=dict(d.get("rank_pattern") or {}),
-            alpha_pattern=dict(d.get("alpha_pattern") or {}),
+            rank_pattern=get_dict(d, "rank_pattern", "LoRA"),
+            alpha_pattern=get_dict(d, "alpha_pattern", "LoRA"),
         )
 
 

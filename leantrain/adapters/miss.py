@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config_fields import get_float, get_int
 from .base import AdapterLayer, add_to_base_weight, base_weight, set_base_weight
 from .registry import register_adapter
 
@@ -73,9 +74,11 @@ class MissConfig:
         if d.get("bias", "none") not in ("none", None):
             raise ValueError(f"MiSS adapter_config.json has bias={d['bias']!r}; only 'none' is supported")
         targets = d.get("target_modules") or "all-linear"
-        return cls(r=int(d.get("r", 64)), variant=variant, target_modules=targets,
-                   exclude_modules=d.get("exclude_modules"), dropout=float(d.get("miss_dropout", 0.0)),
-                   mini_r=int(d.get("mini_r", 1)), init_weights=init is not False)
+        if init not in (True, False, "bat", "mini"):
+            raise ValueError(f"MiSS adapter_config.json: init_weights={init!r} must be true, false, 'bat' or 'mini'")
+        return cls(r=get_int(d, "r", 64, "MiSS", minimum=1), variant=variant, target_modules=targets,
+                   exclude_modules=d.get("exclude_modules"), dropout=get_float(d, "miss_dropout", 0.0, "MiSS"),
+                   mini_r=get_int(d, "mini_r", 1, "MiSS", minimum=1), init_weights=init is not False)
 
 
 # ---- pure math (tensors in, tensors out) ---------------------------------------------------------------------

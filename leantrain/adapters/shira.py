@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .config_fields import get_bool, get_float, get_int
 from .base import AdapterLayer, add_to_base_weight, base_weight
 from .registry import register_adapter
 from .shira_masks import MASK_KINDS, as_flat_indices, flat_to_indices, make_mask, shira_count
@@ -100,10 +101,13 @@ class ShiraConfig:
     @classmethod
     def from_peft_dict(cls, d: dict[str, Any]) -> ShiraConfig:
         mask = d.get("mask_type", "random")
-        config = cls(r=int(d.get("r", 32)), fraction=d.get("fraction"),
+        fraction = d.get("fraction")
+        if fraction is not None:
+            fraction = get_float(d, "fraction", 0.0, "SHiRA")
+        config = cls(r=get_int(d, "r", 32, "SHiRA", minimum=1), fraction=fraction,
                      mask=mask if mask in MASK_KINDS else "random",
-                     target_modules=d.get("target_modules") or "all-linear", seed=int(d.get("random_seed") or 0),
-                     init_weights=bool(d.get("init_weights", True)))
+                     target_modules=d.get("target_modules") or "all-linear", seed=get_int(d, "random_seed", 0, "SHiRA"),
+                     init_weights=get_bool(d, "init_weights", True, "SHiRA"))
         config._from_file = True  # indices come from the file: no mask computation, no calibration
         return config
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config_fields import get_bool, get_float, get_int
 from .base import AdapterLayer, base_weight
 from .lora import adapter_dtype
 from .registry import register_adapter
@@ -100,13 +101,13 @@ class VeraConfig:
         if isinstance(targets, str) and targets != "all-linear":
             targets = "re:" + targets.removeprefix("re:")
         return cls(
-            r=int(d.get("r", 256)),
+            r=get_int(d, "r", 256, "VeRA", minimum=1),
             target_modules=targets,
-            projection_prng_key=int(d.get("projection_prng_key", 0)),
-            save_projection=bool(d.get("save_projection", True)),
-            dropout=float(d.get("vera_dropout", 0.0)),
-            d_initial=float(d.get("d_initial", 0.1)),
-            init_weights=bool(d.get("init_weights", True)),
+            projection_prng_key=get_int(d, "projection_prng_key", 0, "VeRA"),
+            save_projection=get_bool(d, "save_projection", True, "VeRA"),
+            dropout=get_float(d, "vera_dropout", 0.0, "VeRA"),
+            d_initial=get_float(d, "d_initial", 0.1, "VeRA"),
+            init_weights=get_bool(d, "init_weights", True, "VeRA"),
         )
 
 
