@@ -1,11 +1,15 @@
 """Step time and state memory of 8-/4-bit optimizers vs torch AdamW, bitsandbytes and torchao, in one process.
 
     .venv/bin/python benchmarks/optimizers.py [--quick] [--json PATH] [--png PATH] [--threads N] [--no-peers]
+        [--no-compiled] [--fresh-compile-cache]
 
 Workloads: one 4096x4096 fp32 parameter with a fixed random gradient ("matrix"), and the parameters of
 ``leantrain.models.build_classifier("minilm", 3)`` with random gradients ("minilm"). Each optimizer starts from the
 same weights and gradients, runs ``--warmup`` steps, then ``--steps`` timed steps; we report the median.
 State bytes count every tensor in ``optimizer.state`` (codes, absmax, fp32 moments of small tensors, step).
+The "(compiled)" rows use ``compile=True`` (one fused torch.compile kernel, leantrain/optim/compiled.py); their
+first step includes compilation, reported separately ("first step"); ``--fresh-compile-cache`` points inductor at
+an empty cache directory so that number is a cold compile.
 """
 from __future__ import annotations
 
@@ -57,19 +61,26 @@ def peers() -> dict[str, Callable]:
 
 
 def time_opt(make: Callable, params0: list[torch.Tensor], grads: list[torch.Tensor], warmup: int,
-             steps: int) -> tuple[float, int]:
+             steps: int) -> tuple[float, int, float]:
     params = [torch.nn.Parameter(p.clone()) for p in params0]
     for p, g in zip(params, grads):
         p.grad = g
     opt = make(params)
-    for _ in range(warmup):
+    first = first_step(opt)  # includes compilation for the compiled rows
+    for _ in range(max(0, warmup - 1)):
         opt.step()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         opt.step()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3, state_bytes(opt)
+    return statistics.median(times) * 1e3, state_bytes(opt), first
+
+
+def first_step(opt: torch.optim.Optimizer) -> float:
+    t0 = time.perf_counter()
+    opt.step()
+    return time.perf_counter() - t0
 
 
 def workloads(quick: bool, wanted: set[str]) -> dict[str, list[torch.Tensor]]:
@@ -97,12 +108,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3, quick 1)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--no-peers", action="store_true", help="skip bitsandbytes and torchao")
+    ap.add_argument("--no-compiled", action="store_true", help="skip the compile=True rows")
+    ap.add_argument("--fresh-compile-cache", action="store_true",
+                    help="empty inductor cache dir, so the compiled rows' first step is a cold compile")
     ap.add_argument("--workloads", default="matrix,minilm", help="comma-separated subset of: matrix, minilm")
     ap.add_argument("--peer-workloads", default="matrix,minilm",
                     help="workloads on which the peers run (torchao compiles once per shape: slow on minilm)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.fresh_compile_cache:
+        import tempfile
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-bench-")
     steps = args.steps or (3 if args.quick else 10)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     makers: dict[str, Callable] = {
@@ -111,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         "leantrain AdamW8bit": lambda ps: AdamW8bit(ps, lr=1e-3),
         "leantrain AdamW4bit": lambda ps: AdamW4bit(ps, lr=1e-3),
     }
+    if not args.no_compiled:
+        makers["leantrain AdamW8bit (compiled)"] = lambda ps: AdamW8bit(ps, lr=1e-3, compile=True)
+        makers["leantrain AdamW4bit (compiled)"] = lambda ps: AdamW4bit(ps, lr=1e-3, compile=True)
     if not args.no_peers:
         makers.update(peers())
     rows = []
@@ -129,12 +150,12 @@ def main(argv: list[str] | None = None) -> int:
         it = todo if tqdm is None else tqdm(todo, desc=wname, leave=False)
         for oname, make in it:
             try:
-                ms, nbytes = time_opt(make, params0, grads, warmup, steps)
+                ms, nbytes, first = time_opt(make, params0, grads, warmup, steps)
             except Exception as exc:  # noqa: BLE001 - e.g. a peer without a CPU kernel
                 print(f"{oname} on {wname} failed: {type(exc).__name__}: {exc}")
                 continue
             rows.append({"workload": wname, "optimizer": oname, "ms_per_step": ms,
-                         "state_bytes_per_param": nbytes / numel, "numel": numel})
+                         "state_bytes_per_param": nbytes / numel, "numel": numel, "first_step_s": first})
     print_table(rows)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "steps": steps, "warmup": warmup,
             "command": " ".join(["benchmarks/optimizers.py", *(argv if argv is not None else sys.argv[1:])])}
@@ -155,17 +176,20 @@ def print_table(rows: list[dict]) -> None:
         peer = {r["optimizer"]: r["ms_per_step"] for r in sub if "bitsandbytes" in r["optimizer"]
                 or "torchao" in r["optimizer"]}
         print(f"\n{w} ({sub[0]['numel'] / 1e6:.2f} M params)")
-        head = f"| {'optimizer':<24} | {'ms/step':>8} | {'x foreach':>9} | {'bytes/param':>11} |"
+        head = f"| {'optimizer':<30} | {'ms/step':>8} | {'x foreach':>9} | {'bytes/param':>11} |"
         for p in peer:
             head += f" {'speedup vs ' + p.split()[0]:>24} |"
         print(head)
         print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
         for r in sub:
-            line = (f"| {r['optimizer']:<24} | {r['ms_per_step']:8.1f} | "
+            line = (f"| {r['optimizer']:<30} | {r['ms_per_step']:8.1f} | "
                     f"{(r['ms_per_step'] / ref if ref else float('nan')):9.2f} | {r['state_bytes_per_param']:11.3f} |")
             for pms in peer.values():
                 line += f" {pms / r['ms_per_step']:24.2f} |"
             print(line)
+        firsts = [f"{r['optimizer']} {r['first_step_s']:.1f} s" for r in sub if "compiled" in r["optimizer"]]
+        if firsts:
+            print("first step incl. compilation: " + "; ".join(firsts))
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -10,7 +10,8 @@ Subclasses only write ``_rule`` (see lion.py, sgd.py).
 
 Group keys (per-parameter overrides): ``codec`` ("fp32" | "bf16" | "8bit" | "4bit") or ``optim_bits``
 (32 | 16 | 8 | 4); ``block_size``; ``min_8bit_size`` (smaller moments stay fp32); ``percentile_clipping``
-(1..100, 100 = off); ``skip_nonfinite``; ``rank`` & co. (gradient projection, see projector.py).
+(1..100, 100 = off); ``skip_nonfinite``; ``rank`` & co. (gradient projection, see projector.py); ``compile``
+(Adam family only: run 8/4-bit moments through the fused torch.compile kernel of compiled.py).
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ class BlockOptimizer(torch.optim.Optimizer):
 
     moments: tuple[tuple[str, bool], ...] = ()
     default_codec = "8bit"
+    supports_compile = False  # True where compiled.py implements the rule (Adam/AdamW)
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
         defaults.setdefault("codec", None)
@@ -54,6 +56,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         defaults.setdefault("percentile_clipping", 100)
         defaults.setdefault("skip_nonfinite", False)
         defaults.setdefault("chunk_size", 1 << 18)
+        defaults.setdefault("compile", False)
         self._check(defaults, "defaults")
         self._codecs: dict[tuple, Codec] = {}
         self.nonfinite_skips = 0
@@ -92,6 +95,11 @@ class BlockOptimizer(torch.optim.Optimizer):
         cs = g.get("chunk_size")
         if isinstance(cs, bool) or not isinstance(cs, int) or cs < 1:
             raise ValueError(f"{name}: chunk_size={cs!r} in {where} must be a positive int")
+        comp = g.get("compile", False)
+        if not isinstance(comp, bool):
+            raise TypeError(f"{name}: compile={comp!r} in {where} must be True or False")
+        if comp and not self.supports_compile:
+            raise ValueError(f"{name}: compile=True in {where} is only implemented for Adam/AdamW (8/4-bit states)")
         if g.get("rank") is not None:
             from .projector import check_group
             check_group(g, f"{name} {where}")
@@ -220,7 +228,11 @@ class BlockOptimizer(torch.optim.Optimizer):
         lr, wd = group["lr"], group.get("weight_decay", 0.0)
         decoupled = group.get("decoupled", True)
         chunk = max(group["block_size"], group["chunk_size"] // group["block_size"] * group["block_size"])
-        for start in range(0, n, chunk):
+        done = 0  # the compiled kernel may do all (or, if compilation fails, none) of the values first
+        if group.get("compile") and all(getattr(c, "bits", 0) in (4, 8) for _, c in codecs):
+            from . import compiled
+            done = compiled.update(pflat, gflat, codecs, encs, group, t, scale, chunk)
+        for start in range(done, n, chunk):
             stop = min(n, start + chunk)
             g = gflat[start:stop].float()
             pc = pflat[start:stop]
@@ -304,7 +316,10 @@ class BlockOptimizer(torch.optim.Optimizer):
                     st = state_dict["state"].get(pid)
                     if st and not self._projected(merged, p):
                         self._check_saved(pid, p, st, merged)
+        compile_flags = [g.get("compile", False) for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, flag in zip(self.param_groups, compile_flags):  # how to run is this process's choice, not state
+            group["compile"] = flag
         for group in self.param_groups:  # torch casts float state to the param dtype: restore the codec's dtypes
             for p in group["params"]:
                 st = self.state.get(p)
@@ -338,14 +353,17 @@ class BlockOptimizer(torch.optim.Optimizer):
 
 class _AdamBase(BlockOptimizer):
     moments = (("exp_avg", True), ("exp_avg_sq", False))
+    supports_compile = True
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, block_size: int = 256,
                  min_8bit_size: int = 4096, percentile_clipping: int = 100, skip_nonfinite: bool = False,
-                 codec: str | None = None, chunk_size: int = 1 << 18, decoupled: bool = True) -> None:
+                 codec: str | None = None, chunk_size: int = 1 << 18, decoupled: bool = True,
+                 compile: bool = False) -> None:
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "block_size": block_size,
                         "min_8bit_size": min_8bit_size, "percentile_clipping": percentile_clipping,
-                        "skip_nonfinite": skip_nonfinite, "codec": codec, "chunk_size": chunk_size, "decoupled": decoupled}
+                        "skip_nonfinite": skip_nonfinite, "codec": codec, "chunk_size": chunk_size, "decoupled": decoupled,
+                        "compile": compile}
         super().__init__(params, defaults)
 
     def _rule(self, g: Tensor, bufs: list[Tensor], group: dict[str, Any], t: int) -> tuple[Tensor, float]:
