@@ -30,6 +30,7 @@ warns once per process and returns how far it got; the caller finishes with the 
 from __future__ import annotations
 
 import math
+import types
 import warnings
 import weakref
 from collections.abc import Callable
@@ -42,6 +43,7 @@ from . import quant
 
 _BACKEND: str | Callable = "inductor"  # torch.compile backend (a test swaps in a failing one)
 _FNS: dict[tuple[int, bool], Callable] = {}
+_MARKED: set[tuple] = set()  # variants already traced with a dynamic dim 0 (marking costs ~20 us per call)
 _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # CodeTable -> {device: packed table}
 _failed: str | None = None  # why the compiled path was given up in this process (warned once)
 
@@ -111,7 +113,11 @@ def _make(bits: int, coupled: bool) -> Callable:
         qv = _nearest(v / torch.where(av == 0, 1.0, av)[:, None], vtab)
         return am, av, _pack(qm, bits), _pack(qv, bits), p_new if coupled else None
 
-    return torch.compile(adam_blocks, fullgraph=True, backend=_BACKEND)
+    # dynamo caches compiled graphs (and counts its recompile limit) per code object: give each variant its own
+    name = f"adam{bits}bit_{'coupled' if coupled else 'decoupled'}_blocks"
+    code = adam_blocks.__code__.replace(co_name=name, co_qualname=name)
+    fn = types.FunctionType(code, adam_blocks.__globals__, name, None, adam_blocks.__closure__)
+    return torch.compile(fn, fullgraph=True, backend=_BACKEND)
 
 
 def _fn(bits: int, coupled: bool) -> Callable:
@@ -184,18 +190,16 @@ def update(pflat: Tensor, gflat: Tensor, codecs: list, encs: list[dict[str, Tens
             mc = em["_codes"][b0 * cb:b1 * cb].view(nb, cb)
             vc = ev["_codes"][b0 * cb:b1 * cb].view(nb, cb)
             ma, va = em["_absmax"][b0:b1], ev["_absmax"][b0:b1]
-            args = [pflat[b0 * bs:b1 * bs].view(nb, bs), gflat[b0 * bs:b1 * bs].view(nb, bs), mc, ma, vc, va]
-            for a in (0, 1, 2, 3, 4, 5):
-                torch._dynamo.mark_dynamic(args[a], 0)
-            rows = rows_all[:nb]
-            torch._dynamo.mark_dynamic(rows, 0)
-            am, av, qm, qv, pn = fn(*args, *tabs, hp, rows)
+            args = [pflat[b0 * bs:b1 * bs].view(nb, bs), gflat[b0 * bs:b1 * bs].view(nb, bs), mc, ma, vc, va,
+                    *tabs, hp, rows_all[:nb]]
+            am, av, qm, qv, pn = _call(fn, args, (bits, coupled, gflat.dtype, bs, dev))
             ma.copy_(am), va.copy_(av), mc.copy_(qm), vc.copy_(qv)
             if pn is not None:
                 args[0].copy_(pn)
             done = b1 * bs
         if done < n:
-            _staged(fn, pflat, gflat, cm, cv, em, ev, done, tabs, hp, rows_all[:2])
+            _staged(fn, (bits, coupled, gflat.dtype, bs, dev), pflat, gflat, cm, cv, em, ev, done, tabs, hp,
+                    rows_all[:2])
             done = n
     except Exception as exc:  # noqa: BLE001 - any compile/runtime failure: the eager path is always correct
         _warn_once(_describe(exc))
@@ -215,8 +219,20 @@ def _describe(exc: BaseException) -> str:
     return msg if root is exc else f"{type(exc).__name__} <- {msg}"
 
 
-def _staged(fn: Callable, pflat: Tensor, gflat: Tensor, cm, cv, em, ev, start: int, tabs, hp: Tensor,
-            rows: Tensor) -> None:
+def _call(fn: Callable, args: list[Tensor], variant: tuple) -> tuple:
+    """Run the compiled chunk function; the first call of a variant marks dim 0 (blocks) dynamic, so that one
+    trace serves every number of blocks >= 2 (dynamo reuses it for unmarked calls)."""
+    key = (id(fn), *variant)
+    if key not in _MARKED:
+        for i in (0, 1, 2, 3, 4, 5, 11):
+            torch._dynamo.mark_dynamic(args[i], 0)
+    out = fn(*args)
+    _MARKED.add(key)
+    return out
+
+
+def _staged(fn: Callable, variant: tuple, pflat: Tensor, gflat: Tensor, cm, cv, em, ev, start: int, tabs,
+            hp: Tensor, rows: Tensor) -> None:
     """The last < 2 blocks (incl. a partial block), padded to 2 blocks with zero gradient, zero parameter and
     the code nearest 0; results are cut back to the real length."""
     bs = cm.block_size
@@ -236,11 +252,8 @@ def _staged(fn: Callable, pflat: Tensor, gflat: Tensor, cm, cv, em, ev, start: i
         staged.append(pad)
     sm, sv = staged
     args = [p2.view(2, bs), g2.view(2, bs), sm["_codes"].view(2, -1), sm["_absmax"], sv["_codes"].view(2, -1),
-            sv["_absmax"]]
-    for a in range(6):
-        torch._dynamo.mark_dynamic(args[a], 0)
-    torch._dynamo.mark_dynamic(rows, 0)
-    am, av, qm, qv, pn = fn(*args, *tabs, hp, rows)
+            sv["_absmax"], *tabs, hp, rows]
+    am, av, qm, qv, pn = _call(fn, args, variant)
     pflat[start:].copy_((p2 if pn is None else pn.reshape(-1))[:n])
     for c, e, a, q in ((cm, em, am, qm), (cv, ev, av, qv)):
         e["_absmax"][start // bs:start // bs + blocks].copy_(a[:blocks])
