@@ -77,6 +77,33 @@ def time_opt(make: Callable, params0: list[torch.Tensor], grads: list[torch.Tens
     return statistics.median(times) * 1e3, state_bytes(opt), first
 
 
+def time_interleaved(makers: dict[str, Callable], params0: list[torch.Tensor], grads: list[torch.Tensor],
+                     warmup: int, steps: int) -> dict[str, tuple[float, int, float] | Exception]:
+    """All optimizers built first, then timed round-robin (one step each per round): on a shared machine whose
+    load drifts, every optimizer sees the same mix of quiet and busy moments, so the ratios stay meaningful."""
+    live, out = {}, {}
+    for name, make in makers.items():
+        try:
+            params = [torch.nn.Parameter(p.clone()) for p in params0]
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt = make(params)
+            first = first_step(opt)  # includes compilation for the compiled rows
+            for _ in range(max(0, warmup - 1)):
+                opt.step()
+            live[name] = (opt, first, [])
+        except Exception as exc:  # noqa: BLE001 - e.g. a peer without a CPU kernel
+            out[name] = exc
+    for _ in range(steps):
+        for opt, _, times in live.values():
+            t0 = time.perf_counter()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+    for name, (opt, first, times) in live.items():
+        out[name] = (statistics.median(times) * 1e3, state_bytes(opt), first)
+    return {name: out[name] for name in makers}
+
+
 def first_step(opt: torch.optim.Optimizer) -> float:
     t0 = time.perf_counter()
     opt.step()
@@ -109,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--no-peers", action="store_true", help="skip bitsandbytes and torchao")
     ap.add_argument("--no-compiled", action="store_true", help="skip the compile=True rows")
+    ap.add_argument("--interleave", action="store_true",
+                    help="build all optimizers, then time them round-robin (robust ratios under drifting load)")
     ap.add_argument("--fresh-compile-cache", action="store_true",
                     help="empty inductor cache dir, so the compiled rows' first step is a cold compile")
     ap.add_argument("--workloads", default="matrix,minilm", help="comma-separated subset of: matrix, minilm")
@@ -147,17 +176,25 @@ def main(argv: list[str] | None = None) -> int:
         numel = sum(p.numel() for p in params0)
         kind = wname.split()[0]
         todo = [(k, v) for k, v in makers.items() if k.startswith(("torch ", "leantrain ")) or kind in peer_ok]
-        it = todo if tqdm is None else tqdm(todo, desc=wname, leave=False)
-        for oname, make in it:
-            try:
-                ms, nbytes, first = time_opt(make, params0, grads, warmup, steps)
-            except Exception as exc:  # noqa: BLE001 - e.g. a peer without a CPU kernel
-                print(f"{oname} on {wname} failed: {type(exc).__name__}: {exc}")
+        if args.interleave:
+            results = time_interleaved(dict(todo), params0, grads, warmup, steps)
+        else:
+            results = {}
+            for oname, make in (todo if tqdm is None else tqdm(todo, desc=wname, leave=False)):
+                try:
+                    results[oname] = time_opt(make, params0, grads, warmup, steps)
+                except Exception as exc:  # noqa: BLE001 - e.g. a peer without a CPU kernel
+                    results[oname] = exc
+        for oname, res in results.items():
+            if isinstance(res, Exception):
+                print(f"{oname} on {wname} failed: {type(res).__name__}: {res}")
                 continue
+            ms, nbytes, first = res
             rows.append({"workload": wname, "optimizer": oname, "ms_per_step": ms,
                          "state_bytes_per_param": nbytes / numel, "numel": numel, "first_step_s": first})
     print_table(rows)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "steps": steps, "warmup": warmup,
+            "interleave": args.interleave,
             "command": " ".join(["benchmarks/optimizers.py", *(argv if argv is not None else sys.argv[1:])])}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
