@@ -3,7 +3,7 @@
 Stated tolerance (see compiled.py): moments, codes and absmax are bit-identical to eager for AdamW; parameters may
 differ because eager ``Tensor.sqrt`` on CPU (MKL) is not correctly rounded while inductor's is -- by at most
 ``2 * steps`` float32 ulps of the largest |p|, on a small fraction of the elements. Tests that compile are slow
-(a cold inductor compile takes 10-25 s here) and marked ``slow``; the default run checks the lookup table, the
+(a cold inductor compile took 20-30 s on this shared machine) and marked ``slow``; the default run checks the lookup table, the
 option checks, the fallback and load_state_dict without compiling.
 """
 from __future__ import annotations
