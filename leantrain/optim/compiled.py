@@ -115,7 +115,8 @@ def _make(bits: int, coupled: bool) -> Callable:
 
     # dynamo caches compiled graphs (and counts its recompile limit) per code object: give each variant its own
     name = f"adam{bits}bit_{'coupled' if coupled else 'decoupled'}_blocks"
-    code = adam_blocks.__code__.replace(co_name=name, co_qualname=name)
+    code = adam_blocks.__code__.replace(co_name=name, **({"co_qualname": name} if hasattr(
+        adam_blocks.__code__, "co_qualname") else {}))  # co_qualname: Python >= 3.11
     fn = types.FunctionType(code, adam_blocks.__globals__, name, None, adam_blocks.__closure__)
     return torch.compile(fn, fullgraph=True, backend=_BACKEND)
 
