@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 
+COMPILABLE_OPTIMIZERS = ("adamw8bit", "adam8bit", "adamw4bit", "galore-adamw8bit", "galore-adamw4bit")
+
+
 @dataclass
 class TrainConfig:
     # --- what to train on -------------------------------------------------------------------------------------
@@ -58,6 +61,7 @@ class TrainConfig:
     proj_scale: float = 0.25  # GaLore alpha
     svd: str = "randomized"  # "full" | "randomized" projector refresh
     block_size: int = 256  # block size of 8/4-bit optimizer states
+    compile_optim: bool = False  # fuse the 8/4-bit Adam(W) step into one torch.compile kernel (~20 s to compile)
     # --- DLRT -----------------------------------------------------------------------------------------------
     tau: float = 0.1  # truncation tolerance relative to the singular values of S
     # --- language modelling (task=causal-lm) --------------------------------------------------------------------
@@ -93,6 +97,8 @@ class TrainConfig:
             (0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "must be in [0, 1)"),
             (self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip, "must be > 0"),
             (self.nan_policy in ("stop", "skip"), "nan_policy", self.nan_policy, "must be 'stop' or 'skip'"),
+            (not self.compile_optim or self.optim in COMPILABLE_OPTIMIZERS, "compile_optim", self.compile_optim,
+             f"applies only to --optim {'/'.join(COMPILABLE_OPTIMIZERS)}, not {self.optim!r}"),
             (self.rank > 0, "rank", self.rank, "must be > 0"),
             (self.save_every >= 0, "save_every", self.save_every, "must be >= 0"),
             (self.eval_every >= 0, "eval_every", self.eval_every, "must be >= 0"),

@@ -99,6 +99,8 @@ BAD = [
     ("betas", ["--betas", "1.5", "0.9"], ()),
     ("device", ["--device", "bogus"], ()),
     ("targets", ["--targets", "re:("], ()),
+    ("compile_optim", ["--compile-optim", "--optim", "lion8bit"], ("lion8bit",)),
+    ("compile_optim", ["--compile-optim", "--optim", "adamw"], ()),
 ]
 
 # Not validated today: (field, argv, fix for config.py / the consumer). Each runs a real (tiny) training step.

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..config import TrainConfig
+from ..config import COMPILABLE_OPTIMIZERS, TrainConfig
 
 Builder = Callable[[list[dict], TrainConfig, float], torch.optim.Optimizer]
 
@@ -32,9 +32,14 @@ def build_adamw(groups: list[dict], cfg: TrainConfig, lr: float) -> torch.optim.
     return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
+COMPILABLE = COMPILABLE_OPTIMIZERS
+
+
 def _adam_like(path: str) -> Builder:
     def build(groups: list[dict], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
-        return _cls(path)(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay, block_size=cfg.block_size)
+        extra = {"compile": True} if cfg.compile_optim else {}
+        return _cls(path)(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay, block_size=cfg.block_size,
+                          **extra)
 
     return build
 
@@ -99,6 +104,9 @@ def available_optimizers() -> list[str]:
 def build_optimizer(name: str, groups: list[dict], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of: {', '.join(available_optimizers())}")
+    if cfg.compile_optim and name not in COMPILABLE:
+        raise ValueError(f"--compile-optim applies to the block-quantized Adam optimizers ({', '.join(COMPILABLE)}), "
+                         f"not to --optim {name}")
     try:
         return OPTIMIZERS[name](groups, cfg, lr)
     except (ModuleNotFoundError, AttributeError) as exc:

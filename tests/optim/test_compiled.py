@@ -225,3 +225,23 @@ def test_no_recompiles_for_new_sizes_lr_or_step():
             opt.step()
             sched.step()
     assert compiled.available()
+
+
+@pytest.mark.slow
+def test_cli_compile_optim_follows_the_eager_run(tmp_path):
+    """`leantrain train --optim adamw8bit --compile-optim` reaches the compiled kernel and tracks the eager run."""
+    from leantrain.cli import main
+    from leantrain.report import read_jsonl
+
+    base = ["train", "--model", "tiny", "--method", "full", "--optim", "adamw8bit", "--train-size", "64",
+            "--val-size", "32", "--max-length", "16", "--batch-size", "8", "--steps", "3", "--no-progress",
+            "--model-dropout", "0"]
+    assert main([*base, "--out", str(tmp_path / "eager")]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main([*base, "--compile-optim", "--out", str(tmp_path / "compiled")]) == 0
+    assert not [w for w in caught if "compiled 8/4-bit Adam path is unavailable" in str(w.message)]
+    eager = [r["loss"] for r in read_jsonl(tmp_path / "eager" / "metrics.jsonl") if "loss" in r]
+    compiled = [r["loss"] for r in read_jsonl(tmp_path / "compiled" / "metrics.jsonl") if "loss" in r]
+    assert len(eager) == len(compiled) == 3
+    assert max(abs(a - b) for a, b in zip(eager, compiled)) < 1e-4
