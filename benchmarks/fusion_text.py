@@ -16,7 +16,8 @@ together with that task's head (the other adapter inactive), then every task is 
 concept loss = acc(alone) - acc(fused).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fusion_text.py [--quick] [--json PATH] [--seeds 1]
-        [--methods shira,lora,shira-snip] [--steps 100] [--train-size 2000] [--val-size 500]
+        [--methods shira,lora,shira-snip] [--steps 100] [--train-size 2000] [--val-size 500] [--lr LR]
+    .venv/bin/python benchmarks/fusion_text.py --from-json a.json b.json   # pool seeds of earlier runs, re-plot
 """
 from __future__ import annotations
 
@@ -284,14 +285,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-size", type=int, default=2000)
     ap.add_argument("--val-size", type=int, default=500)
     ap.add_argument("--max-length", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=None, help="adapter lr (default: leantrain's per-method default, 5e-4); the head trains at "
-                    "max(lr, 1e-3) as in `leantrain train`, the head-only baseline at the head method's 2e-3")
-    ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=None,
+                    help="adapter lr (default: leantrain's per-method default, 5e-4); the head trains at max(lr, 1e-3) "
+                    "as in `leantrain train`, the head-only baseline at the head method's 2e-3")
+    ap.add_argument("--seeds", type=int, default=1, help="number of seeds (head/adapter init, masks, batch order)")
+    ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="20 steps, 256/128 sentences (checks the pipeline)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=str(ROOT / "docs" / "img" / "fusion_text.png"))
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--from-json", nargs="+", default=None, metavar="PATH",
+                    help="no training: pool the seeds of earlier --json files (same setup) and report/plot them")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     labels = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -303,28 +308,57 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--data needs 2..{len(NAMES)} data sets, got {data}")
     if args.quick:
         args.steps, args.train_size, args.val_size = 20, 256, 128
-    cfg = TrainConfig(model=args.model, train_size=args.train_size, val_size=args.val_size, max_length=args.max_length,
-                      batch_size=args.batch_size, steps=args.steps, rank=args.rank, lr=args.lr,
-                      progress=not args.no_progress)
     started = time.time()
-    runs = [run_seed(replace(cfg, seed=s), data, labels)
-            for s in tqdm(range(args.seeds), desc="seeds", disable=args.no_progress or args.seeds == 1)]
+    if args.from_json:
+        runs, labels, data = pooled_runs(args)
+    else:
+        cfg = TrainConfig(model=args.model, train_size=args.train_size, val_size=args.val_size,
+                          max_length=args.max_length, batch_size=args.batch_size, steps=args.steps, rank=args.rank,
+                          lr=args.lr, progress=not args.no_progress)
+        seeds = range(args.first_seed, args.first_seed + args.seeds)
+        runs = [run_seed(replace(cfg, seed=s), data, labels)
+                for s in tqdm(seeds, desc="seeds", disable=args.no_progress or args.seeds == 1)]
     wall = time.time() - started
     rows = summarise(runs, labels, data)
     setup = (f"{args.model}, rank {args.rank}, {args.steps} steps x batch {args.batch_size}, "
-             f"{args.train_size} train / {args.val_size} val per task, {args.seeds} seed(s)")
-    print(f"\nFusion of {len(data)} adapters ({setup}); val accuracy; {wall / 60:.1f} min")
+             f"{args.train_size} train / {args.val_size} val per task, seed(s) "
+             f"{', '.join(str(r['seed']) for r in runs)}{'' if args.lr is None else f', lr {args.lr:g}'}")
+    took = f"pooled from {len(args.from_json)} file(s)" if args.from_json else f"{wall / 60:.1f} min"
+    print(f"\nFusion of {len(data)} adapters ({setup}); val accuracy; {took}")
     print(table(rows, data))
     for r in rows:
         extra = f", mask overlap {r['mask_overlap']:.4f}" if r["mask_overlap"] is not None else ""
-        print(f"{r['method']}: unmerge restored W exactly: {r['restored_exact']} "
-              f"(max error {r['restore_max_error']:.2e}){extra}")
+        per_seed = " ".join(f"{statistics.mean(run['methods'][r['method']]['concept_loss']):.3f}" for run in runs)
+        print(f"{r['method']}: mean concept loss per seed {per_seed}; unmerge restored W exactly: "
+              f"{r['restored_exact']} (max error {r['restore_max_error']:.2e}){extra}")
     if args.json:
         Path(args.json).write_text(json.dumps({"setup": vars(args), "wall_seconds": wall, "rows": rows,
                                                "runs": runs}, indent=2) + "\n")
     if args.plot:
         plot(rows, data, Path(args.plot), f"Fusion concept loss: {setup}")
     return 0
+
+
+def pooled_runs(args: argparse.Namespace) -> tuple[list[dict], list[str], list[str]]:
+    """Runs of several --json files whose setups agree except for the seeds (their setup replaces ``args``'s)."""
+    ignore = {"seeds", "first_seed", "json", "plot", "no_progress", "threads", "from_json"}
+    runs, first = [], None
+    for path in args.from_json:
+        saved = json.loads(Path(path).read_text())
+        setup = {k: v for k, v in saved["setup"].items() if k not in ignore}
+        if first is None:
+            first = setup
+        elif setup != first:
+            diff = sorted(k for k in set(setup) | set(first) if setup.get(k) != first.get(k))
+            raise SystemExit(f"--from-json: {path} differs from {args.from_json[0]} in {diff}")
+        runs += saved["runs"]
+    for key, value in first.items():
+        setattr(args, key, value)
+    seeds = [r["seed"] for r in runs]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--from-json: seed(s) repeated across files: {seeds}")
+    labels = [m for m in args.methods.split(",") if m]
+    return runs, labels, args.data.split(",")
 
 
 if __name__ == "__main__":
