@@ -45,10 +45,10 @@ CONFIGS: dict[str, list[str]] = {
 }
 
 LR_GRID = {
-    "full": [2e-5, 5e-5, 1e-4],
+    "full": [2e-5, 5e-5, 1e-4, 2e-4],
     "lora": [1e-3, 2e-3, 5e-3],
-    "galore": [1e-4, 3e-4, 1e-3],
-    "gradnormlorp": [1e-4, 3e-4, 1e-3],
+    "galore": [1e-4, 3e-4, 1e-3, 3e-3],
+    "gradnormlorp": [1e-4, 3e-4, 1e-3, 3e-3],
 }
 
 
@@ -57,7 +57,7 @@ def grid(name: str, seeds: list[int], best: dict[str, float]) -> list[tuple[str,
     if name == "lr":
         return [(label, lr, 0) for label, lrs in LR_GRID.items() for lr in lrs]
     if name == "seeds":
-        labels = ["full", "adamw8bit", "lora", "galore", "galore8bit", "gradnormlorp"]
+        labels = ["full", "adamw8bit", "lora", "galore", "gradnormlorp"]
         lr_of = {**best, "adamw8bit": best.get("full"), "galore8bit": best.get("galore")}
         return [(label, lr_of.get(label), seed) for label in labels for seed in seeds]
     if name == "masks":
