@@ -60,8 +60,9 @@ def peers() -> dict[str, Callable]:
     return out
 
 
-def time_opt(make: Callable, params0: list[torch.Tensor], grads: list[torch.Tensor], warmup: int,
-             steps: int) -> tuple[float, int, float]:
+def _warm(make: Callable, params0: list[torch.Tensor], grads: list[torch.Tensor],
+          warmup: int) -> tuple[torch.optim.Optimizer, float]:
+    """A fresh optimizer on copies of the parameters, stepped ``warmup`` times; returns it and its first step (s)."""
     params = [torch.nn.Parameter(p.clone()) for p in params0]
     for p, g in zip(params, grads):
         p.grad = g
@@ -69,6 +70,12 @@ def time_opt(make: Callable, params0: list[torch.Tensor], grads: list[torch.Tens
     first = first_step(opt)  # includes compilation for the compiled rows
     for _ in range(max(0, warmup - 1)):
         opt.step()
+    return opt, first
+
+
+def time_opt(make: Callable, params0: list[torch.Tensor], grads: list[torch.Tensor], warmup: int,
+             steps: int) -> tuple[float, int, float]:
+    opt, first = _warm(make, params0, grads, warmup)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -84,13 +91,7 @@ def time_interleaved(makers: dict[str, Callable], params0: list[torch.Tensor], g
     live, out = {}, {}
     for name, make in makers.items():
         try:
-            params = [torch.nn.Parameter(p.clone()) for p in params0]
-            for p, g in zip(params, grads):
-                p.grad = g
-            opt = make(params)
-            first = first_step(opt)  # includes compilation for the compiled rows
-            for _ in range(max(0, warmup - 1)):
-                opt.step()
+            opt, first = _warm(make, params0, grads, warmup)
             live[name] = (opt, first, [])
         except Exception as exc:  # noqa: BLE001 - e.g. a peer without a CPU kernel
             out[name] = exc

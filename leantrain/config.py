@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 COMPILABLE_OPTIMIZERS = ("adamw8bit", "adam8bit", "adamw4bit", "galore-adamw8bit", "galore-adamw4bit")
 
 

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config_fields import get_bool, get_dict, get_float, get_int
 from .base import AdapterLayer, base_weight, layer_shape, set_base_weight
+from .config_fields import get_bool, get_dict, get_float, get_int
 from .registry import register_adapter
 
 LORA_INITS = ("default", "gaussian", "pissa", "pissa_fast", "random")

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config_fields import get_float, get_int
 from .base import AdapterLayer, add_to_base_weight, base_weight, set_base_weight
+from .config_fields import get_float, get_int
 from .registry import register_adapter
 
 MISS_VARIANTS = ("default", "bat", "mini")

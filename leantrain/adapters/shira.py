@@ -28,8 +28,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .config_fields import get_bool, get_float, get_int
 from .base import AdapterLayer, add_to_base_weight, base_weight
+from .config_fields import get_bool, get_float, get_int
 from .registry import register_adapter
 from .shira_masks import MASK_KINDS, as_flat_indices, flat_to_indices, make_mask, shira_count
 

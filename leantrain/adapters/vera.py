@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config_fields import get_bool, get_float, get_int
 from .base import AdapterLayer, base_weight
+from .config_fields import get_bool, get_float, get_int
 from .lora import adapter_dtype
 from .registry import register_adapter
 

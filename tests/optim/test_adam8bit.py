@@ -11,15 +11,6 @@ from torch import nn
 from leantrain.optim import Adam8bit, AdamW, AdamW4bit, AdamW8bit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on the shared 2-core test machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _grads(shape, steps, seed=1):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(shape, generator=g) for _ in range(steps)]

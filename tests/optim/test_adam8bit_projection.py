@@ -10,15 +10,6 @@ from leantrain.optim import AdamW, AdamW8bit
 pytest.importorskip("leantrain.optim.projector")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: intra-op threads only add contention on the shared 2-core test machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _reference(p0, grads, lr, betas, eps, wd, rank, scale, gap):
     """GaLore-AdamW (Zhao et al. 2024, Alg. 2) with a right projector from a full SVD (tall matrix)."""
     p = p0.clone()

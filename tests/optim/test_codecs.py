@@ -8,15 +8,6 @@ from leantrain.optim import quant
 from leantrain.optim.codecs import CODECS, get_codec
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: intra-op threads only add contention on the shared 2-core test machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _x(n: int, signed: bool, seed: int = 0) -> torch.Tensor:
     x = torch.randn(n, generator=torch.Generator().manual_seed(seed))
     return x if signed else x.square()

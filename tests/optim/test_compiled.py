@@ -21,14 +21,6 @@ from leantrain.optim.codecs import get_codec
 EPS32 = torch.finfo(torch.float32).eps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _run(make, shape, steps, seed=0, dtype=torch.float32, opt=None, p=None):
     g = torch.Generator().manual_seed(seed)
     if p is None:

@@ -10,15 +10,6 @@ from torch import nn
 from leantrain.optim import AdamW8bit, StableEmbedding
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: intra-op threads only add contention on the shared 2-core test machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_init_and_forward():
     torch.manual_seed(0)
     emb = StableEmbedding(1000, 64, padding_idx=0)

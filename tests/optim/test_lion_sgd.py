@@ -7,15 +7,6 @@ from torch import nn
 
 from leantrain.optim import Lion8bit, SGD8bit
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 P0 = torch.randn(4096, 4, generator=torch.Generator().manual_seed(0))
 
 

@@ -9,15 +9,6 @@ from hypothesis import strategies as st
 
 from leantrain.optim import quant
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: intra-op threads only add contention on the shared 2-core test machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 SIGNED_HALF_GAP = 0.0140625 / 2  # largest gap of the signed 8-bit dynamic map (top decade), spec sec. 2
 UNSIGNED_HALF_GAP = 0.00703125 / 2
 
