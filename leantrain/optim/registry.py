@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..config import COMPILABLE_OPTIMIZERS, TrainConfig
+from ..config import TrainConfig
 
 Builder = Callable[[list[dict], TrainConfig, float], torch.optim.Optimizer]
 
@@ -30,9 +30,6 @@ def build_adamw(groups: list[dict], cfg: TrainConfig, lr: float) -> torch.optim.
     if _projected(groups):
         return _cls("leantrain.optim.adam:AdamW")(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-
-
-COMPILABLE = COMPILABLE_OPTIMIZERS
 
 
 def _adam_like(path: str) -> Builder:
@@ -104,9 +101,6 @@ def available_optimizers() -> list[str]:
 def build_optimizer(name: str, groups: list[dict], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of: {', '.join(available_optimizers())}")
-    if cfg.compile_optim and name not in COMPILABLE:
-        raise ValueError(f"--compile-optim applies to the block-quantized Adam optimizers ({', '.join(COMPILABLE)}), "
-                         f"not to --optim {name}")
     try:
         return OPTIMIZERS[name](groups, cfg, lr)
     except (ModuleNotFoundError, AttributeError) as exc:
