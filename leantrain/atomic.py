@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 
 def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
@@ -24,4 +25,19 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_safetensors_atomic(path: str | Path, tensors: Mapping[str, Any],
+                             metadata: Mapping[str, str] | None = None) -> None:
+    """Save ``tensors`` as safetensors at ``path`` atomically (safetensors is imported only when used)."""
+    from safetensors.torch import save_file
+
+    atomic_write(path, lambda tmp: save_file(dict(tensors), tmp, metadata=dict(metadata) if metadata else None))
+
+
+def savefig_atomic(fig: Any, path: str | Path, **kwargs: Any) -> None:
+    """``fig.savefig`` to ``path`` atomically; the format comes from ``path``'s suffix, not the temp name's."""
+    fmt = kwargs.pop("format", None) or Path(path).suffix.lstrip(".") or "png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
+from .atomic import write_safetensors_atomic, write_text_atomic
 from .config import TrainConfig
 from .data import Batcher, ClassificationData, load_classification
 from .models import build_classifier, load_tokenizer
@@ -68,7 +68,7 @@ class ClassificationTask:
 
     def write_run_files(self, run_dir: Path) -> None:
         """Files written when a run starts (needed to rebuild the model later, e.g. by ``leantrain merge``)."""
-        (run_dir / "labels.json").write_text(json.dumps(self.data.label_names) + "\n")
+        write_text_atomic(run_dir / "labels.json", json.dumps(self.data.label_names) + "\n")
 
     def save_artifacts(self, run_dir: Path, write: bool = True) -> None:
         """Called on every process (FSDP gathers are collectives); only the one with ``write`` writes files."""
@@ -76,7 +76,7 @@ class ClassificationTask:
 
         state = {k: full_tensor(v).detach().cpu().contiguous() for k, v in self.model.classifier.state_dict().items()}
         if write:
-            save_file(state, str(run_dir / "head.safetensors"))
+            write_safetensors_atomic(run_dir / "head.safetensors", state)
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
+
+from ..atomic import write_text_atomic
 
 
 def _taus(text: str) -> list[float]:
@@ -86,9 +87,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(table(rows))
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(rows, indent=1))
-    os.replace(tmp, out / "results.json")
+    write_text_atomic(out / "results.json", json.dumps(rows, indent=1))
     for path in plot_results(rows, out):
         print(f"wrote {path}")
     return 0

@@ -15,15 +15,14 @@ autograd on ``W = g V/||V||`` gives exactly the Salimans-Kingma gradients ``dL/d
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..atomic import write_safetensors_atomic, write_text_atomic
 from ..config import TrainConfig
 from ..methods import Calibration, head_parameter_names
 from .projector import check_group
@@ -175,26 +174,15 @@ class GradNormLoRP:
 
     def save_artifacts(self, model: nn.Module, run_dir: str | Path, cfg: TrainConfig) -> None:
         """Write ``merged_model.safetensors`` (plain-Linear weights, original key names) + a JSON manifest."""
-        from safetensors.torch import save_file
-
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         layers = [n for n, m in model.named_modules() if isinstance(m, WeightNormLinear)]
-        state = merged_state_dict(model)
-        fd, tmp = tempfile.mkstemp(dir=run_dir, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({k: v.cpu() for k, v in state.items()}, tmp, metadata={"format": "pt", "method": self.name})
-            os.replace(tmp, run_dir / "merged_model.safetensors")
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        state = {k: v.cpu() for k, v in merged_state_dict(model).items()}
+        write_safetensors_atomic(run_dir / "merged_model.safetensors", state,
+                                 metadata={"format": "pt", "method": self.name})
         manifest = {"method": self.name, "merged_layers": layers, "rank": cfg.rank, "update_proj_gap": cfg.gap,
                     "scale": cfg.proj_scale, "svd": cfg.svd, "optim": cfg.optim}
-        fd, tmp = tempfile.mkstemp(dir=run_dir, suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(manifest, fh, indent=2)
-        os.replace(tmp, run_dir / "merged_model.json")
+        write_text_atomic(run_dir / "merged_model.json", json.dumps(manifest, indent=2))
 
 
 GRADNORMLORP = GradNormLoRP()

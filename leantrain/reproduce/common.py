@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..atomic import savefig_atomic, write_text_atomic
+
 MIB = 1024 * 1024
 
 # Default scale of the fine-tuning runs (quick: a seconds-long smoke run on the random tiny BERT).
@@ -76,7 +78,7 @@ def bar_plot(path: Path, rows: Sequence[dict[str, Any]], title: str, metric: str
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    savefig_atomic(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -91,5 +93,5 @@ def write_report(out: Path, name: str, title: str, paper: str, comparison: list[
     lines += [f"| {q} | {p} | {o} |" for q, p, o in comparison]
     lines += ["", explanation, "", "## Runs", "", details, "", f"![{name}]({name}.png)", ""]
     path = out / "README.md"
-    path.write_text("\n".join(lines))
+    write_text_atomic(path, "\n".join(lines))
     return path
