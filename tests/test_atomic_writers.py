@@ -16,7 +16,7 @@ def test_safetensors_writer_round_trips_with_metadata(tmp_path):
 
 
 def test_failed_safetensors_write_leaves_no_file(tmp_path):
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError):
         write_safetensors_atomic(tmp_path / "w.safetensors", {"a": "not a tensor"})
     assert list(tmp_path.iterdir()) == []
 

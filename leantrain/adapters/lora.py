@@ -103,7 +103,7 @@ class LoraConfig:
         }
 
     @classmethod
-    def from_peft_dict(cls, d: dict[str, Any]) -> "LoraConfig":
+    def from_peft_dict(cls, d: dict[str, Any]) -> LoraConfig:
         unsupported = [
             ("bias", "none"),
             ("fan_in_fan_out", False),
@@ -180,7 +180,9 @@ class LoraParams(nn.Module):
 class LoraLinear(AdapterLayer):
     """LoRA / rsLoRA / DoRA / PiSSA on nn.Linear (or a quantized Linear with ``dequantize()``)."""
 
-    peft_keys = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
+    peft_keys: ClassVar[dict[str, str]] = {
+        "lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "magnitude": "lora_magnitude_vector"
+    }
 
     def create_adapter(self, name: str, config: LoraConfig) -> nn.Module:
         where = getattr(self, "layer_name", type(self.base_layer).__name__)
@@ -260,7 +262,7 @@ class LoraLinear(AdapterLayer):
 class LoraEmbedding(AdapterLayer):
     """LoRA on nn.Embedding: ΔW = s·(B A)^T with A (r, num_embeddings), B (dim, r) (PEFT's layout)."""
 
-    peft_keys = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
+    peft_keys: ClassVar[dict[str, str]] = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
 
     def create_adapter(self, name: str, config: LoraConfig) -> nn.Module:
         where = getattr(self, "layer_name", "embedding")
@@ -333,6 +335,9 @@ def pissa_init(base: nn.Module, p: LoraParams, niter: int | None) -> None:
     set_base_weight(base, (wf - s * (b @ a)).to(w.dtype))
 
 
-register_adapter(LoraConfig, LoraLinear, extra_layers={nn.Embedding: LoraEmbedding})
-
-from . import lora_conv  # noqa: E402,F401  (adds nn.Conv2d support to the LoRA registry entry)
+# LoraConv2d builds on this file, so it is named, not imported: the registry imports lora_conv on first use.
+register_adapter(
+    LoraConfig,
+    LoraLinear,
+    extra_layers={nn.Embedding: LoraEmbedding, nn.Conv2d: "leantrain.adapters.lora_conv:LoraConv2d"},
+)

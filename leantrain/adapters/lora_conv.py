@@ -5,23 +5,27 @@ y  = conv(x, W) + s · conv1×1(conv(x, A), B).
 Keys ``lora_A.weight`` (r, in, kh, kw) and ``lora_B.weight`` (out, r, 1, 1), as PEFT saves them. Plain LoRA
 and rsLoRA only (DoRA/PiSSA on convolutions are not implemented); groups must be 1.
 Paper: https://arxiv.org/abs/2106.09685
+
+The LoRA registry entry (end of ``lora.py``) names ``LoraConv2d`` by string; this module imports ``lora`` and
+nothing imports it back.
 """
 
 from __future__ import annotations
 
-import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .base import AdapterLayer
-from .lora import LoraConfig, LoraParams, adapter_dtype
-from .registry import ADAPTERS
+from .lora import LoraConfig, LoraParams, adapter_dtype, init_lora
 
 
 class LoraConv2d(AdapterLayer):
-    peft_keys = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+    """LoRA on an ungrouped nn.Conv2d (see the module docstring for the layout)."""
+
+    peft_keys: ClassVar[dict[str, str]] = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
 
     @property
     def in_features(self) -> int:
@@ -58,15 +62,8 @@ class LoraConv2d(AdapterLayer):
         p.lora_B = nn.Parameter(
             torch.empty(conv.out_channels, r, 1, 1, dtype=p.lora_B.dtype, device=p.lora_B.device)
         )
-        with torch.no_grad():
-            if config.init == "gaussian":
-                nn.init.normal_(p.lora_A, std=1 / r)
-            else:
-                nn.init.kaiming_uniform_(p.lora_A, a=math.sqrt(5))
-            if config.init == "random":
-                nn.init.kaiming_uniform_(p.lora_B, a=math.sqrt(5))
-            else:
-                nn.init.zeros_(p.lora_B)
+        with torch.no_grad():  # Linear's init: fan-in of the 4-d A is in·kh·kw, as in PEFT's conv layer
+            init_lora(p.lora_A, p.lora_B, config.init)
         return p
 
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -83,5 +80,3 @@ class LoraConv2d(AdapterLayer):
         h = F.conv2d(x, p.lora_A, None, c.stride, c.padding, c.dilation)
         return F.conv2d(h, p.lora_B) * p.scaling
 
-
-ADAPTERS["LORA"].extra_layers[nn.Conv2d] = LoraConv2d

@@ -2,7 +2,9 @@
 
 A method file ends with one ``register_adapter(XConfig, XLayer)`` line. PEFT files name their method by
 ``peft_type`` ("LORA", "VERA", ...); ``spec_for_peft_type`` imports the method's module on first use, so
-loading a SHiRA adapter works without the caller importing leantrain.adapters.shira first.
+loading a SHiRA adapter works without the caller importing leantrain.adapters.shira first. An extra layer
+class may be given as a ``"module:attr"`` string, imported when a module of that type is first wrapped: a
+layer file that builds on its method's file (``lora_conv`` on ``lora``) is then not imported back by it.
 """
 
 from __future__ import annotations
@@ -22,18 +24,29 @@ KNOWN_MODULES: dict[str, str] = {
 }
 
 
+LayerRef = type | str  # a layer class, or "package.module:ClassName" imported on first use
+
+
+def resolve_layer(ref: LayerRef) -> type:
+    """The class a ``LayerRef`` names (importing its module the first time a string is resolved)."""
+    if isinstance(ref, type):
+        return ref
+    module_name, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
 @dataclass
 class AdapterSpec:
     peft_type: str
     config_cls: type
     layer_cls: type  # wraps nn.Linear and Linear-like modules (in_features/out_features/dequantize)
-    extra_layers: dict[type, type] = field(default_factory=dict)  # e.g. {nn.Embedding: LoraEmbedding}
+    extra_layers: dict[type, LayerRef] = field(default_factory=dict)  # e.g. {nn.Embedding: LoraEmbedding}
 
     def layer_for(self, module: nn.Module) -> type | None:
         """The wrapper class for ``module``, or None when this method does not support its type."""
         for module_type, layer_cls in self.extra_layers.items():
             if isinstance(module, module_type):
-                return layer_cls
+                return resolve_layer(layer_cls)
         if is_linear_like(module):
             return self.layer_cls
         return None
@@ -49,7 +62,7 @@ def is_linear_like(module: nn.Module) -> bool:
     return all(hasattr(module, a) for a in ("in_features", "out_features", "dequantize"))
 
 
-def register_adapter(config_cls: type, layer_cls: type, extra_layers: dict[type, type] | None = None) -> None:
+def register_adapter(config_cls: type, layer_cls: type, extra_layers: dict[type, LayerRef] | None = None) -> None:
     """Register a method; ``config_cls.peft_type`` is its key. Registering a type twice raises KeyError."""
     peft_type = getattr(config_cls, "peft_type", None)
     if not isinstance(peft_type, str) or not peft_type:
