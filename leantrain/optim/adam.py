@@ -149,7 +149,7 @@ class BlockOptimizer(torch.optim.Optimizer):
             for sfx, t in self._codec(group, numel, signed, p).init(numel, p.device).items():
                 state[name + sfx] = t
         if group["percentile_clipping"] < 100:
-            state["gnorm_vec"] = torch.zeros(100, device=p.device)
+            state["gnorm_vec"] = torch.zeros(100, dtype=torch.float32, device=p.device)
 
     def _enc(self, state: dict[str, Any], name: str, codec: Codec, numel: int) -> dict[str, Tensor]:
         return {sfx: state[name + sfx] for sfx in codec.layout(numel)}
@@ -205,7 +205,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         # so GaLore follows the 1-process trajectory; each rank then applies only its rows of the update.
         grad = p.grad.full_tensor() if projected and hasattr(p.grad, "full_tensor") else _local(p.grad)
         if not state:
-            state["step"] = torch.tensor(0.0)
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)  # never the default dtype (bf16 stops at 256)
         state["step"] += 1
         t = int(state["step"])
         if projected:
@@ -289,7 +289,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         pc = group["percentile_clipping"]
         if pc >= 100:
             return 1.0
-        vec = state.setdefault("gnorm_vec", torch.zeros(100, device=grad.device))
+        vec = state.setdefault("gnorm_vec", torch.zeros(100, dtype=torch.float32, device=grad.device))
         gn2 = torch.linalg.vector_norm(grad.float()).square()
         i = t % 100
         if t == 1:
@@ -320,21 +320,34 @@ class BlockOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         for group, flag in zip(self.param_groups, compile_flags):  # how to run is this process's choice, not state
             group["compile"] = flag
-        for group in self.param_groups:  # torch casts float state to the param dtype: restore the codec's dtypes
+        self._restore_saved_dtypes(state_dict)
+
+    def _restore_saved_dtypes(self, state_dict: dict[str, Any]) -> None:
+        """Undo torch's cast of every float state tensor to its parameter's dtype: with bf16/fp16 parameters that
+        cast rounds fp32 moments, absmax scales and projector bases (resume would not continue bit-exactly).
+        Each state tensor becomes an owned copy of the saved one, on the parameter's device, in the saved dtype
+        (torch's loader aliases tensors with the source dict, and our updates are in place)."""
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            st, saved = self.state.get(p), state_dict["state"].get(pid)
+            if not st or not saved:
+                continue
+            for k, v in saved.items():
+                if isinstance(v, Tensor):
+                    st[k] = v.detach().to(device=p.device, copy=True)
+            if isinstance(st.get("step"), Tensor):
+                st["step"] = st["step"].to("cpu", torch.float32)
+        for group in self.param_groups:  # state written by another format: bring it to the codec's dtypes
             for p in group["params"]:
                 st = self.state.get(p)
                 if not st:
                     continue
-                for k, v in st.items():  # own the tensors: torch's loader aliases them with the source dict,
-                    if isinstance(v, Tensor):  # and our updates are in place
-                        st[k] = v.clone()
                 n = self._moment_numel(group, p)
                 for name, signed in self.moments:
                     for sfx, (_, dtype) in self._codec(group, n, signed, p).layout(n).items():
                         if name + sfx in st and st[name + sfx].dtype != dtype:
                             st[name + sfx] = st[name + sfx].to(dtype)
-                if isinstance(st.get("step"), Tensor):
-                    st["step"] = st["step"].float().cpu()
 
     def _check_saved(self, pid: int, p: Tensor, st: dict[str, Any], group: dict[str, Any]) -> None:
         cls = type(self).__name__

@@ -10,7 +10,8 @@ Encoded state is a dict of plain tensors (stored in the optimizer state under ``
 * ``fp32``  -- the moment itself (suffix ``""``).
 * ``bf16``  -- the moment in bfloat16 (suffix ``""``), 2 bytes/value.
 * ``8bit``  -- dynamic-tree map, signed for the 1st moment, unsigned for the 2nd: ``_codes`` (uint8, one per value)
-  and ``_absmax`` (fp32, one per block); 1 + 4/block bytes/value.
+  and ``_absmax`` (fp32, one per block); 1 + 4/block bytes/value. Unsigned (second-moment) codecs never store a
+  positive value as the zero code (see quant.py: a v decoded as 0 under a nonzero m makes Adam's step lr*m/eps).
 * ``4bit``  -- signed 4-bit dynamic map (1st moment) / linear map without zero (2nd moment), two codes per byte.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ class Codec:
 
     def init(self, numel: int, device: torch.device) -> dict[str, Tensor]:
         """Encoded all-zeros state of ``numel`` values."""
-        return self.encode(torch.zeros(numel, device=device))
+        return self.encode(torch.zeros(numel, dtype=torch.float32, device=device))
 
     def encode(self, x: Tensor) -> dict[str, Tensor]:
         return {"": x.detach().reshape(-1).float().clone()}
@@ -87,10 +88,10 @@ class BlockwiseCodec(Codec):
             raise ValueError(f"a {bits}-bit codec needs at most {2**bits} code values, got {code.numel()}")
         self.bits, self.block_size, self.signed = bits, block_size, signed
         self.name = f"{bits}bit"
-        self.table = quant.code_table(code)
+        self.table = quant.code_table(code, positive_floor=not signed)
 
     def init(self, numel: int, device: torch.device) -> dict[str, Tensor]:
-        zero = int(self.table.nearest(torch.zeros(1))[0])  # the code nearest 0 (absmax is 0 anyway)
+        zero = int(self.table.nearest(torch.zeros(1, dtype=torch.float32))[0])  # code nearest 0 (absmax is 0)
         nb = quant.n_blocks(numel, self.block_size)
         codes = torch.full((numel,), zero, dtype=torch.uint8, device=device)
         if self.bits == 4:

@@ -167,7 +167,7 @@ def update(pflat: Tensor, gflat: Tensor, codecs: list, encs: list[dict[str, Tens
     (_, cm), (_, cv) = codecs
     em, ev = encs
     bits, bs = cm.bits, cm.block_size
-    if not available() or cv.bits != bits or cv.block_size != bs:
+    if not available() or cv.bits != bits or cv.block_size != bs or not (cm.table.fast and cv.table.fast):
         return 0
     wd = group.get("weight_decay", 0.0)
     coupled = bool(wd) and not group.get("decoupled", True)

@@ -10,9 +10,16 @@ code table of at most 256 values in [-1, 1].
 
 Speed: ``torch.bucketize`` over 255 midpoints is a binary search per element and costs ~25 ns/element on CPU. We
 instead look the nearest code up in a 65 536-entry table indexed by the top 16 bits of the float32 value (sign,
-exponent, 7 mantissa bits). Each such bucket contains at most one midpoint of the code (checked when the table is
-built), so one comparison against that midpoint gives exactly ``bucketize(s, midpoints)`` -- round to nearest,
-exact ties to the lower code -- at the cost of two table gathers and two elementwise ops.
+exponent, 7 mantissa bits). When each such bucket contains at most one midpoint of the code (true for every map
+built here), one comparison against that midpoint gives exactly ``bucketize(s, midpoints)`` -- round to nearest,
+exact ties to the lower code -- at the cost of two table gathers and two elementwise ops. Any other sorted table
+of 2..256 values (codes closer together than 2^-7 relative) is served by ``bucketize`` itself: same result,
+slower (``CodeTable.fast`` says which).
+
+Second moments (``positive_floor=True``): a positive value never takes a code whose value is 0 -- it rounds up
+to the smallest positive code instead. Adam divides by sqrt(v): a v stored as exactly 0 while m is not turns the
+next update into lr*m/eps (a weight moved by 4.2 at lr 1e-3 in the regression test). Rounding up only shrinks
+that update, and exact zeros still encode to 0.
 """
 from __future__ import annotations
 
@@ -67,28 +74,19 @@ def linear_map(bits: int = 4, signed: bool = True) -> Tensor:
 
 
 class CodeTable:
-    """Lookup tables for nearest-code quantization of scaled values with one code (built once, per device)."""
+    """Nearest-code quantization of scaled values with one sorted code (tables built once, cached per device)."""
 
-    def __init__(self, code: Tensor) -> None:
+    def __init__(self, code: Tensor, positive_floor: bool = False) -> None:
         code = code.detach().to("cpu", torch.float32).flatten()
         if code.numel() < 2 or code.numel() > 256:
             raise ValueError(f"a code table needs 2..256 values, got {code.numel()}")
+        if not bool(torch.isfinite(code).all()):
+            raise ValueError("code values must be finite")
         if not bool((code[1:] > code[:-1]).all()):
             raise ValueError("code values must be strictly increasing (sorted, no duplicates)")
-        self.code = code
-        mids = (code[:-1] + code[1:]) / 2
-        # Every float32 whose top 16 bits equal h lies between the two floats with low bits 0x0000 and 0xFFFF.
-        h = torch.arange(65536, dtype=torch.int64)
-        ends = torch.stack([(h << 16), (h << 16) | 0xFFFF]).to(torch.int64)
-        ends = torch.where(ends >= 2**31, ends - 2**32, ends).to(torch.int32).view(torch.float32)
-        big = torch.where(h < 0x8000, 3e38, -3e38).to(torch.float32).expand_as(ends)  # inf/NaN buckets -> +-max
-        ends = torch.where(torch.isfinite(ends), ends, big)
-        q = torch.bucketize(ends, mids)  # count of midpoints strictly below the value
-        lo, hi = q.min(0).values, q.max(0).values
-        if int((hi - lo).max()) > 1:
-            raise ValueError("code values are too close together for the 16-bit lookup table")
-        self.lo = lo.to(torch.uint8)
-        self.mid = torch.where(hi > lo, mids[lo.clamp_max(mids.numel() - 1)], torch.tensor(float("inf")))
+        self.code, self.positive_floor = code, positive_floor
+        self.mids = _midpoints(code, positive_floor)
+        self.lo, self.mid, self.fast = _bucket_table(self.mids)
         self._dev: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
 
     def on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -100,8 +98,13 @@ class CodeTable:
     def nearest(self, s: Tensor, out: Tensor | None = None) -> Tensor:
         """Index (uint8) of the nearest code value for each element of the contiguous float32 tensor ``s``
         (written into the contiguous uint8 tensor ``out`` when given)."""
-        _, lo, mid = self.on(s.device)
+        if s.dtype != torch.float32:
+            raise TypeError(f"CodeTable.nearest needs float32 values, got {s.dtype}")
         flat = s.reshape(-1)
+        if not self.fast:
+            idx = torch.bucketize(flat, self.mids.to(s.device)).to(torch.uint8)
+            return idx.view(s.shape) if out is None else out.view(-1).copy_(idx).view(s.shape)
+        _, lo, mid = self.on(s.device)
         h = (flat.view(torch.int32) >> 16) & 0xFFFF  # top 16 bits as a table index (2 vectorised int ops)
         above = flat > mid.index_select(0, h)
         if out is None:
@@ -109,16 +112,41 @@ class CodeTable:
         return torch.add(lo.index_select(0, h), above, out=out.view(-1)).view(s.shape)
 
 
+def _midpoints(code: Tensor, positive_floor: bool) -> Tensor:
+    """Decision thresholds between neighbouring codes; with ``positive_floor`` the threshold above a zero code
+    is 0 itself, so every positive value lands on a positive code."""
+    mids = (code[:-1] + code[1:]) / 2
+    zero = (code == 0).nonzero()
+    if positive_floor and zero.numel() and int(zero[0]) < mids.numel():
+        mids[int(zero[0])] = 0.0
+    return mids
+
+
+def _bucket_table(mids: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """(lo, mid, fast): per top-16-bit bucket the lower code and the one midpoint inside it (inf if none);
+    ``fast`` is False when some bucket holds two or more midpoints (then ``nearest`` uses bucketize)."""
+    # Every float32 whose top 16 bits equal h lies between the two floats with low bits 0x0000 and 0xFFFF.
+    h = torch.arange(65536, dtype=torch.int64)
+    ends = torch.stack([(h << 16), (h << 16) | 0xFFFF]).to(torch.int64)
+    ends = torch.where(ends >= 2**31, ends - 2**32, ends).to(torch.int32).view(torch.float32)
+    big = torch.where(h < 0x8000, 3e38, -3e38).to(torch.float32).expand_as(ends)  # inf/NaN buckets -> +-max
+    ends = torch.where(torch.isfinite(ends), ends, big)
+    q = torch.bucketize(ends, mids)  # count of midpoints strictly below the value
+    lo, hi = q.min(0).values, q.max(0).values
+    mid = torch.where(hi > lo, mids[lo.clamp_max(mids.numel() - 1)], torch.tensor(float("inf"), dtype=torch.float32))
+    return lo.to(torch.uint8), mid, bool((hi - lo).max() <= 1)
+
+
 _TABLES: dict[tuple, CodeTable] = {}
 
 
-def code_table(code: Tensor) -> CodeTable:
-    """Cached :class:`CodeTable` for ``code`` (keyed by its values)."""
-    key = tuple(code.detach().to("cpu", torch.float32).flatten().tolist())
+def code_table(code: Tensor, positive_floor: bool = False) -> CodeTable:
+    """Cached :class:`CodeTable` for ``code`` (keyed by its values and ``positive_floor``)."""
+    key = (*code.detach().to("cpu", torch.float32).flatten().tolist(), positive_floor)
     if key not in _TABLES:
         if len(_TABLES) > 64:
             _TABLES.clear()
-        _TABLES[key] = CodeTable(code)
+        _TABLES[key] = CodeTable(code, positive_floor)
     return _TABLES[key]
 
 

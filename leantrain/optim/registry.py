@@ -25,9 +25,15 @@ def _projected(groups: list[dict]) -> bool:
     return any(g.get("rank") is not None for g in groups)
 
 
+def _low_precision(groups: list[dict]) -> bool:
+    return any(p.dtype in (torch.float16, torch.bfloat16) for g in groups for p in g["params"])
+
+
 def build_adamw(groups: list[dict], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
-    """torch's AdamW, unless a group asks for gradient projection (then leantrain's fp32 AdamW honours it)."""
-    if _projected(groups):
+    """torch's AdamW, unless a group asks for gradient projection or a parameter is fp16/bf16: then leantrain's
+    AdamW, whose moments stay fp32 (torch keeps them in the parameter's dtype, where an fp16 second moment
+    underflows to 0 and the step becomes NaN)."""
+    if _projected(groups) or _low_precision(groups):
         return _cls("leantrain.optim.adam:AdamW")(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 

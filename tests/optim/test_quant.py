@@ -169,3 +169,60 @@ def test_against_bitsandbytes(signed):
     assert bool((err_ours <= err_bnb + 1e-7).all())  # never farther from x than bnb's choice
     back = F.dequantize_blockwise(q, qs)  # bnb decodes our codes to the same values
     assert torch.allclose(back, quant.dequantize_blockwise(q, absmax, ours, 256), atol=0, rtol=1e-6)
+
+
+# ---- any sorted code table (the public contract) ---------------------------------------------------------------
+@st.composite
+def code_tables(draw):
+    """Sorted distinct float32 tables of 2..256 values in [-1, 1]; some with values 1 ulp apart."""
+    n = draw(st.integers(2, 256))
+    seed = draw(st.integers(0, 2**16))
+    g = torch.Generator().manual_seed(seed)
+    kind = draw(st.sampled_from(["uniform", "clustered", "tiny"]))
+    vals = torch.rand(n, generator=g) * 2 - 1
+    if kind == "clustered":  # neighbours closer than the 16-bit lookup can separate
+        vals = 0.3 + torch.arange(n, dtype=torch.float32) * 1e-7 * torch.rand(1, generator=g).item()
+    elif kind == "tiny":
+        vals = vals * 1e-30
+    code = torch.unique(vals.float())
+    if code.numel() < 2:
+        code = torch.tensor([-1.0, 1.0])
+    return code
+
+
+@settings(max_examples=40, deadline=None)
+@given(code=code_tables(), seed=st.integers(0, 2**16))
+def test_every_sorted_table_rounds_to_nearest(code, seed):
+    """Any sorted table of <= 256 values is honoured: the nearest code equals bucketize over the midpoints
+    (tables too dense for the 16-bit lookup fall back to a search), and quantize -> dequantize returns
+    code[nearest] * absmax."""
+    g = torch.Generator().manual_seed(seed)
+    mids = (code[1:] + code[:-1]) / 2
+    s = torch.cat([torch.rand(3000, generator=g) * 2 - 1, code, mids, torch.nextafter(mids, torch.tensor(2.0)),
+                   torch.tensor([0.0, -0.0, 1.0, -1.0])])
+    assert torch.equal(quant.code_table(code).nearest(s.contiguous()).long(), torch.bucketize(s, mids))
+    x = torch.randn(1000, generator=g)
+    q, absmax = quant.quantize_blockwise(x, code, 64)
+    want = code[torch.bucketize(x / absmax.repeat_interleave(64)[:1000], mids)] * absmax.repeat_interleave(64)[:1000]
+    assert torch.equal(quant.dequantize_blockwise(q, absmax, code, 64), want)
+
+
+def test_dense_table_uses_the_search_path():
+    dense = torch.tensor([0.0, 0.3, 0.3001, 0.3002, 1.0])  # two midpoints inside one top-16-bit bucket
+    assert not quant.code_table(dense).fast and quant.code_table(quant.dynamic_map(True)).fast
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_positive_floor_never_stores_a_positive_value_as_zero(signed):
+    """Second-moment tables: 0 stays 0, every positive value (however small) gets the smallest positive code or
+    above; values at least halfway to the next code are unaffected."""
+    code = quant.dynamic_map(signed)
+    table = quant.code_table(code, positive_floor=True)
+    zero = int((code == 0).nonzero())
+    smallest = code[zero + 1]
+    s = torch.tensor([0.0, 1e-45, 1e-30, float(smallest) / 4, float(smallest) / 2, float(smallest), 0.5])
+    got = table.nearest(s)
+    assert int(got[0]) == zero and bool((got[1:] >= zero + 1).all())
+    plain = quant.code_table(code).nearest(s)
+    assert int(plain[1]) == zero  # without the floor a tiny positive value rounds to the zero code
+    assert torch.equal(got[5:], plain[5:])
