@@ -6,6 +6,10 @@ Layout of ``RUN/checkpoints/step-000100/``: ``model.safetensors`` (the method's 
 the sha256 of every file. A checkpoint is written to a temporary folder, fsynced, then renamed into place, and
 ``RUN/checkpoints/latest`` (a one-line file) is replaced atomically last; a folder without a valid manifest is
 torn and is never loaded. The previous checkpoint is kept until a newer one is complete.
+
+The second half saves and restores a whole run (``run.Run``): the method's trainable state, the optimizer state in
+one of two formats -- ``index`` (``optimizer.state_dict()``, one process or DDP) or ``fqn`` (the full state keyed
+by parameter names, gathered from FSDP2 shards) -- and the RNG state, so a resumed run continues bit-exactly.
 """
 from __future__ import annotations
 
@@ -14,14 +18,21 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_write, write_text_atomic  # noqa: F401  (re-exported)
+from . import dist
+from .atomic import atomic_write, write_text_atomic
+from .dist_utils import holds_rank_local_state
+from .methods import default_trainable_state
+
+if TYPE_CHECKING:
+    from .run import Run
 
 KEEP = 2  # complete checkpoints kept on disk
 REQUIRED_FILES = ("model.safetensors", "optimizer.safetensors", "optimizer.json", "trainer.safetensors",
@@ -195,3 +206,106 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict[str
 def previous_checkpoint(path: Path) -> Path | None:
     older = sorted(p for p in path.parent.glob("step-*") if p.is_dir() and p.name < path.name)
     return older[-1] if older else None
+
+
+# --- a run's state: what `leantrain train` saves and resumes -----------------------------------------------------
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """CPU and CUDA generator states: dropout continues on a resumed run exactly where it stopped."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    cuda = [state[k] for k in sorted(state) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def trainable_state(run: Run) -> dict[str, torch.Tensor]:
+    """The method's checkpoint contents (its ``trainable_state`` hook, else trainable params + buffers).
+
+    Under FSDP a collective (every rank calls it): shards are gathered, and copied at once because FSDP frees
+    unsharded storage behind our back."""
+    hook = getattr(run.method, "trainable_state", None)
+    state = hook(run.model) if hook else default_trainable_state(run.model)
+    return {k: dist.full_tensor(v).detach().clone() if run.fsdp else v for k, v in state.items()}
+
+
+def optimizer_state(run: Run) -> dict:
+    """``index`` format (``state_dict()``), or under FSDP the gathered full state keyed by parameter names."""
+    if not run.fsdp:
+        return run.optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(run.model, run.optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def refuse_unsaveable(run: Run) -> None:
+    """Fail before the run starts if it would have to save optimizer state that cannot be saved yet."""
+    cfg = run.cfg
+    if run.fsdp and (cfg.save_every or cfg.stop_at or cfg.resume) and holds_rank_local_state(run.optimizer):
+        raise ValueError(f"--strategy fsdp with --optim {cfg.optim}: its block-wise state is rank-local and cannot "
+                         "be saved as a full-state checkpoint yet; use --strategy ddp or drop --save-every/--stop-at")
+
+
+def save_run(run: Run, run_dir: Path, step: int, started: float) -> None:
+    """Checkpoint ``step`` (``started``: the invocation's start time, for ``wall_time``). Every rank calls it."""
+    model_state, opt_state = trainable_state(run), optimizer_state(run)  # collectives under FSDP
+    ctx = run.ctx
+    if ctx.is_main:
+        trainer = {"wall_time": time.time() - started, "world_size": ctx.world,
+                   "optimizer_format": "fqn" if run.fsdp else "index"}
+        save_checkpoint(run_dir, step, model_state, opt_state, trainer, rng_state())
+    if ctx.enabled:
+        torch.distributed.barrier()
+
+
+def restore_run(run: Run, run_dir: Path) -> int:
+    """Load the latest checkpoint of ``run_dir`` into ``run`` (model, optimizer, RNG); returns its step."""
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        raise FileNotFoundError(f"--resume: {run_dir} has no checkpoint (was --save-every set?)")
+    model_state, opt_state, trainer, rng = _load_naming_fallback(path)
+    hook = getattr(run.method, "load_trainable_state", None)
+    if hook:
+        hook(run.model, model_state)
+    else:
+        load_trainable(run.model, model_state)
+    if trainer.get("optimizer_format", "index") == "fqn" or run.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(run.model, run.optimizer, opt_state, options=StateDictOptions(full_state_dict=True))
+    else:
+        run.optimizer.load_state_dict(opt_state)
+    set_rng_state(rng)
+    return trainer["step"]
+
+
+def _load_naming_fallback(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, Any], dict[str, torch.Tensor]]:
+    """``load_checkpoint``, whose error names the previous intact checkpoint the user can fall back to."""
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as exc:
+        prev = previous_checkpoint(path)
+        hint = f"; the previous checkpoint {prev} is intact: delete {path.name} to resume from it" if prev else ""
+        raise CheckpointError(f"{exc}{hint}") from exc
+
+
+def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy checkpointed tensors into the model, checking names and shapes first (nothing changes on error)."""
+    current = dict(model.named_parameters())
+    current.update(dict(model.named_buffers()))
+    for key, value in state.items():
+        if key not in current:
+            raise CheckpointError(f"checkpoint tensor {key!r} does not exist in the model")
+        if tuple(current[key].shape) != tuple(value.shape):
+            raise CheckpointError(f"checkpoint tensor {key!r} has shape {tuple(value.shape)}, "
+                                  f"model expects {tuple(current[key].shape)}")
+    with torch.no_grad():
+        for key, value in state.items():
+            current[key].copy_(value)

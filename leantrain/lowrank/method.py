@@ -35,6 +35,9 @@ class DLRTMethod:
 
     name = "dlrt"
     default_lr = 5e-5  # same scale as full fine-tuning: K = U S and L = V Sᵀ have the entries' scale of W
+    # Ranks adapt, so parameters are replaced by ones of new shapes mid-run: no DDP wrapper (gradients are
+    # averaged by hand) and no FSDP sharding.
+    changes_parameter_shapes = True
 
     def apply(self, model: nn.Module, cfg: TrainConfig, calib: Calibration | None = None) -> list[dict]:
         from .convert import resolve_targets

@@ -1,0 +1,200 @@
+"""The training loop: a stateless schedule, one closure per step, and hooks for logging, evaluation and saving.
+
+``optimizer.step(closure)`` is used for every optimizer so that integrators which need several forward/backward
+passes per step (DLRT's KLS) fit the same loop; gradient accumulation, the gradient sync of such methods under
+torchrun, clipping and the non-finite policy therefore live in the closure, in one place. The learning rate is a
+pure function of the step and batches are a pure function of (seed, step), so a resumed loop needs only the
+checkpointed tensors and RNG state to continue exactly.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import dist
+from .config import TrainConfig
+from .dist_utils import average_gradients
+from .report import StepLog
+from .run import Run, trainable_parameters
+
+EMA_KEEP, EMA_NEW = 0.95, 0.05  # smoothing of the loss shown on the progress bar
+
+
+def lr_factor(step: int, total: int, warmup_ratio: float) -> float:
+    """Linear warm-up over ``warmup_ratio`` of the run, then linear decay to zero (step is 0-based)."""
+    warmup = int(total * warmup_ratio)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
+    """--steps, else --epochs (default 1) worth of optimizer steps (each consuming --grad-accum batches)."""
+    if cfg.steps is not None:
+        return cfg.steps
+    return max(1, math.ceil((cfg.epochs or 1.0) * batches_per_epoch / cfg.grad_accum))
+
+
+def set_learning_rates(optimizer: torch.optim.Optimizer, step: int, total: int, warmup_ratio: float) -> None:
+    """Every group's lr for ``step``, from its ``initial_lr`` (nothing carried over from the previous step)."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lr_factor(step, total, warmup_ratio)
+
+
+@dataclass
+class Closure:
+    """What ``optimizer.step`` calls for step ``step``: one global batch's loss with its gradients.
+
+    zero grads -> forward/backward over --grad-accum micro-batches (this rank's shard of each) -> hand-made
+    gradient sync for shape-changing methods -> clip -> non-finite check under --nan-policy. Returns the
+    global-batch loss, identical on every rank.
+    """
+
+    task: Any
+    optimizer: torch.optim.Optimizer
+    cfg: TrainConfig
+    ctx: dist.DistContext = field(default_factory=dist.DistContext)
+    manual_sync: bool = False
+    step: int = 0
+
+    @classmethod
+    def for_run(cls, run: Run) -> Closure:
+        return cls(run.task, run.optimizer, run.cfg, run.ctx, run.manual_sync)
+
+    def __call__(self) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        total = self._accumulate()
+        if self.manual_sync:
+            average_gradients(self.task.model.parameters(), self.ctx.world)
+        total = dist.mean_across(total, self.ctx)
+        trainable = trainable_parameters(self.task.model)
+        norm = torch.nn.utils.clip_grad_norm_(trainable, self.cfg.grad_clip or float("inf"))
+        norm = dist.full_tensor(norm)
+        if not (torch.isfinite(total) and torch.isfinite(norm)):
+            self._non_finite(trainable)
+        return total
+
+    def _accumulate(self) -> torch.Tensor:
+        """Sum of the micro-batch losses, each scaled by 1/grad_accum so the gradient is the global mean."""
+        accum = self.cfg.grad_accum
+        total = torch.zeros((), device=self.ctx.device)
+        for micro in range(accum):
+            batch = dist.shard_batch(self.task.batch(self.step * accum + micro), self.ctx)
+            loss = self.task.loss(batch) / accum
+            loss.backward()
+            total += loss.detach()
+        return total
+
+    def _non_finite(self, trainable: list[torch.nn.Parameter]) -> None:
+        """--nan-policy stop: raise naming the first bad parameter; skip: drop the gradients (no update)."""
+        names = {id(p): n for n, p in self.task.model.named_parameters()}
+        # every rank walks the same parameters: full_tensor is a collective under FSDP
+        bad = next((names.get(id(p), "?") for p in trainable
+                    if p.grad is not None and not torch.isfinite(dist.full_tensor(p.grad)).all()), "the loss")
+        if self.cfg.nan_policy == "stop":
+            raise FloatingPointError(f"step {self.step + 1}: non-finite loss or gradient (first in {bad}); "
+                                     "rerun with --nan-policy skip to skip such steps")
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+@dataclass(frozen=True)
+class StepSpan:
+    """The steps this invocation runs: [start, end) out of the run's ``total`` (end < total with --stop-at)."""
+
+    start: int
+    end: int
+    total: int
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, batches_per_epoch: int, start: int) -> StepSpan:
+        total = total_steps(cfg, batches_per_epoch)
+        return cls(start, min(total, cfg.stop_at or total), total)
+
+    @property
+    def stops_early(self) -> bool:
+        return self.end < self.total
+
+
+class Progress:
+    """The tqdm bar (rank 0 with --progress): smoothed loss and examples per second."""
+
+    def __init__(self, run: Run, span: StepSpan):
+        cfg = run.cfg
+        self.examples_per_step = cfg.batch_size * cfg.grad_accum
+        self.bar = tqdm(total=span.end, initial=span.start, disable=not (cfg.progress and run.ctx.is_main),
+                        desc=f"{cfg.method}/{cfg.optim}", unit="step", dynamic_ncols=True)
+        self.ema: float | None = None
+        self.tick = time.time()
+
+    def advance(self, loss: float) -> None:
+        if math.isfinite(loss):
+            self.ema = loss if self.ema is None else EMA_KEEP * self.ema + EMA_NEW * loss
+        now = time.time()
+        self.bar.set_postfix(loss=f"{self.ema:.4f}" if self.ema is not None else "nan",
+                             ex_s=f"{self.examples_per_step / max(now - self.tick, 1e-9):.1f}")
+        self.tick = now
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+@dataclass
+class LoopResult:
+    """What the summary needs from the loop."""
+
+    span: StepSpan
+    skipped: int  # steps whose loss or gradient was not finite (--nan-policy skip)
+    train_time: float  # seconds in the loop, evaluation excluded
+
+
+def evaluate_if_due(run: Run, step: int, span: StepSpan, record: dict[str, Any]) -> float:
+    """--eval-every: add ``val_*`` to the step's record (the final evaluation is the summary's); returns seconds."""
+    every = run.cfg.eval_every
+    if not (every and (step + 1) % every == 0 and step + 1 < span.end):
+        return 0.0
+    started = time.time()
+    record.update({f"val_{k}": v for k, v in run.task.evaluate().items()})
+    return time.time() - started
+
+
+def train_steps(run: Run, span: StepSpan, log: StepLog | None, save: Callable[[int], None]) -> LoopResult:
+    """Run steps ``span.start .. span.end - 1``: log each, evaluate and checkpoint when due."""
+    cfg, optimizer = run.cfg, run.optimizer
+    closure = Closure.for_run(run)
+    method_metrics = getattr(run.method, "metrics", None)
+    run.model.train()
+    progress = Progress(run, span)
+    started, eval_time, skipped = time.time(), 0.0, 0
+    for step in range(span.start, span.end):
+        closure.step = step
+        set_learning_rates(optimizer, step, span.total, cfg.warmup_ratio)
+        value = float(optimizer.step(closure))
+        skipped += not math.isfinite(value)
+        record: dict[str, Any] = {"step": step + 1, "loss": value, "lr": optimizer.param_groups[0]["lr"]}
+        if method_metrics:
+            record.update(method_metrics(run.model))
+        eval_time += evaluate_if_due(run, step, span, record)
+        if log:
+            log.write(record)
+        progress.advance(value)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0:
+            save(step + 1)
+    progress.close()
+    return LoopResult(span, skipped, time.time() - started - eval_time)
+
+
+def stop_early(run: Run, span: StepSpan, log: StepLog | None, save: Callable[[int], None]) -> dict[str, Any]:
+    """An interrupted (--stop-at) invocation leaves a checkpoint at its last step and no summary."""
+    save_every = run.cfg.save_every
+    if not (save_every and span.end % save_every == 0):  # else the loop has just saved it
+        save(span.end)
+    if log:
+        log.close()
+    return {"step": span.end, "stopped_early": True, "rank": run.ctx.rank}

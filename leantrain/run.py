@@ -1,0 +1,193 @@
+"""Assemble a training run: the one place a task, its shaped model, the param groups and the optimizer meet.
+
+``leantrain train``, the memory measurement (``memory/measuring.py``) and the benchmarks build their runs here, so
+the order that decides results cannot drift between them:
+
+    seed -> task (data + model init) -> quantized base -> method.apply -> LoftQ -> head group (its lr rule)
+         -> DDP/FSDP wrap -> optimizer (+ the method's wrapper)
+
+Every step draws from the global RNG in this order, which is what makes a run reproducible from its config.
+Pieces that a special-purpose setup needs on its own (``calibration``, ``head_group``, ``base_lr``,
+``build_optimizer_for``) are public so it shares them instead of copying them.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from . import dist
+from .config import TrainConfig
+from .data import prefetch_data
+from .methods import Calibration, Method, get_method, head_module
+from .optim.registry import build_optimizer
+
+CALIBRATION_BATCHES = 4  # training batches a data-dependent init (SHiRA gradient/SNIP masks) may look at
+HEAD_MIN_LR = 1e-3  # a fresh head learns from scratch: it never trains slower than this unless --head-lr says so
+QUANT_BITS = {"nf4": 4, "int8": 8}
+
+
+class Task(Protocol):
+    """What a run needs from a task (``classify.py``, ``lm/task.py``): a model, batches and a loss."""
+
+    model: nn.Module
+    forward_model: nn.Module
+
+    def batches_per_epoch(self) -> int: ...
+
+    def batch(self, index: int) -> dict[str, torch.Tensor]: ...
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+
+@dataclass
+class Run:
+    """A fully assembled run: everything the loop, the checkpoints and the summary read."""
+
+    cfg: TrainConfig
+    task: Any  # a Task; the full interface (evaluate, save_artifacts, ...) is used by ``leantrain train``
+    method: Method | None
+    optimizer: torch.optim.Optimizer
+    ctx: dist.DistContext = field(default_factory=dist.DistContext)
+
+    @property
+    def model(self) -> nn.Module:
+        """The unwrapped model (DDP's wrapper lives in ``task.forward_model``)."""
+        return self.task.model
+
+    @property
+    def fsdp(self) -> bool:
+        """Parameters are DTensor shards: checkpoints and counts must gather or count locally."""
+        return self.ctx.enabled and self.ctx.strategy == "fsdp"
+
+    @property
+    def manual_sync(self) -> bool:
+        """Gradients are averaged by hand, because the method's parameters are not wrapped in DDP."""
+        return self.ctx.enabled and changes_parameter_shapes(self.method)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters that train right now; call again each step, since DLRT swaps parameters when a rank changes."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def changes_parameter_shapes(method: Any) -> bool:
+    """A method declaring ``changes_parameter_shapes = True`` (DLRT) cannot be wrapped by DDP or sharded by FSDP."""
+    return bool(getattr(method, "changes_parameter_shapes", False))
+
+
+def build_task(cfg: TrainConfig, device: torch.device) -> Any:
+    """The task object owns data + model and answers batch/loss/evaluate (see leantrain/classify.py)."""
+    if cfg.task == "causal-lm":
+        from .lm.task import CausalLMTask
+
+        return CausalLMTask(cfg, device)
+    from .classify import ClassificationTask
+
+    return ClassificationTask(cfg, device)
+
+
+def calibration(task: Any) -> Calibration:
+    """The first training batches' losses, for methods whose init looks at data (SHiRA's gradient masks)."""
+    def losses(_model: nn.Module) -> Iterator[torch.Tensor]:
+        for i in range(CALIBRATION_BATCHES):
+            yield task.loss(task.batch(i))
+
+    return losses
+
+
+def base_lr(cfg: TrainConfig, method: Method) -> float:
+    """--lr, or the method's default: adapters and full fine-tuning want learning rates orders of magnitude apart."""
+    return cfg.lr if cfg.lr is not None else method.default_lr
+
+
+def head_group(model: nn.Module, cfg: TrainConfig, lr: float) -> dict | None:
+    """The task head's param group (every method trains it), or None for a model without a head.
+
+    Its lr is --head-lr, else ``max(lr, 1e-3)``: a freshly initialised head at an adapter's small lr barely moves.
+    """
+    head = head_module(model)
+    if head is None:
+        return None
+    for p in head.parameters():
+        p.requires_grad_(True)
+    return {"params": list(head.parameters()), "name": "head", "lr": cfg.head_lr or max(lr, HEAD_MIN_LR)}
+
+
+def shape_model(model: nn.Module, cfg: TrainConfig, method: Method, calib: Calibration | None) -> list[dict]:
+    """Quantize the frozen base, apply the method, then LoftQ; returns the method's param groups.
+
+    LoftQ quantizes *after* the adapter exists, so the quantized base Q and the adapter BA approximate W jointly;
+    the method therefore sees ``init="default"`` and the base stays in full precision until then.
+    """
+    loftq = cfg.init == "loftq"
+    if cfg.quantize and not loftq:
+        from .quant import quantize
+
+        quantize(model, bits=QUANT_BITS[cfg.quantize], targets=cfg.targets)
+    groups = method.apply(model, replace(cfg, init="default") if loftq else cfg, calib)
+    if loftq:
+        from .quant import apply_loftq
+
+        apply_loftq(model, "default", bits=QUANT_BITS[cfg.quantize])
+    return groups
+
+
+def refuse_unsupported_strategy(cfg: TrainConfig, method: Method, ctx: dist.DistContext) -> None:
+    """FSDP shards parameters at wrap time, so a method that resizes them mid-run cannot use it."""
+    if ctx.enabled and ctx.strategy == "fsdp" and changes_parameter_shapes(method):
+        raise ValueError(f"--method {cfg.method} changes parameter shapes during training and cannot run under "
+                         "--strategy fsdp; use --strategy ddp")
+
+
+def wrap_for_distributed(task: Any, groups: list[dict], ctx: dist.DistContext) -> list[dict]:
+    """Wrap the task's model for DDP/FSDP2 and re-point the param groups at the (possibly new) parameters."""
+    model = task.model
+    names = {id(p): n for n, p in model.named_parameters()}
+    group_names = [[names[id(p)] for p in g["params"]] for g in groups]
+    task.forward_model = dist.wrap_model(model, ctx)
+    current = dict(model.named_parameters())
+    return [{**g, "params": [current[n] for n in ns]} for g, ns in zip(groups, group_names)]
+
+
+def build_optimizer_for(cfg: TrainConfig, groups: list[dict], lr: float, method: Method | None = None,
+                        model: nn.Module | None = None) -> torch.optim.Optimizer:
+    """--optim over ``groups``, wrapped by the method if it integrates in several passes (DLRT's KLS).
+
+    Every group remembers its ``initial_lr``: the schedule scales that, so it is a pure function of the step.
+    """
+    optimizer = build_optimizer(cfg.optim, groups, cfg, lr)
+    wrap = getattr(method, "wrap_optimizer", None)
+    if wrap is not None:
+        optimizer = wrap(optimizer, model, cfg)
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    return optimizer
+
+
+def new_task(cfg: TrainConfig, ctx: dist.DistContext) -> Any:
+    """Download the data once (rank 0), seed, then build the task, whose model init draws from that seed."""
+    if ctx.enabled:
+        dist.on_main(ctx, lambda: prefetch_data(cfg))  # one download, not one per process
+    torch.manual_seed(cfg.seed)
+    return build_task(cfg, ctx.device)
+
+
+def build_run(cfg: TrainConfig, ctx: dist.DistContext | None = None, task: Any = None) -> Run:
+    """Assemble the run ``cfg`` describes; ``task`` replaces the data-backed one (memory measurement)."""
+    ctx = ctx or dist.DistContext()
+    method = get_method(cfg.method)
+    task = task if task is not None else new_task(cfg, ctx)
+    groups = shape_model(task.model, cfg, method, calibration(task))
+    lr = base_lr(cfg, method)
+    head = head_group(task.model, cfg, lr)
+    if head is not None:
+        groups.append(head)
+    refuse_unsupported_strategy(cfg, method, ctx)
+    if ctx.enabled and not changes_parameter_shapes(method):  # shape-changing methods sync gradients by hand
+        groups = wrap_for_distributed(task, groups, ctx)
+    optimizer = build_optimizer_for(cfg, groups, lr, method, task.model)
+    return Run(cfg, task, method, optimizer, ctx)
