@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .config import TrainConfig
+from .targets import is_head
 
 # Yields scalar training losses (with graph) for a few batches, for data-dependent init (SHiRA gradient masks).
 Calibration = Callable[[nn.Module], Iterable[torch.Tensor]]
@@ -83,9 +84,6 @@ def head_parameter_names(model: nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters() if id(p) in ids}
 
 
-HEAD_NAMES = ("classifier", "lm_head", "score")
-
-
 class FullFineTuning:
     """Every parameter trains (the reference every memory saving is measured against)."""
 
@@ -94,9 +92,9 @@ class FullFineTuning:
 
     def apply(self, model: nn.Module, cfg: TrainConfig, calib: Calibration | None = None) -> list[dict]:
         head = head_parameter_names(model)
-        # Output heads (lm_head, score) stay dense: GaLore projects attention/MLP matrices only, as in the paper.
+        # Output heads (targets.is_head) stay dense: GaLore projects attention/MLP matrices only, as in the paper.
         linear_ids = {id(m.weight) for name, m in model.named_modules()
-                      if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] not in HEAD_NAMES}
+                      if isinstance(m, nn.Linear) and not is_head(name)}
         linear, other = [], []
         for n, p in model.named_parameters():
             p.requires_grad_(True)

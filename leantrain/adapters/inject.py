@@ -1,29 +1,34 @@
 """inject(): the single way to put any registered adapter into any nn.Module.
 
-Targets are chosen by ``config.target_modules``:
+Targets are chosen by ``config.target_modules`` with leantrain's one rule (``leantrain.targets``):
   * a list of names -- PEFT's rule: a module matches when its full name equals the entry or ends with
     ``"." + entry`` (so ``["query", "value"]`` hits every attention block);
-  * ``"re:<regex>"`` -- full match of the module name (a PEFT file's plain-string target is treated the same);
+  * ``"re:<regex>"`` -- full match of the module name. As in PEFT config objects, any other plain string is a
+    regex too (``"query"`` is ``"re:query"``), unlike the comma lists of ``TrainConfig.targets``;
   * ``"all-linear"`` -- every nn.Linear / quantized Linear.
-``config.exclude_modules`` removes modules the same way; when it is None the task head (any module whose name
-contains a component ``classifier``, ``lm_head`` or ``score``) is excluded for "all-linear" and regex targets,
-never for an explicit list (naming a module explicitly is taken as intent).
+Names and regexes may select any module (the adapter then says whether it can wrap it). ``config.exclude_modules``
+removes modules the same way; when it is None the task head (``leantrain.targets.is_head``) is excluded for
+"all-linear" and regex targets, never for an explicit list (naming a module explicitly is taken as intent).
 """
 
 from __future__ import annotations
 
-import difflib
-import re
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..targets import ALL_LINEAR, Targets, name_matches, select, set_submodule
 from .base import AdapterLayer
 from .registry import is_linear_like, spec_for_config
 
-HEAD_NAMES = ("classifier", "lm_head", "score")
+_set_submodule = set_submodule  # the name leantrain.adapters.multi imports
+
+
+def _suffix_match(name: str, entries: list[str]) -> bool:
+    """PEFT's name rule against several entries (used by leantrain.adapters.io)."""
+    return any(name_matches(name, e) for e in entries)
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
@@ -64,60 +69,17 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def _suffix_match(name: str, entries: list[str]) -> bool:
-    return any(name == e or name.endswith("." + e) for e in entries)
+def _peft_spec(spec: Targets | None) -> Targets | None:
+    """A config's targets in leantrain's rule: PEFT means a regex by any plain string except "all-linear"."""
+    if isinstance(spec, str) and spec != ALL_LINEAR:
+        return "re:" + spec.removeprefix("re:")
+    return spec
 
 
-def _matches(name: str, spec: str | list[str]) -> bool:
-    if isinstance(spec, str):
-        return re.fullmatch(spec.removeprefix("re:"), name) is not None
-    return _suffix_match(name, list(spec))
-
-
-def _is_head(name: str) -> bool:
-    return any(part in HEAD_NAMES for part in name.split("."))
-
-
-def resolve_targets(
-    model: nn.Module, target_modules: str | list[str], exclude_modules: Any = None
-) -> list[str]:
+def resolve_targets(model: nn.Module, target_modules: Targets, exclude_modules: Targets | None = None) -> list[str]:
     """Module names selected by the target/exclude rules above. Unknown list entries raise ValueError."""
-    candidates = _candidates(model)
-    names = [n for n, _ in candidates]
-    if isinstance(target_modules, str) and target_modules == "all-linear":
-        chosen = [n for n, m in candidates if is_linear_like(m)]
-    elif isinstance(target_modules, str):
-        pattern = target_modules.removeprefix("re:")
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise ValueError(f"target_modules regex {pattern!r} is invalid: {exc}") from exc
-        chosen = [n for n in names if re.fullmatch(pattern, n)]
-    else:
-        entries = list(target_modules)
-        if not entries:
-            raise ValueError("target_modules is empty; give module names, 're:<regex>' or 'all-linear'")
-        for entry in entries:
-            if not any(_suffix_match(n, [entry]) for n in names):
-                pool = sorted(set(names) | {n.rsplit(".", 1)[-1] for n in names})
-                close = difflib.get_close_matches(entry, pool, n=5, cutoff=0.5)
-                hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-                raise ValueError(f"target module {entry!r} matches no module of {type(model).__name__}{hint}")
-        chosen = [n for n in names if _suffix_match(n, entries)]
-    if exclude_modules is None:
-        if not isinstance(target_modules, (list, tuple)):
-            chosen = [n for n in chosen if not _is_head(n)]
-    elif exclude_modules:
-        chosen = [n for n in chosen if not _matches(n, exclude_modules)]
-    if not chosen:
-        raise ValueError(f"target_modules={target_modules!r} selects no module of {type(model).__name__}")
-    return chosen
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
+    return select(_candidates(model), _peft_spec(target_modules), owner=type(model).__name__,
+                  linear=is_linear_like, exclude=_peft_spec(exclude_modules))
 
 
 def inject(model: nn.Module, config: Any, name: str = "default", calib: Any = None) -> list[str]:
@@ -159,13 +121,13 @@ def inject(model: nn.Module, config: Any, name: str = "default", calib: Any = No
             layer.layer_name = target
             layer.add_adapter(name, config)
             if layer is not module:
-                _set_submodule(model, target, layer)
+                set_submodule(model, target, layer)
             done.append((target, layer, layer is not module))
     except Exception:  # all or nothing: undo the layers already changed (a PiSSA residual is not undone)
         for target, layer, wrapped in done:
             layer.delete_adapter(name)
             if wrapped:
-                _set_submodule(model, target, layer.base_layer)
+                set_submodule(model, target, layer.base_layer)
         raise
     for p in model.parameters():
         p.requires_grad_(False)
@@ -194,4 +156,4 @@ def delete(model: nn.Module, name: str) -> None:
     for layer_name, layer in layers:
         layer.delete_adapter(name)
         if not layer.adapters:
-            _set_submodule(model, layer_name, layer.base_layer)
+            set_submodule(model, layer_name, layer.base_layer)

@@ -16,8 +16,7 @@ from torch import nn
 
 from ..config import TrainConfig
 from ..methods import Calibration, head_parameter_names
-
-HEAD_NAMES = ("classifier", "lm_head", "score")
+from ..targets import is_head, set_submodule
 
 
 class FactorizedLinear(nn.Module):
@@ -45,20 +44,15 @@ class FactorizedLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}"
 
 
-def _is_head(name: str) -> bool:
-    return any(part in HEAD_NAMES for part in name.split("."))
-
-
 def factorize(model: nn.Module, rank: int) -> list[str]:
-    """Replace every non-head nn.Linear whose smaller side exceeds ``rank`` by a FactorizedLinear."""
+    """Replace every non-head nn.Linear whose smaller side exceeds ``rank`` (else nothing is saved) by a
+    FactorizedLinear; the head stays dense like the embeddings."""
     names = [n for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and not _is_head(n) and min(m.weight.shape) > rank]
+             if isinstance(m, nn.Linear) and not is_head(n) and min(m.weight.shape) > rank]
     if not names:
         raise ValueError(f"low-rank: no Linear layer is larger than rank {rank}")
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, FactorizedLinear(getattr(parent, child), rank))
+        set_submodule(model, name, FactorizedLinear(model.get_submodule(name), rank))
     return names
 
 

@@ -4,53 +4,33 @@ From a dense init the factors are the truncated SVD of W (so the converted model
 as the kept rank allows); from scratch they are random orthonormal bases with S = diag(sorted |N(0,1)|) as in the
 reference code. Paper: Schotthöfer et al. 2022, https://arxiv.org/abs/2205.13571.
 
-Target rules (same as leantrain's adapters): "all-linear" = every nn.Linear except the task head (a module whose
-name has a component ``classifier``, ``lm_head`` or ``score``); "all" adds Conv2d; a list or comma-separated
-string of names matches a module whose full name equals the entry or ends with "." + entry; "re:<regex>" is a
-full match of the module name.
+Targets follow leantrain's one rule (``leantrain.targets``) over plain ``nn.Linear`` / ``nn.Conv2d`` layers
+(exact types: a subclass such as MultiheadAttention's ``out_proj`` is used by its parent and stays dense):
+"all-linear" = every nn.Linear except the task head; "all" adds Conv2d; a list or comma-separated string of
+names (equal to, or a "." suffix of, the full name; may name a head) or "re:<regex>" (full match, heads left out)
+pick among both kinds.
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..targets import ALL_LINEAR, of_kind, resolve, set_submodule
 from .kls import truncation_rank
 from .layers import LowRankConv2d, LowRankLinear, LowRankMixin
 
-HEAD_NAMES = ("classifier", "lm_head", "score")
 Bound = int | Mapping[str, int] | None
-
-
-def _is_head(name: str) -> bool:
-    return any(part in HEAD_NAMES for part in name.split("."))
+DENSE = of_kind(nn.Linear, nn.Conv2d, exact=True)
 
 
 def resolve_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
     """Names of the dense layers ``targets`` selects (see module docstring); unknown names raise."""
-    kinds: tuple[type, ...] = (nn.Linear,)
-    if targets in ("all-linear", "all"):
-        if targets == "all":
-            kinds = (nn.Linear, nn.Conv2d)
-        return [n for n, m in model.named_modules() if type(m) in kinds and n and not _is_head(n)]
-    kinds = (nn.Linear, nn.Conv2d)
-    if isinstance(targets, str) and targets.startswith("re:"):
-        rx = re.compile(targets[3:])
-        found = [n for n, m in model.named_modules() if type(m) in kinds and rx.fullmatch(n)]
-        found = [n for n in found if not _is_head(n)]
-    else:
-        entries = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
-        found = [n for n, m in model.named_modules()
-                 if type(m) in kinds and any(n == e or n.endswith("." + e) for e in entries)]
-        for e in entries:
-            if not any(n == e or n.endswith("." + e) for n in found):
-                raise ValueError(f"target {e!r} matches no nn.Linear/nn.Conv2d in {type(model).__name__}")
-    if not found:
-        raise ValueError(f"targets={targets!r} match no nn.Linear/nn.Conv2d in {type(model).__name__}")
-    return found
+    if targets == "all":
+        return resolve(model, ALL_LINEAR, kind=DENSE, what="nn.Linear/nn.Conv2d")
+    return resolve(model, targets, kind=DENSE, linear=of_kind(nn.Linear, exact=True), what="nn.Linear/nn.Conv2d")
 
 
 def _pick(value: Bound, name: str) -> int | None:
@@ -128,12 +108,9 @@ def convert_to_lowrank(model: nn.Module, targets: str | list[str] = "all-linear"
     """
     names = resolve_targets(model, targets)
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        dense = getattr(parent, child)
-        new = make_lowrank(dense, name, _pick(rank, name), tau=tau, init=init, min_rank=_pick(min_rank, name),
-                           max_rank=_pick(max_rank, name))
-        setattr(parent, child, new)
+        new = make_lowrank(model.get_submodule(name), name, _pick(rank, name), tau=tau, init=init,
+                           min_rank=_pick(min_rank, name), max_rank=_pick(max_rank, name))
+        set_submodule(model, name, new)
     return names
 
 

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..targets import Targets, is_head, select
+
 if TYPE_CHECKING:  # torch is imported only where a module is walked, so the estimator CLI starts fast
     from torch import nn
-
-HEAD_NAMES = ("classifier", "lm_head", "score")  # same rule as leantrain.adapters.inject: heads are not adapted
 
 # jiaweizzhao/GaLore configs/llama_{60m,130m,350m,1b,7b}.json (vocab 32000, SiLU, RMSNorm eps 1e-6, untied head).
 LLAMA_PRESETS: dict[str, dict[str, int]] = {
@@ -53,7 +53,8 @@ class ParamSpec:
 
     @property
     def is_head(self) -> bool:
-        return any(part in HEAD_NAMES for part in self.module.split("."))
+        """Owned by a task head (``leantrain.targets.is_head``): heads are not adapted."""
+        return is_head(self.module)
 
 
 @dataclass
@@ -81,6 +82,11 @@ class ModelSpec:
     def linears(self) -> list[ParamSpec]:
         """Weights of every nn.Linear (head included), shape (out, in)."""
         return [p for p in self.params if p.kind == "linear"]
+
+    def target_modules(self, targets: Targets) -> list[str]:
+        """Names of the Linear modules ``targets`` selects, by the rule the training code applies to the real
+        model (``leantrain.targets``), so an estimate covers the layers a run would adapt."""
+        return select(((p.module, p) for p in self.linears()), targets, owner=self.name, what="Linear")
 
 
 def _bert_params(cfg: dict[str, Any], prefix: str = "encoder.") -> list[ParamSpec]:

@@ -15,7 +15,6 @@ autograd on ``W = g V/||V||`` gives exactly the Salimans-Kingma gradients ``dL/d
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -25,10 +24,10 @@ from torch import Tensor, nn
 from ..atomic import write_safetensors_atomic, write_text_atomic
 from ..config import TrainConfig
 from ..methods import Calibration, head_parameter_names
+from ..targets import of_kind, resolve, set_submodule
 from .projector import check_group
 
 NORM_EPS = 1e-12  # guards all-zero rows (their g is 0 too, so W stays 0)
-HEAD_NAMES = ("classifier", "lm_head", "score")
 
 
 class WeightNormLinear(nn.Module):
@@ -83,46 +82,17 @@ class WeightNormLinear(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- targeting
-def _is_head(name: str) -> bool:
-    return any(part in HEAD_NAMES for part in name.split("."))
-
-
 def resolve_linear_targets(model: nn.Module, targets: str) -> list[str]:
-    """Names of the ``nn.Linear`` modules selected by ``targets`` (the task head is never selected).
-
-    ``"all-linear"``; a comma list (a module matches when its name equals an entry or ends with ``"." + entry``,
-    as in PEFT); or ``"re:<regex>"`` (full match of the module name).
-    """
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _is_head(n)]
-    if targets == "all-linear":
-        chosen = [n for n, _ in linears]
-    elif targets.startswith("re:"):
-        try:
-            pattern = re.compile(targets[3:])
-        except re.error as exc:
-            raise ValueError(f"targets regex {targets[3:]!r} is invalid: {exc}") from exc
-        chosen = [n for n, _ in linears if pattern.fullmatch(n)]
-    else:
-        entries = [e.strip() for e in targets.split(",") if e.strip()]
-        for entry in entries:
-            if not any(n == entry or n.endswith("." + entry) for n, _ in linears):
-                raise ValueError(f"target {entry!r} matches no nn.Linear of {type(model).__name__} (head excluded)")
-        chosen = [n for n, _ in linears if any(n == e or n.endswith("." + e) for e in entries)]
-    if not chosen:
-        raise ValueError(f"targets={targets!r} selects no nn.Linear of {type(model).__name__} (head excluded)")
-    return chosen
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+    """Names of the ``nn.Linear`` modules ``targets`` selects (``leantrain.targets`` rule). The task head is never
+    selected: the training loop trains it as a plain Linear, so it must not be reparametrised."""
+    return resolve(model, targets, kind=of_kind(nn.Linear), heads="never", what="nn.Linear")
 
 
 def reparametrize(model: nn.Module, targets: str = "all-linear") -> list[str]:
     """Replace the targeted Linear layers of ``model`` by ``WeightNormLinear`` in place; return their names."""
     names = resolve_linear_targets(model, targets)
     for name in names:
-        _set_submodule(model, name, WeightNormLinear.from_linear(model.get_submodule(name)))
+        set_submodule(model, name, WeightNormLinear.from_linear(model.get_submodule(name)))
     return names
 
 
@@ -130,7 +100,7 @@ def merge(model: nn.Module) -> list[str]:
     """Turn every ``WeightNormLinear`` of ``model`` back into a plain ``nn.Linear`` in place; return names."""
     names = [n for n, m in model.named_modules() if isinstance(m, WeightNormLinear)]
     for name in names:
-        _set_submodule(model, name, model.get_submodule(name).to_linear())
+        set_submodule(model, name, model.get_submodule(name).to_linear())
     return names
 
 

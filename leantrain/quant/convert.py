@@ -5,61 +5,26 @@ training method injects its adapters (QLoRA, https://arxiv.org/abs/2305.14314: f
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
+from ..targets import of_kind, resolve
+from ..targets import set_submodule as _set_module  # also imported under this name by quant/io.py
 from .functional import check_bits, check_block_size
 from .linear import QuantLinear
 
-HEAD_NAMES = ("classifier", "lm_head", "score")  # task heads stay dense and trainable
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
-def _is_head(name: str) -> bool:
-    return any(part in HEAD_NAMES for part in name.split("."))
-
-
-def _matches(name: str, targets: str | Iterable[str]) -> bool:
-    if isinstance(targets, str):
-        if targets.startswith("re:"):
-            return re.fullmatch(targets[3:], name) is not None
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    return any(name == t or name.endswith("." + t) for t in targets)
-
 
 def target_linear_names(model: nn.Module, targets: str | Iterable[str] = "all-linear") -> list[str]:
-    """Names of the ``nn.Linear`` modules selected by ``targets``, never a task head.
+    """Names of the ``nn.Linear`` modules ``targets`` selects (``leantrain.targets`` rule), never a task head:
+    a quantized head would be frozen, and the head must stay dense and trainable.
 
-    ``targets``: "all-linear"; a list or comma-separated string of module names (a name matches a module whose
-    full name equals it or ends with ``"." + name``, as in PEFT); or a regex on the full name prefixed "re:".
     Names that match nothing raise (a typo would otherwise silently leave the model dense).
     """
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _is_head(n)]
-    if targets == "all-linear":
-        return [n for n, _ in linears]
-    if isinstance(targets, str) and not targets.startswith("re:"):
-        targets = [t.strip() for t in targets.split(",") if t.strip()]  # CLI form "query,value"
     if not isinstance(targets, str):
-        targets = list(targets)
-        if not all(isinstance(t, str) for t in targets):
-            raise TypeError(f"targets must be 'all-linear', a string or a list of strings, got {targets!r}")
-    chosen = [n for n, _ in linears if _matches(n, targets)]
-    if not chosen:
-        raise ValueError(f"targets={targets!r} match no nn.Linear module of {type(model).__name__} "
-                         f"(available: {sorted({n.rsplit('.', 1)[-1] for n, _ in linears})})")
-    if not isinstance(targets, str):
-        unused = [t for t in targets if not any(_matches(n, [t]) for n, _ in linears)]
-        if unused:
-            raise ValueError(f"target module(s) {unused} match no nn.Linear of {type(model).__name__}")
-    return chosen
+        targets = list(targets)  # a set or generator is one list of names
+    return resolve(model, targets, kind=of_kind(nn.Linear), heads="never", what="nn.Linear")
 
 
 @torch.no_grad()
