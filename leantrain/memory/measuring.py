@@ -18,7 +18,7 @@ measures the next one: the steady state of training.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -123,53 +123,53 @@ def measure(step: Callable[[], Any], model: nn.Module | None = None,
     return MeasuredMemory(resident + _peak_from_profile(prof), resident, "cpu", "cpu-profiler")
 
 
-def build_training_step(cfg: Any, batch_size: int, seq_len: int, num_labels: int = 2, seed: int = 0):
-    """(step, model, optimizer) for ``cfg``: leantrain's classifier, method and optimizer on a random batch.
+class RandomBatchTask:
+    """A classification task on one fixed random batch: a training step's memory depends on its shape only, so
+    measuring needs neither the data set nor the tokenizer."""
 
-    Mirrors the training loop (forward, cross-entropy, backward, clipping, step, zero_grad with set_to_none) so
-    that the measured step is the one the estimator models.
+    def __init__(self, model: nn.Module, batch_size: int, seq_len: int, num_labels: int, seed: int):
+        self.model = self.forward_model = model
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.randint(5, model.encoder.config.vocab_size, (batch_size, seq_len), generator=gen)
+        labels = torch.randint(0, num_labels, (batch_size,), generator=gen)
+        self.fixed = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+    def batches_per_epoch(self) -> int:
+        return 1
+
+    def batch(self, index: int) -> dict[str, torch.Tensor]:
+        return self.fixed
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(self.forward_model(batch["input_ids"], batch["attention_mask"]),
+                                                 batch["labels"])
+
+
+def build_training_step(cfg: Any, batch_size: int, seq_len: int, num_labels: int = 2, seed: int = 0):
+    """(step, model, optimizer) for ``cfg``: the run ``leantrain train`` would assemble, on a random batch.
+
+    The run comes from ``run.build_run`` (quantized base, method, head group, optimizer and its wrapper) and the
+    step is one iteration of the training loop's closure (one micro-batch: forward, backward, clipping, finite
+    check) and ``optimizer.step``, followed by ``zero_grad(set_to_none=True)`` so that gradients are not counted
+    as resident between steps -- the training step the estimator models.
     """
-    from ..methods import get_method, head_module
+    from ..loop import Closure
     from ..models import build_classifier
-    from ..optim.registry import build_optimizer
+    from ..run import build_run
 
     torch.manual_seed(seed)
-    model = build_classifier(cfg.model, num_labels, seed=seed)
-    method = get_method(cfg.method)
-    groups = method.apply(model, cfg)
-    head = head_module(model)
-    if head is not None:
-        for p in head.parameters():
-            p.requires_grad_(True)
-        groups = [*groups, {"params": list(head.parameters()), "name": "head"}]
-    lr = cfg.lr or method.default_lr
-    optimizer = build_optimizer(cfg.optim, groups, cfg, lr)
-    if hasattr(method, "wrap_optimizer"):
-        optimizer = method.wrap_optimizer(optimizer, model, cfg)
-    model.train()
-    vocab = model.encoder.config.vocab_size
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, vocab, (batch_size, seq_len), generator=gen)
-    mask = torch.ones_like(ids)
-    labels = torch.randint(0, num_labels, (batch_size,), generator=gen)
-    params = [p for g in groups for p in g["params"]]
+    cfg = replace(cfg, grad_accum=1)
+    task = RandomBatchTask(build_classifier(cfg.model, num_labels, seed=seed), batch_size, seq_len, num_labels,
+                           seed)
+    run = build_run(cfg, task=task)
+    run.model.train()
+    closure, optimizer = Closure.for_run(run), run.optimizer
 
     def step() -> None:
-        def closure() -> torch.Tensor:
-            loss = torch.nn.functional.cross_entropy(model(ids, mask), labels)
-            loss.backward()
-            return loss
-
-        if hasattr(method, "wrap_optimizer"):
-            optimizer.step(closure)
-        else:
-            closure()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
+        optimizer.step(closure)
         optimizer.zero_grad(set_to_none=True)
 
-    return step, model, optimizer
+    return step, run.model, optimizer
 
 
 def dlrt_ranks(model: nn.Module) -> dict[str, int]:
