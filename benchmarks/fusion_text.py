@@ -4,7 +4,9 @@ Paper claim (Bhardwaj et al., *Rapid Switching and Multi-Adapter Fusion via Spar
 https://arxiv.org/abs/2407.16712): fusing several SHiRA adapters loses less of each adapter's task quality
 ("concept loss") than fusing LoRA adapters. ``benchmarks/fusion.py`` tests this on a synthetic MLP; this script
 uses the bundled text tasks and leantrain's own data/model/training code (``ClassificationTask``, the
-``leantrain train`` method builders, optimizer registry and learning-rate schedule), offline.
+``leantrain train`` method builders, and the pieces of ``leantrain.run`` / ``leantrain.loop`` a multi-adapter
+setup can share: calibration batches, the head group and its lr rule, the optimizer, the schedule and the training
+closure), offline.
 
 Per seed: one frozen encoder (MiniLM), one task per data set (default: "vader" 3-class sentiment, "bible"
 7-class KJV division), each with its own fresh linear head. For each method an adapter is trained per task
@@ -24,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import statistics
 import sys
@@ -47,9 +48,9 @@ from leantrain import adapters
 from leantrain.adapters.inject import trainable_adapter_parameters
 from leantrain.classify import ClassificationTask
 from leantrain.config import TrainConfig
+from leantrain.loop import Closure, set_learning_rates
 from leantrain.methods import get_method
-from leantrain.optim.registry import build_optimizer
-from leantrain.train import CALIBRATION_BATCHES, lr_factor
+from leantrain.run import base_lr, build_optimizer_for, calibration, head_group
 
 # benchmark label -> (leantrain method, TrainConfig overrides)
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -84,30 +85,17 @@ def use_encoder(tasks: list[ClassificationTask], encoder: nn.Module) -> None:
 
 
 def fit(task: ClassificationTask, groups: list[dict], cfg: TrainConfig, desc: str) -> float:
-    """``cfg.steps`` AdamW steps with ``leantrain train``'s schedule and clipping; returns the last loss."""
-    optimizer = build_optimizer(cfg.optim, groups, cfg, groups[0]["lr"])
-    for group in optimizer.param_groups:
-        group["initial_lr"] = group["lr"]
-    params = [p for g in groups for p in g["params"]]
+    """``cfg.steps`` steps of ``leantrain train``'s loop (schedule, closure with clipping); returns the last loss."""
+    optimizer = build_optimizer_for(cfg, groups, groups[0]["lr"])
+    closure = Closure(task, optimizer, cfg)
     task.model.train()
     loss = torch.tensor(float("nan"))
     for step in tqdm(range(cfg.steps), desc=desc, leave=False, unit="step", disable=not cfg.progress):
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lr_factor(step, cfg.steps, cfg.warmup_ratio)
-        optimizer.zero_grad(set_to_none=True)
-        loss = task.loss(task.batch(step))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)
-        optimizer.step()
+        closure.step = step
+        set_learning_rates(optimizer, step, cfg.steps, cfg.warmup_ratio)
+        loss = optimizer.step(closure)
     task.model.eval()
     return loss.item()
-
-
-def head_group(task: ClassificationTask, lr: float, cfg: TrainConfig) -> dict:
-    head = task.model.classifier
-    for p in head.parameters():
-        p.requires_grad_(True)
-    return {"params": list(head.parameters()), "name": "head", "lr": cfg.head_lr or max(lr, 1e-3)}
 
 
 def head_only(encoder: nn.Module, tasks: list[ClassificationTask], cfg: TrainConfig) -> list[float]:
@@ -115,7 +103,7 @@ def head_only(encoder: nn.Module, tasks: list[ClassificationTask], cfg: TrainCon
     use_encoder(tasks, encoder)
     out = []
     for i, task in enumerate(tasks):
-        fit(task, [head_group(task, get_method("head").default_lr, cfg)], cfg, desc=f"head-only {NAMES[i]}")
+        fit(task, [head_group(task.model, cfg, get_method("head").default_lr)], cfg, desc=f"head-only {NAMES[i]}")
         out.append(task.evaluate()["accuracy"])
     return out
 
@@ -126,23 +114,18 @@ def train_adapters(label: str, base: nn.Module, tasks: list[ClassificationTask],
     method = get_method(name)
     encoder = copy.deepcopy(base)
     use_encoder(tasks, encoder)
-    lr = cfg.lr if cfg.lr is not None else method.default_lr
+    lr = base_lr(cfg, method)
     for i, task in enumerate(tasks):
         # Same adapter config as `leantrain train --method NAME`; a different mask seed per adapter (equal seeds
         # would give two random SHiRA adapters the very same positions).
         config = method.build(replace(cfg, seed=1000 * cfg.seed + i, **overrides))
         if adapters.adapter_names(encoder):
             adapters.set_active(encoder, [])  # calibration (SNIP) and training see the base + this adapter only
-
-        def calib(_model: nn.Module, task: ClassificationTask = task):
-            for b in range(CALIBRATION_BATCHES):
-                yield task.loss(task.batch(b))
-
         torch.manual_seed(1000 * cfg.seed + i)  # LoRA's A init
-        adapters.inject(encoder, config, NAMES[i], calib)  # freezes the encoder except this adapter
+        adapters.inject(encoder, config, NAMES[i], calibration(task))  # freezes the encoder except this adapter
         adapters.set_active(encoder, [NAMES[i]])
         params = [p for _, p in trainable_adapter_parameters(encoder, NAMES[i])]
-        fit(task, [{"params": params, "name": "adapter", "lr": lr}, head_group(task, lr, cfg)], cfg,
+        fit(task, [{"params": params, "name": "adapter", "lr": lr}, head_group(task.model, cfg, lr)], cfg,
             desc=f"{label} {NAMES[i]}")
         for p in task.model.classifier.parameters():
             p.requires_grad_(False)

@@ -20,7 +20,7 @@ from . import dist
 from .config import TrainConfig
 from .loop import LoopResult, StepSpan, lr_factor, stop_early, train_steps  # noqa: F401  (lr_factor: re-exported)
 from .report import StepLog, plot_losses, read_jsonl, write_summary
-from .run import CALIBRATION_BATCHES, Run, build_run, build_task  # noqa: F401  (re-exported)
+from .run import Run, build_run, build_task  # noqa: F401  (build_task: re-exported for benchmarks)
 from .run import wrap_for_distributed as _wrap_for_distributed  # noqa: F401  (used by benchmarks/distributed.py)
 from .summary import run_summary
 
