@@ -1,10 +1,23 @@
 """leantrain: train and fine-tune neural networks within a memory budget."""
 from __future__ import annotations
 
-from .config import TrainConfig
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 __version__ = "0.1.0"
-__all__ = ["TrainConfig", "train", "__version__"]
+__all__ = ["TrainConfig", "__version__", "train"]
+
+
+def __getattr__(name: str) -> Any:
+    """``TrainConfig`` resolves on first use, so ``import leantrain.optim`` (or any other layer) does not load the
+    run config."""
+    if name == "TrainConfig":
+        from .config import TrainConfig
+
+        return TrainConfig
+    raise AttributeError(f"module 'leantrain' has no attribute {name!r}")
 
 
 def train(cfg: TrainConfig):

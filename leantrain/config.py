@@ -13,7 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-COMPILABLE_OPTIMIZERS = ("adamw8bit", "adam8bit", "adamw4bit", "galore-adamw8bit", "galore-adamw4bit")
+
+def compilable_optimizers() -> tuple[str, ...]:
+    """``--optim`` names whose spec honours ``compile_optim`` (declared by each optimizer's own module)."""
+    from .optim.registry import specs
+
+    return tuple(name for name, spec in sorted(specs().items()) if spec.compilable)
 
 
 @dataclass
@@ -96,8 +101,8 @@ class TrainConfig:
             (0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "must be in [0, 1)"),
             (self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip, "must be > 0"),
             (self.nan_policy in ("stop", "skip"), "nan_policy", self.nan_policy, "must be 'stop' or 'skip'"),
-            (not self.compile_optim or self.optim in COMPILABLE_OPTIMIZERS, "compile_optim", self.compile_optim,
-             f"applies only to --optim {'/'.join(COMPILABLE_OPTIMIZERS)}, not {self.optim!r}"),
+            (not self.compile_optim or self.optim in compilable_optimizers(), "compile_optim", self.compile_optim,
+             f"applies only to --optim {'/'.join(compilable_optimizers())}, not {self.optim!r}"),
             (self.rank > 0, "rank", self.rank, "must be > 0"),
             (self.save_every >= 0, "save_every", self.save_every, "must be >= 0"),
             (self.eval_every >= 0, "eval_every", self.eval_every, "must be >= 0"),
@@ -146,7 +151,7 @@ class TrainConfig:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -158,7 +163,7 @@ class TrainConfig:
         return cls(**values)
 
     @classmethod
-    def load(cls, path: str | Path) -> "TrainConfig":
+    def load(cls, path: str | Path) -> TrainConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 

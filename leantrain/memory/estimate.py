@@ -34,14 +34,24 @@ from .modelspec import ModelSpec, ParamSpec, model_spec
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 MIN_QUANT_STATE = 4096  # bitsandbytes' min_8bit_size: smaller tensors keep fp32 states
 
-# optimizer name -> (number of per-element states, codec, projected)
-OPTIMIZERS: dict[str, tuple[int, str, bool]] = {
-    "adamw": (2, "native", False), "adam": (2, "native", False), "lion": (1, "native", False),
-    "sgd": (0, "native", False), "sgd-momentum": (1, "native", False),
-    "adamw8bit": (2, "8bit", False), "adam8bit": (2, "8bit", False), "adamw4bit": (2, "4bit", False),
-    "lion8bit": (1, "8bit", False), "sgd8bit": (1, "8bit", False),
-    "galore-adamw": (2, "native", True), "galore-adamw8bit": (2, "8bit", True), "galore-adamw4bit": (2, "4bit", True),
+# Optimizers of the papers' memory tables that leantrain does not train with (torch.optim names): estimate only.
+REFERENCE_OPTIMIZERS: dict[str, tuple[int, str, bool]] = {
+    "adam": (2, "native", False), "lion": (1, "native", False), "sgd": (0, "native", False),
+    "sgd-momentum": (1, "native", False),
 }
+
+
+def optimizer_table() -> dict[str, tuple[int, str, bool]]:
+    """name -> (states per element, codec, projected): every registered ``--optim`` spec plus the reference
+    optimizers. fp32 moments count as "native" (the parameter's dtype), as in the GaLore paper's tables."""
+    from ..optim.registry import specs
+
+    table = {name: (s.states, "native" if s.codec in ("native", "fp32") else s.codec, s.projected)
+             for name, s in specs().items()}
+    return {**table, **REFERENCE_OPTIMIZERS}
+
+
+OPTIMIZERS = optimizer_table()
 ADAPTERS = ("lora", "rslora", "pissa", "dora", "vera", "miss", "shira")
 METHODS = ("full", "head", *ADAPTERS, "galore", "galore-8bit", "gradnormlorp", "dlrt")
 QUANTIZE = (None, "nf4", "int8")

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import importlib
 
-from .registry import OPTIMIZERS, available_optimizers, build_optimizer
+from .registry import available_optimizers, build_optimizer, get_spec, specs
+from .spec import OptimizerSpec
 
 _LAZY = {
     "AdamW": "leantrain.optim.adam",
@@ -21,7 +22,9 @@ _LAZY = {
     "GaLoreAdamW8bit": "leantrain.optim.galore",
 }
 
-__all__ = ["OPTIMIZERS", "available_optimizers", "build_optimizer", *_LAZY]
+__all__ = ["Adam8bit", "AdamW", "AdamW4bit", "AdamW8bit", "GaLoreAdamW", "GaLoreAdamW8bit", "Lion8bit",
+           "OptimizerSpec", "SGD8bit", "StableEmbedding", "available_optimizers", "build_optimizer", "get_spec",
+           "specs"]
 
 
 def __getattr__(name: str):

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .codecs import CODECS, Codec, get_codec
+from .spec import Builder, OptimizerOptions, OptimizerSpec, register
 
 _BITS = {32: "fp32", 16: "bf16", 8: "8bit", 4: "4bit"}
 
@@ -416,3 +417,37 @@ class Adam8bit(_AdamBase):
                  eps: float = 1e-8, weight_decay: float = 0.0, **kwargs: Any) -> None:
         kwargs.setdefault("decoupled", False)
         super().__init__(params, lr, betas, eps, weight_decay, **kwargs)
+
+
+# ---- registry ---------------------------------------------------------------------------------------------------
+def adam_builder(cls: type[_AdamBase]) -> Builder:
+    """Builder of a leantrain Adam class from the run options (``compile_optim`` -> the fused 8/4-bit kernel)."""
+    def build(groups: list[dict], opts: OptimizerOptions, lr: float) -> torch.optim.Optimizer:
+        extra = {"compile": True} if opts.compile_optim else {}
+        return cls(groups, lr=lr, betas=opts.betas, weight_decay=opts.weight_decay, block_size=opts.block_size,
+                   **extra)
+
+    return build
+
+
+def _low_precision(groups: list[dict]) -> bool:
+    return any(p.dtype in (torch.float16, torch.bfloat16) for g in groups for p in g["params"])
+
+
+def build_adamw(groups: list[dict], opts: OptimizerOptions, lr: float) -> torch.optim.Optimizer:
+    """torch's AdamW, unless a group asks for gradient projection or a parameter is fp16/bf16: then leantrain's
+    AdamW, whose moments stay fp32 (torch keeps them in the parameter's dtype, where an fp16 second moment
+    underflows to 0 and the step becomes NaN)."""
+    if any(g.get("rank") is not None for g in groups) or _low_precision(groups):
+        return AdamW(groups, lr=lr, betas=opts.betas, weight_decay=opts.weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=opts.betas, weight_decay=opts.weight_decay)
+
+
+register(OptimizerSpec("adamw", build_adamw, states=2, codec="native",
+                       summary="AdamW, fp32 moments (torch's foreach AdamW for fp32 parameters)"))
+register(OptimizerSpec("adamw8bit", adam_builder(AdamW8bit), states=2, codec="8bit", compilable=True,
+                       summary="AdamW, 8-bit block-wise moments"))
+register(OptimizerSpec("adam8bit", adam_builder(Adam8bit), states=2, codec="8bit", compilable=True,
+                       summary="Adam (L2 decay in the gradient), 8-bit block-wise moments"))
+register(OptimizerSpec("adamw4bit", adam_builder(AdamW4bit), states=2, codec="4bit", compilable=True,
+                       summary="AdamW, 4-bit moments"))

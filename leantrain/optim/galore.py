@@ -32,8 +32,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .adam import AdamW, AdamW4bit, AdamW8bit
+from .adam import AdamW, AdamW4bit, AdamW8bit, adam_builder
 from .projector import GROUP_DEFAULTS
+from .spec import Builder, OptimizerOptions, OptimizerSpec, register
 
 GALORE_KEYS = ("rank", *GROUP_DEFAULTS, "eps_convention")
 EPS_CONVENTIONS = ("galore", "torch")
@@ -120,3 +121,45 @@ class GaLoreAdamW4bit(_GaLoreMixin, AdamW4bit):
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, **kwargs: Any) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, **kwargs)
+
+
+# ---- registry: --optim galore-adamw[8bit|4bit] = the plain Adam classes over GaLore-tagged groups --------------
+def galore_groups(groups: list[dict], opts: OptimizerOptions) -> list[dict]:
+    """Tag the method's ``linear`` groups (or all non-head groups) with GaLore keys; others stay dense.
+
+    Only 2-D parameters whose smaller side exceeds the rank are projected (a rank >= min(m, n) saves nothing);
+    "lowrank" groups (DLRT factors) are already low-rank and follow their own integrator."""
+    tagged = []
+    for g in groups:
+        g = dict(g)
+        wants = g.get("name") == "linear" or (g.get("name") not in ("head", "other", "lowrank")
+                                              and g.get("rank") is None)
+        if not wants or g.get("rank") is not None:
+            tagged.append(g)
+            continue
+        fits = [p.ndim == 2 and min(p.shape) > opts.rank for p in g["params"]]
+        mats = [p for p, f in zip(g["params"], fits) if f]
+        rest = [p for p, f in zip(g["params"], fits) if not f]
+        if mats:
+            tagged.append({**g, "params": mats, "rank": opts.rank, "update_proj_gap": opts.gap,
+                           "scale": opts.proj_scale, "proj_type": "std", "svd": opts.svd})
+        if rest:
+            tagged.append({**g, "params": rest})
+    return tagged
+
+
+def _galore_builder(cls: type) -> Builder:
+    inner = adam_builder(cls)
+
+    def build(groups: list[dict], opts: OptimizerOptions, lr: float) -> torch.optim.Optimizer:
+        return inner(galore_groups(groups, opts), opts, lr)
+
+    return build
+
+
+register(OptimizerSpec("galore-adamw", _galore_builder(AdamW), states=2, codec="fp32", projected=True,
+                       summary="GaLore: AdamW with fp32 moments in a rank-r gradient subspace (--rank, --gap)"))
+register(OptimizerSpec("galore-adamw8bit", _galore_builder(AdamW8bit), states=2, codec="8bit", projected=True,
+                       compilable=True, summary="8-bit GaLore: low-rank moments in 8-bit block-wise states"))
+register(OptimizerSpec("galore-adamw4bit", _galore_builder(AdamW4bit), states=2, codec="4bit", projected=True,
+                       compilable=True, summary="GaLore with 4-bit low-rank moments"))

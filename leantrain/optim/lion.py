@@ -9,9 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .adam import BlockOptimizer
+from .spec import OptimizerOptions, OptimizerSpec, register
 
 
 class Lion8bit(BlockOptimizer):
@@ -35,3 +37,11 @@ class Lion8bit(BlockOptimizer):
         u = m.lerp(g, 1.0 - b1).sign_()
         m.lerp_(g, 1.0 - b2)
         return u, 1.0
+
+
+def build_lion8bit(groups: list[dict], opts: OptimizerOptions, lr: float) -> torch.optim.Optimizer:
+    return Lion8bit(groups, lr=lr, betas=(0.9, 0.99), weight_decay=opts.weight_decay, block_size=opts.block_size)
+
+
+register(OptimizerSpec("lion8bit", build_lion8bit, states=1, codec="8bit",
+                       summary="Lion (sign momentum), 8-bit momentum, betas (0.9, 0.99)"))

@@ -8,9 +8,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .adam import BlockOptimizer
+from .spec import OptimizerOptions, OptimizerSpec, register
 
 
 class SGD8bit(BlockOptimizer):
@@ -45,3 +47,11 @@ class SGD8bit(BlockOptimizer):
         else:
             buf.mul_(mom).add_(g, alpha=1.0 - group["dampening"])
         return (g.add(buf, alpha=mom) if group["nesterov"] else buf), 1.0
+
+
+def build_sgd8bit(groups: list[dict], opts: OptimizerOptions, lr: float) -> torch.optim.Optimizer:
+    return SGD8bit(groups, lr=lr, momentum=0.9, weight_decay=opts.weight_decay, block_size=opts.block_size)
+
+
+register(OptimizerSpec("sgd8bit", build_sgd8bit, states=1, codec="8bit",
+                       summary="SGD with momentum 0.9, 8-bit momentum"))

@@ -180,3 +180,27 @@ def test_state_never_follows_the_default_dtype(name, default_dtype):
         for key, value in st.items():
             if isinstance(value, torch.Tensor) and value.is_floating_point() and key != "step":
                 assert value.dtype in (torch.float32, p.dtype), f"{name}: state {key} is {value.dtype}"
+
+
+# ---- 4. the spec tells the truth about the optimizer it builds ---------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_spec_matches_the_built_optimizer(name):
+    """What the estimator and config validation read from a spec (moments per parameter, codec, projection,
+    compile support) is what the built optimizer actually keeps after one step."""
+    from leantrain.optim import get_spec
+    from leantrain.optim.codecs import CODECS
+
+    spec = get_spec(name)
+    weight = nn.Parameter(torch.randn(64, 96))
+    opt = _build(name, [weight])
+    weight.grad = torch.randn(64, 96)
+    opt.step()
+    state = opt.state[weight]
+    moments = {k.removesuffix("_codes") for k in state if k.endswith("_codes")} or {
+        k for k, v in state.items() if isinstance(v, torch.Tensor) and v.shape and not k.startswith(("proj_", "gnorm"))}
+    assert len(moments) == spec.states, f"{name}: state keys {sorted(state)}"
+    assert ("proj_basis" in state) == spec.projected
+    if spec.codec in CODECS:
+        assert opt.codec_name(opt.param_groups[0], weight.numel(), weight) == spec.codec
+    # the fused kernel exists for the Adam rule over 8/4-bit moments only
+    assert spec.compilable == (getattr(opt, "supports_compile", False) and spec.codec in ("8bit", "4bit"))

@@ -1,0 +1,72 @@
+"""Optimizer specs: what the trainer, the estimator, config validation and the CLI know about an optimizer,
+declared once, by the module that implements it (``register(OptimizerSpec(...))`` at import time).
+
+A spec builds the optimizer from the run's param groups and an options object -- anything with the attributes
+of :class:`OptimizerOptions` (``leantrain.TrainConfig`` has them) -- so this package never imports the run
+config or the CLI.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+CODEC_KINDS = ("native", "fp32", "bf16", "8bit", "4bit")
+
+
+class OptimizerOptions(Protocol):
+    """The run options a builder may read (attribute names of ``TrainConfig``)."""
+
+    betas: tuple[float, float]
+    weight_decay: float
+    block_size: int
+    compile_optim: bool
+    rank: int
+    gap: int
+    proj_scale: float
+    svd: str
+
+
+Builder = Callable[[list[dict], OptimizerOptions, float], torch.optim.Optimizer]
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One ``--optim`` name.
+
+    ``states``: moments kept per parameter (estimator); ``codec``: how they are stored ("native" = in the
+    parameter's dtype as torch does, else a leantrain codec); ``projected``: GaLore-style low-rank moments of 2-D
+    parameters; ``compilable``: honours ``compile_optim`` (the fused 8/4-bit Adam kernel).
+    """
+
+    name: str
+    build: Builder
+    states: int
+    codec: str
+    summary: str
+    projected: bool = False
+    compilable: bool = False
+
+    def __post_init__(self) -> None:
+        if self.codec not in CODEC_KINDS:
+            raise ValueError(f"optimizer spec {self.name!r}: codec={self.codec!r} is not one of {CODEC_KINDS}")
+        if self.states < 0:
+            raise ValueError(f"optimizer spec {self.name!r}: states={self.states} must be >= 0")
+
+
+_SPECS: dict[str, OptimizerSpec] = {}
+
+
+def register(spec: OptimizerSpec) -> OptimizerSpec:
+    """Add ``spec`` to the registry; a second spec under the same name is a bug, not an override."""
+    if spec.name in _SPECS and _SPECS[spec.name] is not spec:
+        raise ValueError(f"optimizer {spec.name!r} is registered twice")
+    _SPECS[spec.name] = spec
+    return spec
+
+
+def registered() -> dict[str, OptimizerSpec]:
+    """The specs registered so far (``leantrain.optim.registry.specs()`` imports every implementing module)."""
+    return dict(_SPECS)
