@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 from tqdm.auto import tqdm
 
 from . import dist
@@ -74,11 +75,17 @@ class Closure:
             average_gradients(self.task.model.parameters(), self.ctx.world)
         total = dist.mean_across(total, self.ctx)
         trainable = trainable_parameters(self.task.model)
-        norm = torch.nn.utils.clip_grad_norm_(trainable, self.cfg.grad_clip or float("inf"))
-        norm = dist.full_tensor(norm)
+        norm = self._clip(trainable)
         if not (torch.isfinite(total) and torch.isfinite(norm)):
             self._non_finite(trainable)
         return total
+
+    def _clip(self, trainable: list[torch.nn.Parameter]) -> torch.Tensor:
+        """The global gradient norm (the finite check needs it even without --grad-clip), clipped to --grad-clip."""
+        norm = get_total_norm([p.grad for p in trainable if p.grad is not None])
+        if self.cfg.grad_clip:
+            clip_grads_with_norm_(trainable, self.cfg.grad_clip, norm)
+        return dist.full_tensor(norm)
 
     def _accumulate(self) -> torch.Tensor:
         """Sum of the micro-batch losses, each scaled by 1/grad_accum so the gradient is the global mean."""

@@ -8,6 +8,7 @@ Linear becomes a LowRankLinear trained from scratch by the KLS integrator, the 5
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import TrainConfig
+from ..loop import Closure
 from .convert import convert_to_lowrank, model_params
 from .optimizer import KLSOptimizer
 
@@ -52,45 +55,65 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return acc
 
 
+class DigitsTask:
+    """The training split as a task for leantrain's training closure: ``batch(i)`` is the i-th minibatch of an
+    epoch-wise shuffle drawn from one generator (the last batch of an epoch may be short), ``loss`` is cross-entropy.
+    """
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, epochs: int, seed: int):
+        self.model = self.forward_model = model
+        self.x, self.y, self.batch_size = x, y, batch_size
+        gen = torch.Generator().manual_seed(seed)
+        self.orders = [torch.randperm(len(x), generator=gen) for _ in range(epochs)]
+
+    def batches_per_epoch(self) -> int:
+        return math.ceil(len(self.x) / self.batch_size)
+
+    def batch(self, index: int) -> dict[str, torch.Tensor]:
+        epoch, pos = divmod(index, self.batches_per_epoch())
+        rows = self.orders[epoch][pos * self.batch_size:(pos + 1) * self.batch_size]
+        return {"x": self.x[rows], "y": self.y[rows]}
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return nn.functional.cross_entropy(self.forward_model(batch["x"]), batch["y"])
+
+
+def build_digits_optimizer(model: nn.Module, method: str, lr: float, momentum: float, tau: float | None,
+                           start_rank: int | None) -> torch.optim.Optimizer:
+    """SGD for the dense MLP; for DLRT the hidden layers become low-rank (random init) under the KLS integrator."""
+    if method == "dense":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    if method != "dlrt":
+        raise ValueError(f"method={method!r} must be 'dense' or 'dlrt'")
+    hidden = [str(i) for i, m in enumerate(model) if isinstance(m, nn.Linear)][:-1]
+    rank = None if start_rank is None else {n: min(start_rank, min(model.get_submodule(n).weight.shape))
+                                            for n in hidden}
+    convert_to_lowrank(model, hidden, rank=rank, init="random")
+    return KLSOptimizer(model, inner="sgd", lr=lr, tau=tau, momentum=momentum)
+
+
 def train_run(method: str = "dlrt", tau: float | None = 0.1, *, epochs: int = 30, batch_size: int = 64,
               lr: float = 0.05, momentum: float = 0.9, start_rank: int | None = None, widths=WIDTHS, seed: int = 0,
               data: tuple[torch.Tensor, ...] | None = None, progress: Any = None) -> dict[str, Any]:
     """Train one model; returns {"method", "tau", "accuracy", "params", "compression", "ranks", "sec_per_epoch",
-    "rank_history": [(step, [ranks])], "loss"}. ``progress`` is an optional tqdm bar advanced once per epoch."""
+    "rank_history": [(step, [ranks])], "loss"}. ``progress`` is an optional tqdm bar advanced once per epoch.
+
+    Steps are ``optimizer.step(closure)`` with the closure of ``leantrain train`` (no clipping, no schedule)."""
     xtr, ytr, xte, yte = data if data is not None else load_digits_split(seed)
     model = mlp(widths, seed)
     dense_params = model_params(model)["params"]
-    if method == "dlrt":
-        hidden = [str(i) for i, m in enumerate(model) if isinstance(m, nn.Linear)][:-1]
-        rank = None if start_rank is None else {n: min(start_rank, min(model.get_submodule(n).weight.shape))
-                                                for n in hidden}
-        convert_to_lowrank(model, hidden, rank=rank, init="random")
-        opt: torch.optim.Optimizer = KLSOptimizer(model, inner="sgd", lr=lr, tau=tau, momentum=momentum)
-    elif method == "dense":
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    else:
-        raise ValueError(f"method={method!r} must be 'dense' or 'dlrt'")
-    gen = torch.Generator().manual_seed(seed)
-    loss_fn = nn.CrossEntropyLoss()
+    opt = build_digits_optimizer(model, method, lr, momentum, tau, start_rank)
+    task = DigitsTask(model, xtr, ytr, batch_size, epochs, seed)
+    closure = Closure(task, opt, TrainConfig(grad_clip=None))
     history: list[tuple[int, list[int]]] = []
-    step, train_time, loss = 0, 0.0, torch.tensor(float("nan"))
+    train_time, loss = 0.0, torch.tensor(float("nan"))
     for _ in range(epochs):
-        perm = torch.randperm(len(xtr), generator=gen)
         t0 = time.perf_counter()
-        for i in range(0, len(xtr), batch_size):
-            idx = perm[i:i + batch_size]
-            xb, yb = xtr[idx], ytr[idx]
-
-            def closure(xb: torch.Tensor = xb, yb: torch.Tensor = yb) -> torch.Tensor:
-                opt.zero_grad()
-                out = loss_fn(model(xb), yb)
-                out.backward()
-                return out
-
+        for _ in range(task.batches_per_epoch()):
             loss = opt.step(closure).detach()
-            step += 1
+            closure.step += 1
             if isinstance(opt, KLSOptimizer):
-                history.append((step, list(opt.ranks().values())))
+                history.append((closure.step, list(opt.ranks().values())))
         train_time += time.perf_counter() - t0
         if progress is not None:
             progress.update(1)
