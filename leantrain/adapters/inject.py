@@ -13,6 +13,7 @@ removes modules the same way; when it is None the task head (``leantrain.targets
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -148,12 +149,25 @@ def trainable_adapter_parameters(model: nn.Module, name: str | None = None) -> l
     return out
 
 
-def delete(model: nn.Module, name: str) -> None:
-    """Remove adapter ``name`` everywhere; a layer left without adapters is replaced by its base layer."""
+def delete(model: nn.Module, name: str) -> str | None:
+    """Remove adapter ``name`` everywhere; a layer left without adapters is replaced by its base layer.
+
+    PEFT's rule when the deleted adapter was the only active one and others remain: the first remaining adapter
+    becomes active, with a warning naming it -- the model never silently runs as its base while it still holds
+    adapters. Returns the adapter activated that way (None if the active set did not need to change)."""
     layers = [(n, layer) for n, layer in adapter_layers(model) if name in layer.adapters]
     if not layers:
         raise KeyError(f"model has no adapter named {name!r} (adapters: {adapter_names(model)})")
+    was_active = any(name in layer.active_adapters for _, layer in adapter_layers(model))
     for layer_name, layer in layers:
         layer.delete_adapter(name)
         if not layer.adapters:
             set_submodule(model, layer_name, layer.base_layer)
+    remaining = adapter_names(model)
+    if not was_active or not remaining or any(layer.active_adapters for _, layer in adapter_layers(model)):
+        return None
+    for _, layer in adapter_layers(model):
+        layer.set_active([remaining[0]])
+    warnings.warn(f"adapter {name!r} was active and is deleted; adapter {remaining[0]!r} is now active "
+                  f"(choose with set_active; adapters left: {remaining})", UserWarning, stacklevel=2)
+    return remaining[0]

@@ -119,3 +119,62 @@ def test_delete_one_of_two():
     adapters.merge(model)
     with pytest.raises(ValueError, match="unmerge before deleting"):
         adapters.delete(model, "b")
+
+
+# ---- deletion and activation semantics (PEFT's rule for deleting the active adapter) ------------------------------
+def test_deleting_the_active_adapter_activates_a_remaining_one_loudly():
+    model, x = two_adapters()
+    yb = outputs(model, x, "b")
+    adapters.set_active(model, "a")
+    with pytest.warns(UserWarning, match="adapter 'a' was active and is deleted; adapter 'b' is now active"):
+        assert adapters.delete(model, "a") == "b"
+    assert adapters.active_adapters(model) == ["b"]
+    torch.testing.assert_close(model(x), yb)  # not the base model
+
+
+@pytest.mark.parametrize("active", [["b"], ["a", "b"]])
+def test_deleting_leaves_other_active_adapters_alone(active, recwarn):
+    model, x = two_adapters()
+    yb = outputs(model, x, "b")
+    adapters.set_active(model, active)
+    assert adapters.delete(model, "a") is None
+    assert adapters.active_adapters(model) == ["b"] and not recwarn.list
+    torch.testing.assert_close(model(x), yb)
+
+
+def test_deleting_the_last_adapter_restores_the_base_model():
+    torch.manual_seed(0)
+    model = MLP().eval()
+    x = torch.randint(0, 30, (4, 5))
+    y0 = model(x)
+    adapters.inject(model, LoraConfig(r=2, target_modules=["lin0"], init="random"), name="only")
+    assert adapters.delete(model, "only") is None
+    assert type(model.lin0) is nn.Linear and adapters.adapter_names(model) == []
+    torch.testing.assert_close(model(x), y0)
+
+
+def test_a_new_adapter_is_active_and_trains_beside_the_old_one():
+    """leantrain's documented difference from PEFT: ``inject`` activates the adapter it adds (so that it
+    trains), and earlier active adapters stay active, frozen (PEFT's add_adapter leaves the new one inactive)."""
+    model, _ = two_adapters()
+    assert adapters.active_adapters(model) == ["a", "b"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".adapters.b." in n for n in trainable)
+
+
+@pytest.mark.peer
+def test_delete_matches_peft():
+    """Same model, same adapters, same deletion: PEFT and leantrain end with the same active adapter."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(MLP().eval(), peft.LoraConfig(r=2, target_modules=["lin0", "lin1"]), adapter_name="p")
+    pm.add_adapter("q", peft.LoraConfig(r=2, target_modules=["lin0", "lin1"]))
+    pm.set_adapter("p")
+    ours = MLP().eval()
+    for name in ("p", "q"):
+        adapters.inject(ours, LoraConfig(r=2, target_modules=["lin0", "lin1"]), name=name)
+    adapters.set_active(ours, "p")
+    for model, delete in ((pm, pm.delete_adapter), (ours, lambda n: adapters.delete(ours, n))):
+        with pytest.warns(UserWarning, match=r"\bp\b.*(active|deleted)"):
+            delete("p")
+    assert list(pm.base_model.model.lin0.active_adapters) == adapters.active_adapters(ours) == ["q"]
