@@ -22,7 +22,7 @@ from . import dist
 from .config import TrainConfig
 from .dist_utils import average_gradients
 from .report import StepLog
-from .run import Run, trainable_parameters
+from .run import Run, Task, trainable_parameters
 
 EMA_KEEP, EMA_NEW = 0.95, 0.05  # smoothing of the loss shown on the progress bar
 
@@ -57,7 +57,7 @@ class Closure:
     global-batch loss, identical on every rank.
     """
 
-    task: Any
+    task: Task
     optimizer: torch.optim.Optimizer
     cfg: TrainConfig
     ctx: dist.DistContext = field(default_factory=dist.DistContext)
@@ -66,6 +66,7 @@ class Closure:
 
     @classmethod
     def for_run(cls, run: Run) -> Closure:
+        """The closure of ``leantrain train``: gradients synced by hand when the run's method needs it."""
         return cls(run.task, run.optimizer, run.cfg, run.ctx, run.manual_sync)
 
     def __call__(self) -> torch.Tensor:

@@ -31,10 +31,13 @@ QUANT_BITS = {"nf4": 4, "int8": 8}
 
 
 class Task(Protocol):
-    """What a run needs from a task (``classify.py``, ``lm/task.py``): a model, batches and a loss."""
+    """What assembling and stepping a run need from a task: a model, batches and a loss.
+
+    ``leantrain train``'s tasks (``classify.py``, ``lm/task.py``) also answer ``evaluate``, ``write_run_files``,
+    ``save_artifacts`` and ``summary``; the memory measurement's random-batch task does not need to."""
 
     model: nn.Module
-    forward_model: nn.Module
+    forward_model: nn.Module  # what the loss calls: the model, or its DDP wrapper
 
     def batches_per_epoch(self) -> int: ...
 
@@ -48,8 +51,8 @@ class Run:
     """A fully assembled run: everything the loop, the checkpoints and the summary read."""
 
     cfg: TrainConfig
-    task: Any  # a Task; the full interface (evaluate, save_artifacts, ...) is used by ``leantrain train``
-    method: Method | None
+    task: Task
+    method: Method
     optimizer: torch.optim.Optimizer
     ctx: dist.DistContext = field(default_factory=dist.DistContext)
 
@@ -79,7 +82,7 @@ def changes_parameter_shapes(method: Any) -> bool:
     return bool(getattr(method, "changes_parameter_shapes", False))
 
 
-def build_task(cfg: TrainConfig, device: torch.device) -> Any:
+def build_task(cfg: TrainConfig, device: torch.device) -> Task:
     """The task object owns data + model and answers batch/loss/evaluate (see leantrain/classify.py)."""
     if cfg.task == "causal-lm":
         from .lm.task import CausalLMTask
@@ -90,7 +93,7 @@ def build_task(cfg: TrainConfig, device: torch.device) -> Any:
     return ClassificationTask(cfg, device)
 
 
-def calibration(task: Any) -> Calibration:
+def calibration(task: Task) -> Calibration:
     """The first training batches' losses, for methods whose init looks at data (SHiRA's gradient masks)."""
     def losses(_model: nn.Module) -> Iterator[torch.Tensor]:
         for i in range(CALIBRATION_BATCHES):
@@ -143,7 +146,7 @@ def refuse_unsupported_strategy(cfg: TrainConfig, method: Method, ctx: dist.Dist
                          "--strategy fsdp; use --strategy ddp")
 
 
-def wrap_for_distributed(task: Any, groups: list[dict], ctx: dist.DistContext) -> list[dict]:
+def wrap_for_distributed(task: Task, groups: list[dict], ctx: dist.DistContext) -> list[dict]:
     """Wrap the task's model for DDP/FSDP2 and re-point the param groups at the (possibly new) parameters."""
     model = task.model
     names = {id(p): n for n, p in model.named_parameters()}
@@ -168,7 +171,7 @@ def build_optimizer_for(cfg: TrainConfig, groups: list[dict], lr: float, method:
     return optimizer
 
 
-def new_task(cfg: TrainConfig, ctx: dist.DistContext) -> Any:
+def new_task(cfg: TrainConfig, ctx: dist.DistContext) -> Task:
     """Download the data once (rank 0), seed, then build the task, whose model init draws from that seed."""
     if ctx.enabled:
         dist.on_main(ctx, lambda: prefetch_data(cfg))  # one download, not one per process
@@ -176,7 +179,7 @@ def new_task(cfg: TrainConfig, ctx: dist.DistContext) -> Any:
     return build_task(cfg, ctx.device)
 
 
-def build_run(cfg: TrainConfig, ctx: dist.DistContext | None = None, task: Any = None) -> Run:
+def build_run(cfg: TrainConfig, ctx: dist.DistContext | None = None, task: Task | None = None) -> Run:
     """Assemble the run ``cfg`` describes; ``task`` replaces the data-backed one (memory measurement)."""
     ctx = ctx or dist.DistContext()
     method = get_method(cfg.method)
