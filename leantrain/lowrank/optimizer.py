@@ -144,6 +144,12 @@ class KLSOptimizer(torch.optim.Optimizer):
         state = self.inner.state.get(p)
         if not state:
             return
+        decoded = getattr(self.inner, "decoded_moments", None)
+        if decoded is not None:  # leantrain optimizers keep moments flat and maybe quantized: decode, move, encode
+            moved = {key: transport(value, left, right, squared=key in SECOND_MOMENT_KEYS)
+                     for key, value in decoded(p).items()}
+            self.inner.store_moments(p, moved)
+            return
         for key, value in list(state.items()):
             if isinstance(value, torch.Tensor) and value.ndim == 2:
                 state[key] = transport(value, left, right, squared=key in SECOND_MOMENT_KEYS)
@@ -267,10 +273,16 @@ class KLSOptimizer(torch.optim.Optimizer):
         self._index()
         self.state = self.inner.state
         self.steps = int(state_dict.get("steps", 0))
+        stored_numel = getattr(self.inner, "stored_numel", None)
         for name, layer in self.layers.items():
             expect = {"K": (layer.n, layer.rank), "L": (layer.m, layer.rank), "S": (layer.rank, layer.rank)}
             for pname, shape in expect.items():
-                for key, value in self.inner.state.get(getattr(layer, pname), {}).items():
+                p = getattr(layer, pname)
+                got = stored_numel(p) if stored_numel is not None else 0
+                if got and got not in (shape[0] * shape[1], shape[0] * shape[1] + 1):  # +1: packed 4-bit padding
+                    raise ValueError(f"KLSOptimizer.load_state_dict: the state of {name}.{pname} holds {got} values "
+                                     f"per moment, expected {shape[0] * shape[1]} for shape {shape}")
+                for key, value in self.inner.state.get(p, {}).items():
                     if isinstance(value, torch.Tensor) and value.ndim == 2 and tuple(value.shape) != shape:
                         raise ValueError(f"KLSOptimizer.load_state_dict: state {key!r} of {name}.{pname} has shape "
                                          f"{tuple(value.shape)}, expected {shape}")

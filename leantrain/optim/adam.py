@@ -155,6 +155,54 @@ class BlockOptimizer(torch.optim.Optimizer):
     def _enc(self, state: dict[str, Any], name: str, codec: Codec, numel: int) -> dict[str, Tensor]:
         return {sfx: state[name + sfx] for sfx in codec.layout(numel)}
 
+    def _group_of(self, p: Tensor) -> dict[str, Any]:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise KeyError(f"{type(self).__name__}: the tensor of shape {tuple(p.shape)} is not one of its parameters")
+
+    def stored_numel(self, p: Tensor) -> int:
+        """Values per moment of ``p`` as stored (0 before the first step; differs from ``p.numel()`` for a
+        placeholder parameter such as DLRT's K and L between steps)."""
+        state = self.state.get(p)
+        if not state or not self.moments:
+            return 0
+        return self._stored_numel(state, self._group_of(p), p)
+
+    def _stored_numel(self, state: dict[str, Any], group: dict[str, Any], p: Tensor) -> int:
+        name, _ = self.moments[0]
+        if name in state:  # fp32 / bf16: one value per element
+            return state[name].numel()
+        codes = state[name + "_codes"]  # quantized: the group's codec ignoring the small-tensor fp32 fallback
+        four_bit = self.codec_name({**group, "min_8bit_size": 0}, 1, p) == "4bit"
+        return 2 * codes.numel() if four_bit else codes.numel()  # 4-bit: rounded up to even, as packed
+
+    def decoded_moments(self, p: Tensor) -> dict[str, Tensor]:
+        """The moments of ``p`` as fp32 tensors of ``p``'s shape (the low-rank shape when projected), for code
+        that moves optimizer state between bases (DLRT's KLS integrator). Empty before the first step."""
+        state, group = self.state.get(p), self._group_of(p)
+        if not state or not self.moments:
+            return {}
+        n = self._moment_numel(group, p)
+        shape = p.shape if n == p.numel() else (n,)
+        out = {}
+        for name, signed in self.moments:
+            codec = self._codec(group, n, signed, p)
+            out[name] = codec.decode(self._enc(state, name, codec, n), shape)
+        return out
+
+    def store_moments(self, p: Tensor, moments: dict[str, Tensor]) -> None:
+        """Replace the moments of ``p`` by fp32 ``moments`` of any (common) size, each re-encoded by the codec the
+        group picks for that size; the step counter and other state stay."""
+        state, group = self.state[p], self._group_of(p)
+        old_n = self._stored_numel(state, group, p)
+        for name, signed in self.moments:
+            for sfx in self._codec(group, old_n, signed, p).layout(old_n):
+                state.pop(name + sfx, None)
+            value = moments[name].detach().float()
+            for sfx, t in self._codec(group, value.numel(), signed, p).encode(value).items():
+                state[name + sfx] = t
+
     def state_bytes(self) -> int:
         """Bytes held in optimizer state tensors (for memory reports and benchmarks)."""
         return sum(t.numel() * t.element_size() for st in self.state.values() for t in st.values()
@@ -315,7 +363,9 @@ class BlockOptimizer(torch.optim.Optimizer):
                 merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
                 for pid, p in zip(saved["params"], group["params"]):
                     st = state_dict["state"].get(pid)
-                    if st and not self._projected(merged, p):
+                    # a zero-size parameter is a placeholder whose factor is rebuilt every step (DLRT's K, L): its
+                    # state has the factor's size and its owner checks it (KLSOptimizer.load_state_dict)
+                    if st and not self._projected(merged, p) and p.numel():
                         self._check_saved(pid, p, st, merged)
         compile_flags = [g.get("compile", False) for g in self.param_groups]
         super().load_state_dict(state_dict)
