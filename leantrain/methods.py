@@ -1,74 +1,126 @@
 """Training-method registry: a method decides *which* parameters train and how they are shaped.
 
-A method is any object with ``name``, ``default_lr`` and ``apply(model, cfg, calib) -> list[param_group]``.
-``apply`` changes the model in place (freezes the base, injects adapters, converts layers) and returns the
-torch param groups it wants optimised -- e.g. LoRA+ returns two groups with different learning rates, and
-GradNormLoRP tags its groups with ``rank``/``update_proj_gap`` keys for a projected optimizer. The task head
-(``model.classifier``) is not the method's business: the training loop always trains it.
+A method object is its own spec. It has ``name``, ``default_lr``, ``summary`` and
+``apply(model, cfg, calib) -> list[param_group]`` (changes the model in place -- freezes the base, injects
+adapters, converts layers -- and returns the torch param groups it wants optimised: LoRA+ returns two groups with
+different learning rates, GradNormLoRP tags its groups with ``rank``/``update_proj_gap`` for a projected
+optimizer). The task head is not the method's business: the run assembly always trains it.
 
-Optional hooks, looked up with ``getattr`` so a method only writes what it needs:
-  * ``trainable_state(model) -> dict[str, Tensor]`` / ``load_trainable_state(model, state)``: what a checkpoint
-    holds (default: parameters that require grad plus all buffers).
-  * ``wrap_optimizer(optimizer, model, cfg)``: return an optimizer-like object whose ``step(closure)`` may run
-    several forward/backward passes (DLRT's KLS integrator).
-  * ``save_artifacts(model, run_dir, cfg)``: write the method's deliverables (e.g. PEFT adapter files).
+Declared flags and hooks (defaults in :class:`MethodBase`, so a method only writes what differs):
+  * ``trains_base``: the pretrained weights train (no quantized frozen base; GaLore may project them);
+  * ``changes_parameter_shapes``: parameters are replaced mid-run (no DDP wrapper, no FSDP);
+  * ``tasks``: the tasks it supports; ``validate(cfg)``: refuse its own bad options in one line;
+  * ``estimator_tensors(module, out_f, in_f, cfg)`` / ``activation_bytes_per_token(...)``: what it adds per
+    adapted Linear, for ``leantrain memory``;
+  * ``trainable_state`` / ``load_trainable_state`` (what a checkpoint holds), ``wrap_optimizer`` (multi-pass
+    integrators), ``save_artifacts`` (PEFT files), ``metrics`` (e.g. DLRT ranks) -- looked up with ``getattr``.
 
-Registry entries are ``"module:attribute"`` strings resolved on first use, so ``leantrain --help`` does not
-import every method, and a new method is one file plus one line here.
+Each method's module calls :func:`register` on import; this file only lists those modules (``_MODULES``), so a
+new method is its own file plus one entry there.
 """
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 
-from .config import TrainConfig
 from .targets import is_head
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 # Yields scalar training losses (with graph) for a few batches, for data-dependent init (SHiRA gradient masks).
 Calibration = Callable[[nn.Module], Iterable[torch.Tensor]]
+
+# Modules that register methods when imported (each holds one method family).
+_MODULES = ("leantrain.methods", "leantrain.adapters.methods", "leantrain.gradnormlorp", "leantrain.lowrank.method",
+            "leantrain.lm.lowrank")
+_REGISTRY: dict[str, Method] = {}
 
 
 class Method(Protocol):
     name: str
     default_lr: float
+    summary: str
+    trains_base: bool
+    changes_parameter_shapes: bool
+    tasks: tuple[str, ...]
 
     def apply(self, model: nn.Module, cfg: TrainConfig, calib: Calibration | None = None) -> list[dict]: ...
 
+    def validate(self, cfg: TrainConfig) -> None: ...
 
-METHODS: dict[str, str] = {
-    "full": "leantrain.methods:FULL",
-    "head": "leantrain.methods:HEAD",
-    "lora": "leantrain.adapters.methods:LORA",
-    "rslora": "leantrain.adapters.methods:RSLORA",
-    "dora": "leantrain.adapters.methods:DORA",
-    "pissa": "leantrain.adapters.methods:PISSA",
-    "vera": "leantrain.adapters.methods:VERA",
-    "miss": "leantrain.adapters.methods:MISS",
-    "shira": "leantrain.adapters.methods:SHIRA",
-    "gradnormlorp": "leantrain.optim.gradnorm:GRADNORMLORP",
-    "dlrt": "leantrain.lowrank.method:DLRT",
-    "lowrank": "leantrain.lm.lowrank:LOWRANK",
-}
+    def estimator_tensors(self, module: str, out_f: int, in_f: int, cfg: Any) -> list[EstimatorTensor]: ...
+
+    def activation_bytes_per_token(self, out_f: int, in_f: int, rank: int, elt: int) -> int: ...
+
+
+@dataclass(frozen=True)
+class EstimatorTensor:
+    """A tensor a method adds per adapted Linear: its name, shape and whether it trains (else frozen weights)."""
+
+    name: str
+    shape: tuple[int, ...]
+    trains: bool = True
+
+
+class MethodBase:
+    """Defaults of the declared flags and hooks (see the module docstring)."""
+
+    name = ""
+    default_lr = 1e-3
+    summary = ""
+    trains_base = False
+    changes_parameter_shapes = False
+    tasks: tuple[str, ...] = ("classify", "causal-lm")
+
+    def apply(self, model: nn.Module, cfg: TrainConfig, calib: Calibration | None = None) -> list[dict]:
+        raise NotImplementedError
+
+    def validate(self, cfg: TrainConfig) -> None:
+        """Raise ValueError naming the option for settings this method cannot honour (default: none)."""
+
+    def estimator_tensors(self, module: str, out_f: int, in_f: int, cfg: Any) -> list[EstimatorTensor]:
+        """Tensors added per adapted (out_f x in_f) Linear (default: none -- the method adds no tensors)."""
+        return []
+
+    def activation_bytes_per_token(self, out_f: int, in_f: int, rank: int, elt: int) -> int:
+        """Extra activation bytes per token that one adapted Linear keeps for backward (default: none)."""
+        return 0
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+def register(method: Method) -> Method:
+    """Add ``method`` under its name; a second object under the same name is a bug, not an override."""
+    if method.name in _REGISTRY and _REGISTRY[method.name] is not method:
+        raise ValueError(f"method {method.name!r} is registered twice")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def specs() -> dict[str, Method]:
+    """Every registered method, by name (imports the registering modules on first use)."""
+    for module in _MODULES:
+        importlib.import_module(module)
+    return dict(_REGISTRY)
 
 
 def available_methods() -> list[str]:
-    return sorted(METHODS)
+    return sorted(specs())
 
 
 def get_method(name: str) -> Method:
-    """Resolve a registry name to its method object; unknown names list the valid ones."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(available_methods())}")
-    module_name, attr = METHODS[name].split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        raise ValueError(f"method {name!r} is registered but its module {module_name} is missing: {exc}") from exc
-    return getattr(module, attr)
+    """The method registered as ``name``; unknown names list the valid ones."""
+    methods = specs()
+    if name not in methods:
+        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(sorted(methods))}")
+    return methods[name]
 
 
 def head_module(model: nn.Module) -> nn.Module | None:
@@ -84,11 +136,13 @@ def head_parameter_names(model: nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters() if id(p) in ids}
 
 
-class FullFineTuning:
+class FullFineTuning(MethodBase):
     """Every parameter trains (the reference every memory saving is measured against)."""
 
     name = "full"
     default_lr = 5e-5
+    summary = "full fine-tuning: every parameter trains"
+    trains_base = True
 
     def apply(self, model: nn.Module, cfg: TrainConfig, calib: Calibration | None = None) -> list[dict]:
         head = head_parameter_names(model)
@@ -105,11 +159,12 @@ class FullFineTuning:
         return [g for g in groups if g["params"]]
 
 
-class HeadOnly:
+class HeadOnly(MethodBase):
     """Frozen encoder, trainable head: the cheapest baseline (linear probing)."""
 
     name = "head"
     default_lr = 2e-3
+    summary = "linear probing: frozen model, only the task head trains"
 
     def apply(self, model: nn.Module, cfg: TrainConfig, calib: Calibration | None = None) -> list[dict]:
         for p in model.parameters():
@@ -117,8 +172,8 @@ class HeadOnly:
         return []
 
 
-FULL = FullFineTuning()
-HEAD = HeadOnly()
+FULL = register(FullFineTuning())
+HEAD = register(HeadOnly())
 
 
 def default_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

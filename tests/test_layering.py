@@ -126,7 +126,16 @@ def test_import_graph_follows_relative_and_package_imports():
     graph = import_graph(_modules())
     assert "leantrain.adapters.lora" in graph["leantrain.adapters.lora_conv"]
     assert "leantrain.adapters.registry" in graph["leantrain.adapters.lora"]
-    assert "leantrain.config" in graph["leantrain.optim.gradnorm"]
+    assert "leantrain.config" in graph["leantrain.gradnormlorp"]
+
+
+def test_optimizer_package_imports_no_upper_layer():
+    """Statically too (lazy imports inside functions excepted): no module of leantrain.optim imports the run
+    config, the method registry, the CLI or the trainer at import time."""
+    graph = import_graph(_modules())
+    upper = {"leantrain.config", "leantrain.methods", "leantrain.cli", "leantrain.train", "leantrain.run"}
+    offenders = {m: sorted(graph[m] & upper) for m in graph if m.startswith("leantrain.optim") and graph[m] & upper}
+    assert offenders == {}
 
 
 def test_module_level_imports_have_no_cycle():

@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from ..config import TrainConfig
+from ..methods import EstimatorTensor, MethodBase, register
 from .inject import inject, trainable_adapter_parameters
 from .io import save
 from .lora import LoraConfig
@@ -56,17 +57,34 @@ def loraplus_groups(named_params: list[tuple[str, nn.Parameter]], lr: float, rat
     return [g for g in groups if g["params"]]
 
 
-class AdapterMethod:
-    """A Method built from a function ``TrainConfig -> adapter config``."""
+class AdapterMethod(MethodBase):
+    """A Method built from a function ``TrainConfig -> adapter config``; ``tensors`` and ``act_per_token`` are
+    its estimator terms per adapted Linear (see leantrain/methods.py)."""
 
     def __init__(
         self,
         name: str,
         build: Callable[[TrainConfig], Any],
+        summary: str,
+        tensors: Callable[[str, int, int, Any], list[EstimatorTensor]],
+        act_per_token: Callable[[int, int, int], int] = lambda out_f, in_f, rank: 0,
         default_lr: float = 5e-4,
         lora_plus: bool = False,
+        loftq: bool = False,
     ) -> None:
-        self.name, self.build, self.default_lr, self.lora_plus = name, build, default_lr, lora_plus
+        self.name, self.build, self.summary, self.default_lr = name, build, summary, default_lr
+        self.lora_plus, self.loftq = lora_plus, loftq
+        self._tensors, self._act = tensors, act_per_token
+
+    def validate(self, cfg: TrainConfig) -> None:
+        if cfg.init == "loftq" and not self.loftq:
+            raise ValueError(f"TrainConfig.init='loftq' works with --method lora or rslora, not {self.name!r}")
+
+    def estimator_tensors(self, module: str, out_f: int, in_f: int, cfg: Any) -> list[EstimatorTensor]:
+        return self._tensors(module, out_f, in_f, cfg)
+
+    def activation_bytes_per_token(self, out_f: int, in_f: int, rank: int, elt: int) -> int:
+        return elt * self._act(out_f, in_f, rank)
 
     def apply(self, model: nn.Module, cfg: TrainConfig, calib: Any = None) -> list[dict]:
         inject(model, self.build(cfg), ADAPTER_NAME, calib)
@@ -78,9 +96,6 @@ class AdapterMethod:
 
     def save_artifacts(self, model: nn.Module, run_dir: str | Path, cfg: TrainConfig) -> None:
         save(model, Path(run_dir) / "adapter", name=ADAPTER_NAME)
-
-    def __repr__(self) -> str:
-        return f"AdapterMethod({self.name!r})"
 
 
 def _lora(**flags: Any) -> Callable[[TrainConfig], LoraConfig]:
@@ -128,10 +143,43 @@ def _shira(cfg: TrainConfig) -> Any:
     )
 
 
-LORA = AdapterMethod("lora", _lora(), lora_plus=True)
-RSLORA = AdapterMethod("rslora", _lora(use_rslora=True), lora_plus=True)
-DORA = AdapterMethod("dora", _lora(use_dora=True), lora_plus=True)
-PISSA = AdapterMethod("pissa", _lora(pissa=True), default_lr=2e-4, lora_plus=True)
-VERA = AdapterMethod("vera", _vera, default_lr=5e-3)
-MISS = AdapterMethod("miss", _miss)
-SHIRA = AdapterMethod("shira", _shira)
+# ---- estimator terms per adapted (out_f x in_f) Linear (Hu et al. 2021; Liu et al. 2024; Kopiczko et al. 2024;
+# PEFT's MissConfig; SHiRA: K = r(out+in) or fraction*out*in values, their indices are counted by the estimator)
+def _lora_tensors(module: str, out_f: int, in_f: int, cfg: Any) -> list[EstimatorTensor]:
+    return [EstimatorTensor(module + ".lora_A", (cfg.rank, in_f)), EstimatorTensor(module + ".lora_B", (out_f, cfg.rank))]
+
+
+def _dora_tensors(module: str, out_f: int, in_f: int, cfg: Any) -> list[EstimatorTensor]:
+    return [*_lora_tensors(module, out_f, in_f, cfg), EstimatorTensor(module + ".lora_magnitude", (out_f,))]
+
+
+def _vera_tensors(module: str, out_f: int, in_f: int, cfg: Any) -> list[EstimatorTensor]:
+    return [EstimatorTensor(module + ".vera_lambda_d", (cfg.rank,)), EstimatorTensor(module + ".vera_lambda_b", (out_f,))]
+
+
+def _miss_tensors(module: str, out_f: int, in_f: int, cfg: Any) -> list[EstimatorTensor]:
+    return [EstimatorTensor(module + ".miss_block", (cfg.rank, out_f))]
+
+
+def _shira_tensors(module: str, out_f: int, in_f: int, cfg: Any) -> list[EstimatorTensor]:
+    fraction = getattr(cfg, "fraction", None)
+    k = int(fraction * out_f * in_f) if fraction else cfg.rank * (out_f + in_f)
+    if k > out_f * in_f:
+        raise ValueError(f"shira: r={cfg.rank} gives {k} entries > {out_f}x{in_f} of {module}; lower the rank")
+    return [EstimatorTensor(module + ".shira_weight", (k,))]
+
+
+LORA = register(AdapterMethod("lora", _lora(), "LoRA: trainable low-rank A, B beside each frozen Linear",
+                              _lora_tensors, lambda o, i, r: r, lora_plus=True, loftq=True))
+RSLORA = register(AdapterMethod("rslora", _lora(use_rslora=True), "rsLoRA: LoRA scaled by alpha/sqrt(r)",
+                                _lora_tensors, lambda o, i, r: r, lora_plus=True, loftq=True))
+DORA = register(AdapterMethod("dora", _lora(use_dora=True), "DoRA: LoRA direction + trainable magnitude",
+                              _dora_tensors, lambda o, i, r: r + 2 * o, lora_plus=True))
+PISSA = register(AdapterMethod("pissa", _lora(pissa=True), "PiSSA: LoRA initialised from the top singular vectors",
+                               _lora_tensors, lambda o, i, r: r, default_lr=2e-4, lora_plus=True))
+VERA = register(AdapterMethod("vera", _vera, "VeRA: shared frozen random A, B; trainable scaling vectors",
+                              _vera_tensors, lambda o, i, r: 2 * r + o, default_lr=5e-3))
+MISS = register(AdapterMethod("miss", _miss, "MiSS (Bone): trainable shared blocks of each weight",
+                              _miss_tensors, lambda o, i, r: r))
+SHIRA = register(AdapterMethod("shira", _shira, "SHiRA: a sparse trainable subset of each weight (--mask)",
+                               _shira_tensors))

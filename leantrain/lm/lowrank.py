@@ -7,7 +7,7 @@ to rank r for the whole run, which is why its perplexity trails. B and A start f
 model's own random init (B = U_r sqrt(S_r), A = sqrt(S_r) V_rᵀ), so the first forward pass is the best rank-r
 approximation of the dense init instead of an arbitrary rescaled one.
 
-Registry line for leantrain/methods.py: ``"lowrank": "leantrain.lm.lowrank:LOWRANK"``.
+Registered here as ``lowrank`` (causal-LM pre-training only).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..config import TrainConfig
-from ..methods import Calibration, head_parameter_names
+from ..methods import Calibration, MethodBase, head_parameter_names, register
 from ..targets import is_head, set_submodule
 
 
@@ -56,9 +56,12 @@ def factorize(model: nn.Module, rank: int) -> list[str]:
     return names
 
 
-class LowRankBaseline:
+class LowRankBaseline(MethodBase):
     name = "lowrank"
     default_lr = 1e-3
+    summary = "GaLore paper's Low-Rank baseline: W = B A trained from scratch (causal-LM pre-training)"
+    trains_base = True
+    tasks = ("causal-lm",)
 
     def apply(self, model: nn.Module, cfg: TrainConfig, calib: Calibration | None = None) -> list[dict]:
         factorize(model, cfg.rank)
@@ -73,4 +76,4 @@ class LowRankBaseline:
         return [g for g in groups if g["params"]]
 
 
-LOWRANK = LowRankBaseline()
+LOWRANK = register(LowRankBaseline())

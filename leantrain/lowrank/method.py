@@ -1,4 +1,4 @@
-"""The ``dlrt`` training method for leantrain's loop (registry: ``leantrain.lowrank.method:DLRT``).
+"""The ``dlrt`` training method for leantrain's loop (registered here as ``dlrt``).
 
 Paper: Schotthöfer et al., "Low-rank lottery tickets", NeurIPS 2022, https://arxiv.org/abs/2205.13571.
 
@@ -23,18 +23,20 @@ import torch
 from torch import nn
 
 from ..config import TrainConfig
-from ..methods import Calibration, head_parameter_names
+from ..methods import Calibration, MethodBase, head_parameter_names, register
 from .convert import convert_to_lowrank, model_params
 from .io import load_lowrank_state, lowrank_state
 from .layers import lowrank_layers
 from .optimizer import KLSOptimizer
 
 
-class DLRTMethod:
+class DLRTMethod(MethodBase):
     """Rank-adaptive low-rank training of the model's linear layers with the KLS integrator."""
 
     name = "dlrt"
     default_lr = 5e-5  # same scale as full fine-tuning: K = U S and L = V Sᵀ have the entries' scale of W
+    summary = "DLRT: rank-adaptive low-rank layers trained by the KLS integrator (--tau, max rank --rank)"
+    trains_base = True
     # Ranks adapt, so parameters are replaced by ones of new shapes mid-run: no DDP wrapper (gradients are
     # averaged by hand) and no FSDP sharding.
     changes_parameter_shapes = True
@@ -99,4 +101,4 @@ class DLRTMethod:
         return out
 
 
-DLRT = DLRTMethod()
+DLRT = register(DLRTMethod())

@@ -6,7 +6,8 @@ dimension of PyTorch's (out, in) weight, one magnitude per output unit; ``g = ||
 so the model is unchanged). ``apply`` returns param groups in which the V matrices carry the GaLore keys
 (``rank``, ``update_proj_gap``, ``scale``, ``proj_type``, ``svd``), so any leantrain Adam (fp32, 8-bit, 4-bit)
 keeps their moments in low-rank space; g vectors, biases, norms and embeddings use the ordinary update. After
-training ``merge`` turns every layer back into a plain ``nn.Linear`` (no inference cost).
+training ``merge`` turns every layer back into a plain ``nn.Linear`` (no inference cost). This module holds the
+layer and the model transformations; the training method (``--method gradnormlorp``) is leantrain/gradnormlorp.py.
 
 The published code does not train (see the spec, B.2); this is a clean implementation of the paper's method:
 autograd on ``W = g V/||V||`` gives exactly the Salimans-Kingma gradients ``dL/dg_i = <G_i, v_i/||v_i||>`` and
@@ -14,18 +15,11 @@ autograd on ``W = g V/||V||`` gives exactly the Salimans-Kingma gradients ``dL/d
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..atomic import write_safetensors_atomic, write_text_atomic
-from ..config import TrainConfig
-from ..methods import Calibration, head_parameter_names
 from ..targets import of_kind, resolve, set_submodule
-from .projector import check_group
 
 NORM_EPS = 1e-12  # guards all-zero rows (their g is 0 too, so W stays 0)
 
@@ -119,40 +113,11 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------- method
-class GradNormLoRP:
-    """Registry method ``gradnormlorp``: weight-normalise the targeted Linear layers and tag their directions
-    for gradient low-rank projection. Use with ``--optim adamw`` (fp32 states) or ``adamw8bit``/``adamw4bit``."""
+def __getattr__(name: str):
+    """``GRADNORMLORP`` / ``GradNormLoRP`` (the training method) moved to :mod:`leantrain.gradnormlorp`, which may
+    import the run config; resolved lazily so this optimizer-side module never does."""
+    if name in ("GRADNORMLORP", "GradNormLoRP"):
+        from .. import gradnormlorp
 
-    name = "gradnormlorp"
-    default_lr = 1e-4  # the V update is scaled by proj_scale (0.25), so ~2x full fine-tuning's 5e-5 overall
-
-    def apply(self, model: nn.Module, cfg: TrainConfig, calib: Calibration | None = None) -> list[dict]:
-        head = head_parameter_names(model)
-        for p in model.parameters():
-            p.requires_grad_(True)
-        layers = reparametrize(model, cfg.targets)
-        directions = [model.get_submodule(n).weight_v for n in layers]
-        projected = [v for v in directions if min(v.shape) > cfg.rank]  # rank >= min(m, n) would save nothing
-        ids = {id(v) for v in projected}
-        rest = [p for n, p in model.named_parameters() if n not in head and id(p) not in ids]
-        group = {"params": projected, "name": "gradnormlorp", "rank": cfg.rank, "update_proj_gap": cfg.gap,
-                 "scale": cfg.proj_scale, "proj_type": "std", "svd": cfg.svd}
-        check_group(group, where="gradnormlorp")
-        groups = [group, {"params": rest, "name": "other"}]
-        return [g for g in groups if g["params"]]
-
-    def save_artifacts(self, model: nn.Module, run_dir: str | Path, cfg: TrainConfig) -> None:
-        """Write ``merged_model.safetensors`` (plain-Linear weights, original key names) + a JSON manifest."""
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        layers = [n for n, m in model.named_modules() if isinstance(m, WeightNormLinear)]
-        state = {k: v.cpu() for k, v in merged_state_dict(model).items()}
-        write_safetensors_atomic(run_dir / "merged_model.safetensors", state,
-                                 metadata={"format": "pt", "method": self.name})
-        manifest = {"method": self.name, "merged_layers": layers, "rank": cfg.rank, "update_proj_gap": cfg.gap,
-                    "scale": cfg.proj_scale, "svd": cfg.svd, "optim": cfg.optim}
-        write_text_atomic(run_dir / "merged_model.json", json.dumps(manifest, indent=2))
-
-
-GRADNORMLORP = GradNormLoRP()
+        return getattr(gradnormlorp, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
