@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -26,7 +26,7 @@ class DistContext:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     strategy: str = "none"  # "none" | "ddp" | "fsdp"
 
     @property
@@ -72,7 +72,7 @@ def on_main(ctx: DistContext, fn: Callable[[], T]) -> T:
     if ctx.is_main:
         try:
             payload[0] = ("ok", fn())
-        except Exception as exc:  # re-raised on every rank below, so no rank waits forever
+        except Exception as exc:  # noqa: BLE001  (re-raised on every rank below, so no rank waits forever)
             payload[0] = ("error", exc)
     dist.broadcast_object_list(payload, src=0)
     status, value = payload[0]
@@ -131,4 +131,5 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module) else model
+    wrapped = getattr(model, "module", None)  # DDP keeps the model in .module
+    return wrapped if isinstance(wrapped, nn.Module) else model
