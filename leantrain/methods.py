@@ -37,8 +37,13 @@ if TYPE_CHECKING:
 Calibration = Callable[[nn.Module], Iterable[torch.Tensor]]
 
 # Modules that register methods when imported (each holds one method family).
-_MODULES = ("leantrain.methods", "leantrain.adapters.methods", "leantrain.gradnormlorp", "leantrain.lowrank.method",
-            "leantrain.lm.lowrank")
+_MODULES = (
+    "leantrain.methods",
+    "leantrain.adapters.methods",
+    "leantrain.gradnormlorp",
+    "leantrain.lowrank.method",
+    "leantrain.lm.lowrank",
+)
 _REGISTRY: dict[str, Method] = {}
 
 
