@@ -47,3 +47,21 @@ def test_every_optimizer_trains_and_resumes_exactly(optim, tmp_path, tiny_args):
     """Each optimizer on full fine-tuning (so GaLore projects the 2-D weights at rank 4)."""
     _straight_and_resumed(tmp_path, [*tiny_args, "--method", "full", "--optim", optim, "--rank", "4",
                                      "--lr", "1e-3"])
+
+
+@pytest.mark.parametrize("method", CLASSIFY_METHODS)
+def test_apply_returns_exactly_the_parameters_that_train(method):
+    """A method's param groups hold every parameter that requires grad outside the head, each once, and nothing
+    frozen (a frozen tensor in a group wastes optimizer state; a trainable one outside the groups never moves)."""
+    from leantrain.config import TrainConfig
+    from leantrain.methods import get_method, head_parameter_names
+    from leantrain.models import build_classifier
+
+    model = build_classifier("tiny", num_labels=3, seed=0)
+    groups = get_method(method).apply(model, TrainConfig(model="tiny", method=method, rank=4), None)
+    grouped = [p for g in groups for p in g["params"]]
+    head = head_parameter_names(model)
+    wanted = [p for n, p in model.named_parameters() if p.requires_grad and n not in head]
+    assert len({id(p) for p in grouped}) == len(grouped), "a parameter sits in two groups"
+    assert {id(p) for p in grouped} == {id(p) for p in wanted}
+    assert all(p.requires_grad for p in grouped)
