@@ -184,7 +184,8 @@ def train_steps(run: Run, span: StepSpan, log: StepLog | None, save: Callable[[i
         closure.step = step
         set_learning_rates(optimizer, step, span.total, cfg.warmup_ratio)
         value = float(optimizer.step(closure))
-        skipped += not math.isfinite(value)
+        if not math.isfinite(value):  # --nan-policy skip dropped this step's update
+            skipped += 1
         record: dict[str, Any] = {"step": step + 1, "loss": value, "lr": optimizer.param_groups[0]["lr"]}
         if method_metrics:
             record.update(method_metrics(run.model))

@@ -63,6 +63,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _train(cfg: TrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
+    """The job on this process: the summary (rank 0), a short per-rank result, or a --stop-at marker."""
     started = time.time()
     # Everything that can fail is validated before the run folder is touched.
     run_dir, cfg = dist.on_main(ctx, lambda: prepare_run_dir(cfg))
