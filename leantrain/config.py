@@ -21,73 +21,109 @@ def compilable_optimizers() -> tuple[str, ...]:
     return tuple(name for name, spec in sorted(specs().items()) if spec.compilable)
 
 
+# Methods that train the base weights themselves; every other method freezes them (adapters, head-only), which is
+# why they refuse --quantize (nothing frozen to quantize) and random --init-weights scratch bases.
+BASE_TRAINING_METHODS = ("full", "gradnormlorp", "dlrt", "lowrank")
+# Newcomer defaults of --init-weights scratch: docs/lm.md's measured LLaMA-tiny recipe (full AdamW, lr 3e-3).
+SCRATCH_METHOD, PRETRAINED_METHOD = "full", "lora"
+SCRATCH_LR = 3e-3
+
+
+def option(default: Any = None, help: str = "", **kwargs: Any) -> Any:
+    """A dataclass field whose ``help`` metadata is the CLI help of its ``leantrain train`` option."""
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
 @dataclass
 class TrainConfig:
     # --- what to train on -------------------------------------------------------------------------------------
-    task: str = "classify"  # "classify" (sentence classification) | "causal-lm"
-    model: str = "minilm"  # "minilm" (embedded MiniLM-L6), "tiny" (random 2-layer BERT, for tests) or a folder
-    data: str | None = None  # "vader" | "bible" | a .csv/.jsonl (.txt for causal-lm); None = vader / bible (LM)
-    val_data: str | None = None  # optional separate validation file; else a deterministic split of `data`
-    train_size: int | None = 4000  # stratified subset of the training split (None = all of it)
-    val_size: int | None = 1000  # subset of the validation split (None = all of it)
-    max_length: int = 64  # tokens per sentence
-    model_dropout: float | None = None  # override the model's own dropout (0 makes runs batch-split invariant)
+    task: str = option("classify", "'classify' (sentence classification) or 'causal-lm'")
+    model: str = option("minilm", "'minilm' (embedded MiniLM-L6), 'tiny' (random 2-layer BERT, for tests), "
+                                  "'smollm2' (causal-lm) or a local Hugging Face model folder; with "
+                                  "--init-weights scratch only the tokenizer")
+    data: str | None = option(None, "'vader' | 'bible' | a .csv/.jsonl file (.txt too for causal-lm); "
+                                    "None = vader (classify) / bible (causal-lm)")
+    val_data: str | None = option(None, "optional separate validation file; else a deterministic split of --data")
+    train_size: int | None = option(4000, "subset of the training split: sentences (stratified) or LM blocks "
+                                          "(None = all of it)")
+    val_size: int | None = option(1000, "subset of the validation split: sentences or LM blocks (None = all of it)")
+    max_length: int = option(64, "tokens per example: sentences are cut to it (classify); length of each packed "
+                                 "block (causal-lm)")
+    model_dropout: float | None = option(None, "override the model's own dropout (0 makes runs batch-split "
+                                               "invariant)")
     # --- how to train -----------------------------------------------------------------------------------------
-    method: str = "lora"  # registry name, see leantrain.methods.available_methods()
-    optim: str = "adamw"  # registry name, see leantrain.optim.available_optimizers()
-    lr: float | None = None  # None = the method's default learning rate
-    head_lr: float | None = None  # lr of the fresh task head; None = max(lr, 1e-3)
-    weight_decay: float = 0.01  # decoupled weight decay (AdamW-style)
-    betas: tuple[float, float] = (0.9, 0.999)  # Adam moment decay rates
-    epochs: float | None = None  # train for this many passes over the data ...
-    steps: int | None = None  # ... or exactly this many optimizer steps (wins over epochs); default 1 epoch
-    batch_size: int = 16  # sentences per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    warmup_ratio: float = 0.06  # linear warm-up, then linear decay to 0
-    grad_clip: float | None = 1.0  # max global grad norm; None disables clipping
-    nan_policy: str = "stop"  # "stop" | "skip": what to do when the loss or a gradient is not finite
-    seed: int = 0  # seeds head init, adapter init, dropout and batch order (not the data split)
-    device: str = "auto"  # "auto" picks cuda when present, else cpu
-    strategy: str = "auto"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard); "auto" = ddp
+    method: str | None = option(None, f"what trains; None = {SCRATCH_METHOD} for --init-weights scratch, else "
+                                      f"{PRETRAINED_METHOD} (adapters or head on random scratch weights train "
+                                      "almost nothing: refused unless --lr is given too)")
+    optim: str = option("adamw", "how the trained parameters are updated")
+    lr: float | None = option(None, f"learning rate; None = {SCRATCH_LR:g} for --init-weights scratch "
+                                    "(docs/lm.md's pre-training recipe), else the method's default")
+    head_lr: float | None = option(None, "lr of the fresh task head; None = max(lr, 1e-3)")
+    weight_decay: float = option(0.01, "decoupled weight decay (AdamW-style)")
+    betas: tuple[float, float] = option((0.9, 0.999), "Adam moment decay rates")
+    epochs: float | None = option(None, "train for this many passes over the data ...")
+    steps: int | None = option(None, "... or exactly this many optimizer steps (wins over --epochs); "
+                                     "neither = 1 epoch")
+    batch_size: int = option(16, "examples (sentences or LM blocks) per micro-batch, summed over all "
+                                 "processes under torchrun")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    warmup_ratio: float = option(0.06, "share of the steps with linear warm-up, then linear decay to 0")
+    grad_clip: float | None = option(1.0, "max global gradient norm; None disables clipping")
+    nan_policy: str = option("stop", "'stop' | 'skip': what to do when the loss or a gradient is not finite")
+    seed: int = option(0, "seeds head init, adapter init, dropout and batch order (not the data split)")
+    device: str = option("auto", "'auto' (cuda when present, else cpu), 'cpu' or 'cuda[:N]'")
+    strategy: str = option("auto", "under torchrun: 'ddp' or 'fsdp' (FSDP2 fully_shard); 'auto' = ddp")
     # --- adapters (LoRA family, VeRA, MiSS, SHiRA) -------------------------------------------------------------
-    rank: int = 8  # adapter rank r (LoRA family, VeRA), block size (MiSS), projection rank (GaLore), DLRT max rank
-    alpha: float = 16.0  # LoRA scaling numerator: scale = alpha / r (alpha / sqrt(r) for rslora)
-    dropout: float = 0.0  # dropout on the adapter input
-    targets: str = "all-linear"  # "all-linear", comma-separated module names, or a regex (prefix "re:")
-    init: str = "default"  # LoRA init: default | gaussian | pissa | pissa_fast | loftq (needs --quantize)
-    lora_plus_ratio: float | None = None  # LoRA+: lr of B = ratio * lr of A (e.g. 16); None = plain LoRA
-    mask: str = "random"  # SHiRA mask: random | magnitude | gradient | snip
-    fraction: float | None = None  # SHiRA: share of each matrix that trains (overrides the r-based count)
-    miss_variant: str = "default"  # MiSS: default | bat
-    quantize: str | None = None  # frozen base: None | "nf4" | "int8"
-    # --- projected optimizers (GaLore, GradNormLoRP) -----------------------------------------------------------
-    gap: int = 200  # steps between projector refreshes
-    proj_scale: float = 0.25  # GaLore alpha
-    svd: str = "randomized"  # "full" | "randomized" projector refresh
-    block_size: int = 256  # block size of 8/4-bit optimizer states
-    compile_optim: bool = False  # fuse the 8/4-bit Adam(W) step into one torch.compile kernel (~20 s to compile)
+    rank: int = option(8, "rank r: adapter rank (LoRA family, VeRA), block size (MiSS), entries r*(out+in) per "
+                          "matrix (SHiRA), projection rank (GaLore optimizers, GradNormLoRP), factor rank "
+                          "(lowrank), minimum rank per layer (DLRT)")
+    alpha: float = option(16.0, "LoRA scaling numerator: scale = alpha / r (alpha / sqrt(r) for rslora)")
+    dropout: float = option(0.0, "dropout on the adapter input")
+    targets: str = option("all-linear", "adapted layers: 'all-linear' (every Linear but the head), "
+                                        "comma-separated module names, or a regex with prefix 're:'")
+    init: str = option("default", "LoRA init: default | gaussian | pissa | pissa_fast | loftq (needs --quantize)")
+    lora_plus_ratio: float | None = option(None, "LoRA+: lr of B = ratio * lr of A (e.g. 16); None = plain LoRA")
+    mask: str = option("random", "SHiRA mask: random | magnitude | gradient | snip")
+    fraction: float | None = option(None, "SHiRA: share of each matrix that trains (overrides the r-based count)")
+    miss_variant: str = option("default", "MiSS: default | bat | mini")
+    quantize: str | None = option(None, "store the frozen base weights as 'nf4' or 'int8' (adapter methods "
+                                        "only); None = unquantized")
+    # --- optimizers: projected (GaLore, GradNormLoRP) and 8/4-bit states ---------------------------------------
+    gap: int = option(200, "steps between projector refreshes (GaLore optimizers, GradNormLoRP)")
+    proj_scale: float = option(0.25, "scale alpha of the projected update (GaLore optimizers, GradNormLoRP)")
+    svd: str = option("randomized", "projector refresh: 'full' SVD or 'randomized' range finder")
+    block_size: int = option(256, "elements per quantization block (one absmax each) of 8/4-bit optimizer "
+                                  "states; not a sequence length")
+    compile_optim: bool = option(False, "fuse the 8/4-bit Adam(W) step into one torch.compile kernel "
+                                        "(~20 s to compile)")
     # --- DLRT -----------------------------------------------------------------------------------------------
-    tau: float = 0.1  # truncation tolerance relative to the singular values of S
+    tau: float = option(0.1, "DLRT truncation tolerance relative to the singular values of S")
     # --- language modelling (task=causal-lm) --------------------------------------------------------------------
-    init_weights: str = "pretrained"  # "pretrained" | "scratch"
-    arch: str | None = None  # "llama" for from-scratch pre-training
-    preset: str | None = None  # model size preset for --init scratch
-    activation_checkpointing: bool = False
+    init_weights: str = option("pretrained", "'pretrained' (load --model) or 'scratch' (random --arch/--preset "
+                                             "model; causal-lm only; changes the --method and --lr defaults)")
+    arch: str | None = option(None, "architecture for --init-weights scratch: 'llama' (None = llama)")
+    preset: str | None = option(None, "model size for --init-weights scratch: nano | tiny | small | 60m | 130m | "
+                                      "350m | 1b | 7b (None = tiny)")
+    activation_checkpointing: bool = option(False, "recompute each block's activations in backward (less "
+                                                   "memory, ~1 extra forward; causal-lm only, classify ignores it)")
     # --- output -----------------------------------------------------------------------------------------------
-    out: str = "runs/latest"
-    save_every: int = 0  # write a checkpoint every N steps (0 = only at the end)
-    eval_every: int = 0  # validate every N steps (0 = only at the end)
-    resume: bool = False  # continue from the newest checkpoint in `out`
-    stop_at: int | None = None  # end this invocation after this step (the schedule still plans for `steps`)
-    overwrite: bool = False  # replace an existing run folder instead of refusing
-    progress: bool = True  # show a progress bar
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form options for third-party methods
+    out: str = option("runs/latest", "run folder (config.json, metrics, artifacts, checkpoints/)")
+    save_every: int = option(0, "write a resumable checkpoint every N steps; 0 = none (the final trainable "
+                                "weights are always saved; --stop-at still leaves a checkpoint)")
+    eval_every: int = option(0, "validate every N steps (0 = only the final evaluation)")
+    resume: bool = option(False, "continue from the newest checkpoint in --out")
+    stop_at: int | None = option(None, "end this invocation after this step (the schedule still plans for "
+                                       "--steps)")
+    overwrite: bool = option(False, "replace an existing run folder instead of refusing")
+    progress: bool = option(True, "show a progress bar")
+    extra: dict[str, Any] = field(default_factory=dict,
+                                  metadata={"help": "free-form options for third-party methods (config.json only)"})
 
     def __post_init__(self) -> None:
-        if self.data is None:
-            self.data = "bible" if self.task == "causal-lm" else "vader"
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)  # JSON round trip turns tuples into lists
+        self._check_init_weights()
+        self._resolve_defaults()
         checks = [
             (self.lr is None or self.lr > 0, "lr", self.lr, "must be > 0"),
             (self.head_lr is None or self.head_lr > 0, "head_lr", self.head_lr, "must be > 0"),
@@ -113,7 +149,7 @@ class TrainConfig:
             (self.fraction is None or 0 < self.fraction <= 1, "fraction", self.fraction, "must be in (0, 1]"),
             (self.task in ("classify", "causal-lm"), "task", self.task, "must be 'classify' or 'causal-lm'"),
             (self.quantize in (None, "nf4", "int8"), "quantize", self.quantize, "must be nf4 or int8"),
-            (self.quantize is None or self.method not in ("full", "galore", "gradnormlorp", "dlrt"), "quantize",
+            (self.quantize is None or self.method not in BASE_TRAINING_METHODS, "quantize",
              self.quantize, f"needs a frozen base; method {self.method!r} trains the base weights"),
             (self.init != "loftq" or (self.quantize is not None and self.method in ("lora", "rslora")), "init",
              self.init, "works with --quantize nf4|int8 and --method lora or rslora"),
@@ -129,8 +165,6 @@ class TrainConfig:
              "must be > 0"),
             (self.miss_variant in ("default", "bat", "mini"), "miss_variant", self.miss_variant,
              "must be default, bat or mini"),
-            (self.init_weights in ("pretrained", "scratch"), "init_weights", self.init_weights,
-             "must be 'pretrained' or 'scratch'"),
         ]
         checks += [
             (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", self.betas,
@@ -146,6 +180,30 @@ class TrainConfig:
                 re.compile(self.targets[3:])
             except re.error as exc:
                 raise ValueError(f"TrainConfig.targets={self.targets!r} is not a valid regex ({exc})") from None
+
+    def _check_init_weights(self) -> None:
+        """Refuse what the newcomer defaults cannot mean: scratch weights exist for causal LMs only, and adapters
+        (or a head) trained on a random base learn almost nothing unless the user chose that with --lr."""
+        if self.init_weights not in ("pretrained", "scratch"):
+            raise ValueError(f"TrainConfig.init_weights={self.init_weights!r} must be 'pretrained' or 'scratch'")
+        if self.init_weights != "scratch":
+            return
+        if self.task != "causal-lm":
+            raise ValueError(f"TrainConfig.init_weights='scratch' applies to --task causal-lm only, not {self.task!r}")
+        if self.method is not None and self.method not in BASE_TRAINING_METHODS and self.lr is None:
+            raise ValueError(f"TrainConfig.method={self.method!r} on --init-weights scratch trains almost nothing "
+                             f"(its base stays random): pass --method {SCRATCH_METHOD} (the scratch default) or "
+                             "an explicit --lr to do it deliberately")
+
+    def _resolve_defaults(self) -> None:
+        """Fill the task-dependent defaults (None) so config.json records what the run really used."""
+        scratch = self.init_weights == "scratch"
+        if self.data is None:
+            self.data = "bible" if self.task == "causal-lm" else "vader"
+        if self.method is None:
+            self.method = SCRATCH_METHOD if scratch else PRETRAINED_METHOD
+        if self.lr is None and scratch:
+            self.lr = SCRATCH_LR
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

@@ -96,6 +96,8 @@ BAD = [
     ("svd", ["--svd", "bogus", "--optim", "galore-adamw"], ()),
     ("miss_variant", ["--miss-variant", "bogus", "--method", "miss"], ()),
     ("init_weights", ["--init-weights", "bogus"], ()),
+    ("init_weights", ["--init-weights", "scratch"], ("causal-lm",)),  # classify has no scratch model
+    ("method", ["--task", "causal-lm", "--init-weights", "scratch", "--method", "lora"], ("--method full",)),
     ("betas", ["--betas", "1.5", "0.9"], ()),
     ("device", ["--device", "bogus"], ()),
     ("targets", ["--targets", "re:("], ()),
@@ -185,6 +187,9 @@ def test_resume_without_a_run(tmp_path, capsys):
     (["memory", "--method", "nosuch"], ("--method",)),
     (["memory", "--batch-size", "0"], ("batch", "batch_size", "--batch-size")),
     (["memory", "--seq-len", "-4"], ("seq", "seq_len", "--seq-len")),
+    (["memory", "--max-length", "0"], ("--max-length",)),
+    (["memory", "--method", "lowrank"], ("--method lowrank",)),
+    (["memory", "--optim", "nosuch"], ("--optim",)),
     (["memory", "--model", "/nonexistent/folder"], ("/nonexistent/folder",)),
     (["merge", "/nonexistent/run", "--out", "/tmp/x"], ("/nonexistent/run",)),
     (["merge"], ("run", "--out")),

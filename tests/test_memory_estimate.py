@@ -196,3 +196,20 @@ def test_other_architectures_are_built_on_meta() -> None:
     assert spec.num_params == 500 * 64 + 128 * 64 + 2 * per_layer + 2 * 64
     assert (spec.hidden, spec.layers, spec.heads) == (64, 2, 4)
     assert estimate(spec, "full", batch_size=2, seq_len=16).total > 0
+
+
+@pytest.mark.parametrize("old,new", [
+    (("galore", "adamw"), ("full", "galore-adamw")),
+    (("galore", "adamw8bit"), ("full", "galore-adamw8bit")),
+    (("galore-8bit", "adamw"), ("full", "galore-adamw8bit")),
+    (("galore-8bit", "galore-adamw4bit"), ("full", "galore-adamw4bit")),
+    (("lora", "adamw"), ("lora", "adamw")),
+])
+def test_old_galore_method_names_are_aliases_of_trains_spelling(old, new) -> None:
+    from leantrain.memory import resolve_method_alias
+
+    assert resolve_method_alias(*old) == new
+    kw = {"dtype": "bf16", "rank": 128, "seq_len": 8}
+    a = estimate("llama-60m", method=old[0], optim=old[1], **kw).as_dict()
+    assert a == estimate("llama-60m", method=new[0], optim=new[1], **kw).as_dict()
+    assert (a["setting"]["method"], a["setting"]["optim"]) == new

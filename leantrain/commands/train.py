@@ -4,22 +4,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import typing
 from pathlib import Path
+from typing import Any
 
-from ..config import TrainConfig
+from ..config import PRETRAINED_METHOD, SCRATCH_LR, SCRATCH_METHOD, TrainConfig
 
 ALIASES = {"out": ["-o"]}
 
 
-def _field_help() -> dict[str, str]:
-    """Harvest the inline ``# comment`` of each field in config.py as its help text."""
-    source = Path(__file__).resolve().parent.parent.joinpath("config.py").read_text()
-    found = {}
-    for match in re.finditer(r"^    (\w+): [^=\n]+= [^#\n]*#\s*(.+)$", source, flags=re.M):
-        found[match.group(1)] = match.group(2).strip()
-    return found
+def field_help(name: str) -> str:
+    """The help text of a TrainConfig field, kept in its ``metadata`` (config.py is the one place to edit it)."""
+    return TRAIN_FIELDS[name].metadata.get("help", "")
+
+
+def flag_of(name: str) -> str:
+    """The option spelling of a TrainConfig field (``max_length`` -> ``--max-length``), shared by every command."""
+    return "--" + name.replace("_", "-")
 
 
 def _parse_optional(kind):
@@ -30,43 +31,55 @@ def _parse_optional(kind):
     return parse
 
 
+def add_field_option(parser: argparse.ArgumentParser, name: str, *aliases: str, default: Any = argparse.SUPPRESS,
+                     help_suffix: str = "", **overrides: Any) -> None:
+    """Add the option of TrainConfig field ``name`` with its type and help, so ``leantrain train`` and other
+    commands that take the same setting (``leantrain memory``) spell, parse and explain it the same way.
+
+    ``default`` is shown in the help (the field's own default when left SUPPRESSed: a flag not given is absent
+    from the namespace, so a ``--config`` file's value is not overwritten)."""
+    kind = _hints()[name]
+    shown = TRAIN_FIELDS[name].default if default is argparse.SUPPRESS else default
+    text = f"{field_help(name)}{help_suffix} (default: {shown})".replace("%", "%%")
+    kwargs: dict[str, Any] = {"dest": name, "default": default, "help": text}
+    if kind is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif typing.get_origin(kind) is tuple:
+        stem = name.rstrip("s").upper()  # betas -> BETA1 BETA2
+        kwargs.update(type=float, nargs=2, metavar=(f"{stem}1", f"{stem}2"))
+    else:
+        args = typing.get_args(kind)
+        base = next((a for a in args if a is not type(None)), kind) if args else kind
+        kwargs["type"] = _parse_optional(base) if type(None) in args else base
+    kwargs.update(overrides)
+    parser.add_argument(flag_of(name), *ALIASES.get(name, []), *aliases, **kwargs)
+
+
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
 def register(subparsers) -> None:
-    from ..methods import available_methods
+    from ..methods import available_methods, get_method
     from ..optim.registry import available_optimizers
 
     parser = subparsers.add_parser(
         "train", help="fine-tune a model (default: LoRA on the embedded MiniLM, sentiment data)",
-        description="Fine-tune a model. Every option maps to a TrainConfig field saved in RUN/config.json.",
+        description="Fine-tune a model, or pre-train one with --task causal-lm --init-weights scratch (then "
+                    f"the defaults are --method {SCRATCH_METHOD} --lr {SCRATCH_LR:g}). Every option maps to a "
+                    "TrainConfig field saved in RUN/config.json.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", type=Path, help="read options from a config.json (flags given here win)")
-    helps = _field_help()
-    hints = typing.get_type_hints(TrainConfig)
-    defaults = TrainConfig()
-    for field in dataclasses.fields(TrainConfig):
-        if field.name == "extra":
-            continue
-        flag = "--" + field.name.replace("_", "-")
-        kind = hints[field.name]
-        help_text = helps.get(field.name, "")
-        if field.name == "method":
-            help_text += f" ({', '.join(available_methods())})"
-        if field.name == "optim":
-            help_text += f" ({', '.join(available_optimizers())})"
-        default = getattr(defaults, field.name)
-        if kind is bool:
-            parser.add_argument(flag, *ALIASES.get(field.name, []), dest=field.name,
-                                action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=f"{help_text} (default: {default})")
-            continue
-        if field.name == "betas":
-            parser.add_argument(flag, dest="betas", type=float, nargs=2, metavar=("BETA1", "BETA2"),
-                                default=argparse.SUPPRESS, help=f"Adam betas (default: {default})")
-            continue
-        args = typing.get_args(kind)
-        base = next((a for a in args if a is not type(None)), kind) if args else kind
-        parser.add_argument(flag, *ALIASES.get(field.name, []), dest=field.name,
-                            type=_parse_optional(base) if type(None) in args else base,
-                            default=argparse.SUPPRESS, help=f"{help_text} (default: {default})")
+    examples = ", ".join(f"{m} {get_method(m).default_lr:g}" for m in (PRETRAINED_METHOD, SCRATCH_METHOD))
+    suffixes = {"method": f"; one of: {', '.join(available_methods())}",
+                "optim": f"; one of: {', '.join(available_optimizers())}",
+                "lr": f" (e.g. {examples})"}
+    for name in TRAIN_FIELDS:
+        if name != "extra":
+            add_field_option(parser, name, help_suffix=suffixes.get(name, ""))
     parser.set_defaults(func=run)
 
 

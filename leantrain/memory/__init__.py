@@ -2,7 +2,7 @@
 of real training steps to check it. Formulas and their sources: docs/memory.md.
 
     >>> from leantrain.memory import estimate
-    >>> print(estimate("llama-1b", method="galore", rank=512, dtype="bf16").format_table())
+    >>> print(estimate("llama-1b", method="full", optim="galore-adamw", rank=512, dtype="bf16").format_table())
 
 The estimator is pure Python (no torch import, so ``leantrain memory`` starts fast); ``measure`` loads lazily.
 """
@@ -11,7 +11,18 @@ from __future__ import annotations
 import importlib
 
 from .activations import activation_bytes
-from .estimate import METHODS, OPTIMIZERS, MemoryReport, estimate, estimate_config, human_bytes, state_bytes
+from .estimate import (
+    ESTIMATED_METHODS,
+    METHOD_ALIASES,
+    METHODS,
+    OPTIMIZERS,
+    MemoryReport,
+    estimate,
+    estimate_config,
+    human_bytes,
+    resolve_method_alias,
+    state_bytes,
+)
 from .modelspec import (
     LLAMA_PRESETS,
     ModelSpec,
@@ -26,9 +37,9 @@ _LAZY = {"measure": "leantrain.memory.measuring", "MeasuredMemory": "leantrain.m
          "measure_config": "leantrain.memory.measuring"}
 
 __all__ = [
-    "LLAMA_PRESETS", "METHODS", "OPTIMIZERS", "MeasuredMemory", "MemoryReport", "ModelSpec", "ParamSpec",
+    "ESTIMATED_METHODS", "LLAMA_PRESETS", "METHODS", "METHOD_ALIASES", "OPTIMIZERS", "MeasuredMemory", "MemoryReport", "ModelSpec", "ParamSpec",
     "activation_bytes", "available_models", "estimate", "estimate_config", "from_hf_config", "from_module",
-    "human_bytes", "measure", "measure_config", "model_spec", "state_bytes",
+    "human_bytes", "measure", "measure_config", "model_spec", "resolve_method_alias", "state_bytes",
 ]
 
 

@@ -53,8 +53,23 @@ def optimizer_table() -> dict[str, tuple[int, str, bool]]:
 
 OPTIMIZERS = optimizer_table()
 ADAPTERS = ("lora", "rslora", "pissa", "dora", "vera", "miss", "shira")
-METHODS = ("full", "head", *ADAPTERS, "galore", "galore-8bit", "gradnormlorp", "dlrt")
+# ``--method`` names of leantrain.methods that the estimator models (``lowrank`` is not modelled).
+ESTIMATED_METHODS = ("full", "head", *ADAPTERS, "gradnormlorp", "dlrt")
+# The estimator's old spellings, from before GaLore became an optimizer: name -> the ``--optim`` it implies
+# over ``--method full`` (``{optim}`` is the optimizer passed with it).
+METHOD_ALIASES = {"galore": "galore-{optim}", "galore-8bit": "galore-adamw8bit"}
+METHODS = (*ESTIMATED_METHODS, *METHOD_ALIASES)  # every name estimate() accepts
 QUANTIZE = (None, "nf4", "int8")
+
+
+def resolve_method_alias(method: str, optim: str) -> tuple[str, str]:
+    """``leantrain train``'s (method, optimizer) for an old estimator spelling; other names pass unchanged.
+
+    ``--method galore --optim adamw8bit`` keeps meaning ``--method full --optim galore-adamw8bit``, as it always
+    did; a ``galore-*`` optimizer given with either alias wins."""
+    if method not in METHOD_ALIASES:
+        return method, optim
+    return "full", optim if optim.startswith("galore-") else METHOD_ALIASES[method].format(optim=optim)
 
 
 @dataclass
@@ -204,25 +219,25 @@ def estimate(model: str | ModelSpec, method: str = "full", optim: str = "adamw",
     """Estimate training memory in bytes; see the module docstring and docs/memory.md for every formula."""
     spec = model if isinstance(model, ModelSpec) else model_spec(model, num_labels)
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+        raise ValueError(f"unknown method {method!r} for the memory estimator; choose one of: "
+                         f"{', '.join(ESTIMATED_METHODS)}")
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPE_BYTES)}")
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize={quantize!r} must be one of nf4, int8 (or None)")
     if rank <= 0:
         raise ValueError(f"rank={rank} must be > 0")
-    if method in ("galore", "galore-8bit") and not optim.startswith("galore-"):
-        optim = "galore-adamw8bit" if method == "galore-8bit" else f"galore-{optim}"
+    method, optim = resolve_method_alias(method, optim)
     if optim not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optim!r}; choose one of: {', '.join(OPTIMIZERS)}")
     n_states, codec, projected = OPTIMIZERS[optim]
-    dense_methods = ("full", "galore", "galore-8bit", "gradnormlorp")
+    dense_methods = ("full", "gradnormlorp")
     if quantize and method in dense_methods:
         raise ValueError(f"quantize={quantize!r} needs a frozen base; method {method!r} trains every weight")
     elt = DTYPE_BYTES[dtype]
 
     # ---- what trains, what is stored -------------------------------------------------------------------------
-    targets_l = select_targets(spec, targets) if method not in ("full", "head", "galore", "galore-8bit") else []
+    targets_l = select_targets(spec, targets) if method not in ("full", "head") else []
     target_ids = {p.name for p in targets_l}
     trainables: list[_Trainable] = []
     weights = sum(n * b for n, b in spec.buffers.values())
