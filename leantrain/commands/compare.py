@@ -11,7 +11,9 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "compare", help="run the main job once per method and write a table + plots",
         description="Run `leantrain train` once per method (each in its own process) and write results.md, "
-                    "results.json and compare.png to --out. Options after `--` go to every train run.")
+                    "results.json and compare.png to --out. Options after `--` go to every train run (an entry's "
+                    "method and optimizer win over them). Finished runs with an unchanged config are reused, so "
+                    "re-running the command resumes an interrupted comparison.")
     parser.add_argument("--methods", default=",".join(DEFAULT),
                         help=f"comma-separated entries from: {', '.join(ENTRIES)} (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder (default: %(default)s)")
@@ -21,11 +23,12 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..compare import format_table, run_compare
+    """Run the comparison, print its table and say where the files are (exit 1 if any run failed)."""
+    from ..compare import format_compare, run_compare
 
     extra = [a for a in args.train_args if a != "--"]
     labels = [m.strip() for m in args.methods.split(",") if m.strip()]
     rows = run_compare(args.out, labels, extra, progress=args.progress)
-    print(format_table(rows))
+    print(format_compare(rows))
     print(f"\nwrote {args.out / 'results.md'}, {args.out / 'results.json'} and {args.out / 'compare.png'}")
     return 0 if all("error" not in r for r in rows) else 1

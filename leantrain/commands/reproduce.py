@@ -1,12 +1,14 @@
 """``leantrain reproduce NAME``: run a small offline version of a paper's headline experiment.
 
 Writes ``<out>/<name>/README.md`` (paper vs ours) and ``<out>/<name>/<name>.png``; training runs go to
-``--work`` and are reused across experiments when their config matches. ``all`` runs the six in order.
+``--work`` (one process each, through the experiment engine) and are reused across experiments and invocations
+when their config hash matches. ``all`` runs the six in order; a failed run is one line and exit code 1.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from pathlib import Path
 
 from ..reproduce import EXPERIMENTS
@@ -37,9 +39,17 @@ def resolve(names: list[str]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    names = resolve(args.names)
-    for name in names:
+    """Run each named experiment; one that fails is reported in one line and the next one still runs."""
+    from ..reproduce.common import RunFailed
+
+    failed = 0
+    for name in resolve(args.names):
         module = importlib.import_module(f"leantrain.reproduce.{name}")
-        report = module.run(args.out, args.work, quick=args.quick, progress=args.progress)
+        try:
+            report = module.run(args.out, args.work, quick=args.quick, progress=args.progress)
+        except RunFailed as exc:
+            print(f"{name}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
         print(f"{name}: wrote {report}")
-    return 0
+    return 1 if failed else 0

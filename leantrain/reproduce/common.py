@@ -1,17 +1,18 @@
-"""Shared pieces of the reproduce experiments: one cached fine-tuning run, a report writer, a bar plot.
+"""Shared pieces of the reproduce experiments: the fine-tuning runs (through the experiment engine), their
+table and bar plot, and the report writer.
 
-Fine-tuning runs use the embedded MiniLM on the offline VADER sentiment data through ``leantrain.train`` with
-a small ``train_size``/``steps`` so each experiment fits in minutes on 2 CPU cores. A run folder under ``work``
-is reused when its config.json matches (several experiments share the LoRA / full-AdamW baselines).
+Fine-tuning runs use the embedded MiniLM on the offline VADER sentiment data with a small ``train_size``/``steps``
+so each experiment fits in minutes on 2 CPU cores. Each run is its own process (so "peak RSS" is that run's) under
+``work/<label>``, cached by config hash: several experiments share the LoRA / full-AdamW baselines.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..atomic import savefig_atomic, write_text_atomic
+from ..atomic import write_text_atomic
+from ..experiments import Column, Experiment, Panel, format_table, plot_panels, run_experiments
 
 MIB = 1024 * 1024
 
@@ -20,25 +21,28 @@ FULL = {"model": "minilm", "train_size": 320, "val_size": 160, "max_length": 32,
         "eval_every": 0, "save_every": 0}
 QUICK = {"model": "tiny", "train_size": 64, "val_size": 32, "max_length": 16, "batch_size": 8, "steps": 2,
          "eval_every": 0, "save_every": 0}
+RUN_COLUMNS = [Column("run", "label"), Column("val acc", "val_accuracy", ".4f"), Column("val loss", "val_loss", ".4f"),
+               Column("trainable params", "trainable_params", ","),
+               Column("optimizer state", "optimizer_state_bytes", ".2f", 1 / MIB, " MiB"),
+               Column("peak RSS", "peak_rss_bytes", ".0f", 1 / MIB, " MiB"), Column("s/step", "sec_per_step", ".3f")]
 
 
-def finetune(label: str, work: Path, quick: bool, progress: bool, **overrides: Any) -> dict[str, Any]:
-    """Train (or reuse) ``work/<label>`` and return its metrics plus the label."""
-    from ..config import TrainConfig
-    from ..train import train
+class RunFailed(RuntimeError):
+    """A fine-tuning run of an experiment failed (its one-line error is the message)."""
 
-    out = Path(work) / ("quick-" + label if quick else label)
-    values = {**(QUICK if quick else FULL), **overrides, "out": str(out), "progress": progress, "overwrite": True}
-    cfg = TrainConfig(**values)
-    saved, metrics_path = out / "config.json", out / "metrics.json"
-    if saved.is_file() and metrics_path.is_file():
-        old = json.loads(saved.read_text())
-        new = json.loads(cfg.to_json())
-        ignore = {"progress", "overwrite", "out"}
-        if {k: v for k, v in old.items() if k not in ignore} == {k: v for k, v in new.items() if k not in ignore}:
-            return {**json.loads(metrics_path.read_text()), "label": label, "reused": True}
-    metrics = train(cfg)
-    return {**metrics, "label": label, "reused": False}
+
+def finetune(runs: Sequence[tuple[str, dict[str, Any]]], work: Path, quick: bool, progress: bool,
+             desc: str = "reproduce") -> list[dict[str, Any]]:
+    """Train (or reuse) ``work/<label>`` for each (label, overrides); their metrics plus ``label``/``reused``."""
+    experiments = [Experiment(("quick-" if quick else "") + label, overrides, group=label)
+                   for label, overrides in runs]
+    base = {**(QUICK if quick else FULL), "progress": False}
+    results = run_experiments(experiments, Path(work), base=base, progress=progress, desc=desc)
+    failed = next((r for r in results if not r.ok), None)
+    if failed is not None:
+        raise RunFailed(f"run {failed.experiment.label!r} failed: {failed.error}")
+    return [{**r.metrics, "label": r.experiment.label, "reused": r.cached, "run_dir": str(r.run_dir)}
+            for r in results]
 
 
 def fmt_bytes(n: float) -> str:
@@ -47,40 +51,17 @@ def fmt_bytes(n: float) -> str:
 
 def runs_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown table of fine-tuning runs (accuracy, trainable params, optimizer state, peak RSS, speed)."""
-    lines = ["| run | val acc | val loss | trainable params | optimizer state | peak RSS | s/step |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['label']} | {r['val_accuracy']:.4f} | {r['val_loss']:.4f} | {r['trainable_params']:,} | "
-                     f"{fmt_bytes(r['optimizer_state_bytes'])} | {r['peak_rss_bytes'] / MIB:.0f} MiB | "
-                     f"{r['sec_per_step']:.3f} |")
-    return "\n".join(lines)
+    return format_table(rows, RUN_COLUMNS)
 
 
 def bar_plot(path: Path, rows: Sequence[dict[str, Any]], title: str, metric: str = "optimizer_state_bytes",
-             metric_label: str = "optimizer state (MiB)", scale: float = MIB) -> Path:
+             metric_label: str = "optimizer state (MiB)", scale: float = MIB) -> Path | None:
     """Two panels: validation accuracy and one memory metric per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [r["label"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
-    axes[0].bar(labels, [100 * r["val_accuracy"] for r in rows], color="C0")
-    axes[0].set_ylabel("validation accuracy (%)")
     low = min(100 * r["val_accuracy"] for r in rows)
-    axes[0].set_ylim(max(0, low - 10), 100)
-    axes[1].bar(labels, [r[metric] / scale for r in rows], color="C1")
-    axes[1].set_ylabel(metric_label)
-    for ax in axes:
-        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
-        ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    savefig_atomic(fig, path, dpi=110)
-    plt.close(fig)
-    return path
+    panels = [Panel("bar", y=("val_accuracy",), scale=100, ylabel="validation accuracy (%)",
+                    ylim=(max(0.0, low - 10), 100)),
+              Panel("bar", y=(metric,), scale=1 / scale, ylabel=metric_label)]
+    return plot_panels(rows, path, panels, title=title, size=(8, 3.2))
 
 
 def write_report(out: Path, name: str, title: str, paper: str, comparison: list[tuple[str, str, str]],

@@ -5,8 +5,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from .common import FULL, MIB, bar_plot, finetune, runs_table, write_report
 
 
@@ -14,11 +12,8 @@ def run_pair(name: str, *, title: str, paper: str, runs: Sequence[tuple[str, dic
              work: Path, quick: bool, progress: bool,
              compare: Callable[[list[dict[str, Any]]], tuple[list[tuple[str, str, str]], str]],
              metric: str = "optimizer_state_bytes", metric_label: str = "optimizer state (MiB)") -> Path:
-    rows = []
-    bar = tqdm(runs, desc=f"reproduce {name}", disable=not progress, unit="run")
-    for label, overrides in bar:
-        bar.set_postfix_str(label)
-        rows.append(finetune(label, work, quick, progress, **overrides))
+    """Train (or reuse) ``runs``, then write ``out/<name>/README.md`` (paper vs ours from ``compare``) + PNG."""
+    rows = finetune(runs, work, quick, progress, desc=f"reproduce {name}")
     out = Path(out) / name
     bar_plot(out / f"{name}.png", rows, title, metric, metric_label, MIB)
     comparison, explanation = compare(rows)
