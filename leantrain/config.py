@@ -23,7 +23,13 @@ def compilable_optimizers() -> tuple[str, ...]:
 
 # Methods that train the base weights themselves; every other method freezes them (adapters, head-only), which is
 # why they refuse --quantize (nothing frozen to quantize) and random --init-weights scratch bases.
-BASE_TRAINING_METHODS = ("full", "gradnormlorp", "dlrt", "lowrank")
+
+def method_spec(name: str) -> Any:
+    """The registered method object (its own spec: trains_base, tasks, validate); imported on first use."""
+    from .methods import get_method
+
+    return get_method(name)
+
 # Newcomer defaults of --init-weights scratch: docs/lm.md's measured LLaMA-tiny recipe (full AdamW, lr 3e-3).
 SCRATCH_METHOD, PRETRAINED_METHOD = "full", "lora"
 SCRATCH_LR = 3e-3
@@ -124,6 +130,7 @@ class TrainConfig:
             self.betas = tuple(self.betas)  # JSON round trip turns tuples into lists
         self._check_init_weights()
         self._resolve_defaults()
+        method = method_spec(self.method)  # unknown names: one line listing the registered methods
         checks = [
             (self.lr is None or self.lr > 0, "lr", self.lr, "must be > 0"),
             (self.head_lr is None or self.head_lr > 0, "head_lr", self.head_lr, "must be > 0"),
@@ -149,10 +156,11 @@ class TrainConfig:
             (self.fraction is None or 0 < self.fraction <= 1, "fraction", self.fraction, "must be in (0, 1]"),
             (self.task in ("classify", "causal-lm"), "task", self.task, "must be 'classify' or 'causal-lm'"),
             (self.quantize in (None, "nf4", "int8"), "quantize", self.quantize, "must be nf4 or int8"),
-            (self.quantize is None or self.method not in BASE_TRAINING_METHODS, "quantize",
+            (self.quantize is None or not method.trains_base, "quantize",
              self.quantize, f"needs a frozen base; method {self.method!r} trains the base weights"),
-            (self.init != "loftq" or (self.quantize is not None and self.method in ("lora", "rslora")), "init",
-             self.init, "works with --quantize nf4|int8 and --method lora or rslora"),
+            (self.init != "loftq" or self.quantize is not None, "init", self.init, "needs --quantize nf4|int8"),
+            (self.task in method.tasks, "method", self.method,
+             f"supports --task {'/'.join(method.tasks)}, not {self.task!r}"),
             (self.strategy in ("auto", "ddp", "fsdp"), "strategy", self.strategy, "must be auto, ddp or fsdp"),
             (self.model_dropout is None or 0 <= self.model_dropout < 1, "model_dropout", self.model_dropout,
              "must be in [0, 1)"),
@@ -175,6 +183,7 @@ class TrainConfig:
         for ok, name, value, why in checks:
             if not ok:
                 raise ValueError(f"TrainConfig.{name}={value!r} {why}")
+        method.validate(self)
         if self.targets.startswith("re:"):
             try:
                 re.compile(self.targets[3:])
@@ -190,7 +199,7 @@ class TrainConfig:
             return
         if self.task != "causal-lm":
             raise ValueError(f"TrainConfig.init_weights='scratch' applies to --task causal-lm only, not {self.task!r}")
-        if self.method is not None and self.method not in BASE_TRAINING_METHODS and self.lr is None:
+        if self.method is not None and self.lr is None and not method_spec(self.method).trains_base:
             raise ValueError(f"TrainConfig.method={self.method!r} on --init-weights scratch trains almost nothing "
                              f"(its base stays random): pass --method {SCRATCH_METHOD} (the scratch default) or "
                              "an explicit --lr to do it deliberately")

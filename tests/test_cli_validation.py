@@ -200,3 +200,17 @@ def test_other_commands_bad_arguments(tmp_path, capsys, argv, names):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     code, err = run_cli(argv, capsys)
     assert_clean_error(code, err, names)
+
+
+# --- what a method declares about itself (its spec) is enforced before the run folder exists ---------------------
+@pytest.mark.parametrize("argv,needle", [
+    (["--method", "lowrank"], "supports --task causal-lm, not 'classify'"),
+    (["--method", "dora", "--init", "loftq", "--quantize", "nf4"], "works with --method lora or rslora, not 'dora'"),
+    (["--method", "dlrt", "--quantize", "nf4"], "needs a frozen base; method 'dlrt' trains the base weights"),
+    (["--method", "lora", "--init", "loftq"], "needs --quantize nf4|int8"),
+])
+def test_method_spec_refusals(tmp_path, capsys, argv, needle):
+    out = tmp_path / "run"
+    code, err = run_cli(["train", *BASE, *argv, "--out", str(out)], capsys)
+    assert code == 2 and len(err) == 1 and needle in err[0], err
+    assert not out.exists()

@@ -16,7 +16,7 @@ from leantrain.cli import build_parser, main
 from leantrain.commands.train import config_from_args, flag_of
 from leantrain.config import SCRATCH_LR, SCRATCH_METHOD, TrainConfig
 from leantrain.memory.estimate import ESTIMATED_METHODS, METHOD_ALIASES
-from leantrain.methods import available_methods
+from leantrain.methods import available_methods, get_method
 from leantrain.optim.registry import available_optimizers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +83,8 @@ def test_memory_options_shared_with_train_have_trains_spelling_and_help():
 
 @pytest.mark.parametrize("method", available_methods())
 def test_memory_and_train_accept_every_registered_method(method, capsys, tmp_path):
-    cfg = config_from_args(build_parser().parse_args(["train", "--method", method]))
+    task = get_method(method).tasks[0]  # e.g. the LM-only low-rank baseline is refused for classification
+    cfg = config_from_args(build_parser().parse_args(["train", "--method", method, "--task", task]))
     assert cfg.method == method
     code, out, err = run_cli(["memory", "--model", "tiny", "--method", method, "--json"], capsys)
     if method in ESTIMATED_METHODS:
