@@ -40,6 +40,7 @@ Calibration = Callable[[nn.Module], Iterable[torch.Tensor]]
 _MODULES = (
     "leantrain.methods",
     "leantrain.adapters.methods",
+    "leantrain.adapters.lora_fa",
     "leantrain.gradnormlorp",
     "leantrain.lowrank.method",
     "leantrain.lm.lowrank",
