@@ -159,12 +159,20 @@ def test_compare_writes_table_json_and_plot(tmp_path, tiny_args):
     from leantrain.compare import run_compare
 
     out = tmp_path / "c"
-    rows = run_compare(out, ["head", "lora"], [*tiny_args, "--steps", "2"], progress=False)
-    assert [r["label"] for r in rows] == ["head", "lora"] and all("error" not in r for r in rows)
+    rows = run_compare(out, ["lora"], [*tiny_args, "--steps", "2"], progress=False)
+    assert [r["label"] for r in rows] == ["lora"] and "error" not in rows[0]
     table = (out / "results.md").read_text().splitlines()
     assert table[0] == ("| run | method | optimizer | val acc | val loss | trainable params | optimizer state MiB | "
                         "est. peak MiB (tensors) | peak RSS MiB (process) | s/step |")
-    assert table[2].startswith("| head | head | adamw | ") and table[-1].startswith("Baselines on the same split")
+    assert table[2].startswith("| lora | lora | adamw | 0.") and table[-1].startswith("Baselines on the same split")
     saved = json.loads((out / "results.json").read_text())
-    assert saved == rows and rows[1]["estimated_peak_bytes"] > 0
+    assert saved == rows and rows[0]["estimated_peak_bytes"] > 0 and rows[0]["trainable_params"] > 0
     assert (out / "compare.png").stat().st_size > 1000
+
+
+def test_a_runner_can_be_a_function_in_a_script_file(tmp_path):
+    from leantrain.experiments.engine import load_runner
+
+    script = tmp_path / "bench_script.py"
+    script.write_text("def run(cfg):\n    return {'steps': cfg.steps}\n")
+    assert load_runner(f"{script}:run")(__import__("leantrain").TrainConfig(steps=7)) == {"steps": 7}

@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -87,8 +88,14 @@ def train_run(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def load_runner(spec: str) -> RunFn:
-    """``"module:function"`` -> the function (a string so a child process can import it too)."""
-    module, _, attr = spec.partition(":")
+    """``"module:function"`` or ``"path/to/file.py:function"`` -> the function (a string, so a child process can
+    import it too; a file path lets a benchmark script outside the package be its own runner)."""
+    module, _, attr = spec.rpartition(":")
+    if module.endswith(".py"):
+        file_spec = importlib.util.spec_from_file_location(f"_runner_{Path(module).stem}", module)
+        loaded = importlib.util.module_from_spec(file_spec)
+        file_spec.loader.exec_module(loaded)
+        return getattr(loaded, attr)
     return getattr(importlib.import_module(module), attr)
 
 
