@@ -1,7 +1,7 @@
-"""Language-model benchmark: SmolLM2-135M fine-tuning (LoRA / MiSS / SHiRA / GaLore) and tiny-LLaMA pre-training
-from scratch (full Adam, GaLore, 8-bit GaLore, GradNormLoRP, DLRT, factorised low-rank) on KJV verses.
+"""Language-model benchmark: SmolLM2-135M fine-tuning and tiny-LLaMA pre-training from scratch on KJV verses.
 
-Part (b) is the GaLore paper's (https://arxiv.org/abs/2403.03507, Table 2) comparison in miniature. Every run is
+(a) fine-tunes with LoRA / MiSS / SHiRA / GaLore, (b) pre-trains with full Adam, GaLore, 8-bit GaLore,
+GradNormLoRP, DLRT and the factorised low-rank baseline. Part (b) is the GaLore paper's (https://arxiv.org/abs/2403.03507, Table 2) comparison in miniature. Every run is
 ``leantrain.train`` in its own process (so peak RSS is per run), on the same data, seed and init, through the
 experiment engine (``leantrain.experiments``: cached by config hash, so a re-run reuses finished runs).
 

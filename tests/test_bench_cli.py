@@ -1,0 +1,87 @@
+"""``leantrain bench``: every script in benchmarks/ is listed with a description, a missing checkout is one line,
+and Ctrl-C stops a benchmark with one line and exit code 130 (no traceback from the child)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from leantrain.cli import main
+from leantrain.commands import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_list_covers_every_script_in_benchmarks():
+    scripts = {p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem != "__init__"}
+    assert set(bench.BENCHMARKS) == scripts
+    assert set(bench.DEFAULT) <= scripts
+
+
+def test_list_names_every_benchmark_with_a_one_line_description(capsys):
+    assert main(["bench", "--list"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    described = {line.split()[0]: line.split(None, 1)[1] for line in lines}
+    assert set(described) == {p.stem for p in (ROOT / "benchmarks").glob("*.py")}
+    assert all(len(text) > 20 and text.endswith(".") for text in described.values())
+
+
+def test_without_a_source_checkout_bench_refuses_in_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "benchmarks_dir", lambda: None)
+    assert main(["bench", "--list"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "source checkout" in err[0]
+
+
+CHILD = """
+import sys
+from pathlib import Path
+from leantrain.commands import bench
+from leantrain.cli import main
+bench.benchmarks_dir = lambda: Path({folder!r})
+bench.BENCHMARKS = ("slow",)
+sys.exit(main(["bench", "slow", "--out", {out!r}]))
+"""
+SLOW = '''"""Sleeps until stopped."""
+import os, sys, time
+open(sys.argv[sys.argv.index("--json") + 1] + ".pid", "w").write(str(os.getpid()))
+print("started", flush=True)
+time.sleep(120)
+'''
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups and SIGINT are POSIX")
+def test_ctrl_c_during_a_benchmark_is_one_line_and_exit_130(tmp_path):
+    (tmp_path / "slow.py").write_text(SLOW)
+    code = CHILD.format(folder=str(tmp_path), out=str(tmp_path / "out"))
+    # Its own process group, like a shell job: Ctrl-C in a terminal sends SIGINT to the whole foreground group.
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        while (line := proc.stdout.readline()) and line.strip() != "started":
+            pass
+        assert line.strip() == "started", proc.stderr.read()
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert err.strip().splitlines() == ["leantrain: interrupted"]
+    pid = int((tmp_path / "out" / "slow.json.pid").read_text())
+    deadline = time.time() + 10
+    while _alive(pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid)
