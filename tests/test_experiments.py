@@ -145,16 +145,6 @@ def test_base_from_cli_parses_train_options_and_refuses_bad_ones_in_one_line():
     assert "--no-such-option" in str(info.value) and "\n" not in str(info.value)
 
 
-def test_isolated_runs_train_in_their_own_process_and_report_failures(tmp_path, tiny_args):
-    base = base_from_cli([*tiny_args, "--steps", "2"])
-    experiments = [Experiment("ok"), Experiment("bad", {"data": str(tmp_path / "missing.csv")})]
-    results = run_experiments(experiments, tmp_path, base=base, progress=False)
-    assert results[0].ok and results[0].metrics["steps"] == 2 and (tmp_path / "ok" / SIDECAR).is_file()
-    assert not results[1].ok and "missing.csv" in results[1].error and "\n" not in results[1].error
-    again = run_experiments(experiments[:1], tmp_path, base=base, progress=False)
-    assert again[0].cached
-
-
 def test_compare_writes_table_json_and_plot(tmp_path, tiny_args):
     from leantrain.compare import run_compare
 
@@ -168,6 +158,9 @@ def test_compare_writes_table_json_and_plot(tmp_path, tiny_args):
     saved = json.loads((out / "results.json").read_text())
     assert saved == rows and rows[0]["estimated_peak_bytes"] > 0 and rows[0]["trainable_params"] > 0
     assert (out / "compare.png").stat().st_size > 1000
+    stamp = (out / "lora" / "metrics.json").stat().st_mtime_ns
+    assert run_compare(out, ["lora"], [*tiny_args, "--steps", "2"], progress=False) == rows  # cached: no retraining
+    assert (out / "lora" / "metrics.json").stat().st_mtime_ns == stamp
 
 
 def test_a_runner_can_be_a_function_in_a_script_file(tmp_path):
@@ -176,3 +169,28 @@ def test_a_runner_can_be_a_function_in_a_script_file(tmp_path):
     script = tmp_path / "bench_script.py"
     script.write_text("def run(cfg):\n    return {'steps': cfg.steps}\n")
     assert load_runner(f"{script}:run")(__import__("leantrain").TrainConfig(steps=7)) == {"steps": 7}
+
+
+SCRIPT_RUNNER = '''
+import json, os
+from pathlib import Path
+
+def run(cfg):
+    if cfg.seed == 2:
+        raise RuntimeError("seed 2 is cursed")
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.out) / "metrics.json").write_text("{}")
+    return {"seed": cfg.seed, "pid": os.getpid()}
+'''
+
+
+def test_parallel_isolated_runs_keep_list_order_and_their_own_processes(tmp_path):
+    script = tmp_path / "runner.py"
+    script.write_text(SCRIPT_RUNNER)
+    experiments = [Experiment(f"s{seed}", {"seed": seed}) for seed in (0, 2, 3)]
+    results = run_experiments(experiments, tmp_path / "out", base=BASE, runner=f"{script}:run", jobs=2,
+                              progress=False)
+    assert [r.ok for r in results] == [True, False, True]
+    assert [r.metrics["seed"] for r in results if r.ok] == [0, 3]
+    assert len({r.metrics["pid"] for r in results if r.ok} | {__import__("os").getpid()}) == 3
+    assert results[1].error == "RuntimeError: seed 2 is cursed" and (tmp_path / "out" / "s2.log").is_file()

@@ -246,10 +246,13 @@ def _execute(experiments: Sequence[Experiment], configs: Sequence[TrainConfig], 
         for index, (exp, cfg) in enumerate(zip(experiments, configs)):
             yield index, run_one(exp, cfg, plan)
         return
-    with ThreadPoolExecutor(jobs) as pool:
+    pool = ThreadPoolExecutor(jobs)
+    try:
         futures = {pool.submit(run_one, exp, cfg, plan): i for i, (exp, cfg) in enumerate(zip(experiments, configs))}
         for future in as_completed(futures):
             yield futures[future], future.result()
+    finally:  # on Ctrl-C the running children stop with it; the queued runs must not start
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _report(bar: tqdm, result: Result) -> None:
