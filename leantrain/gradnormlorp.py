@@ -27,10 +27,12 @@ class GradNormLoRP(MethodBase):
     default_lr = 1e-4  # the V update is scaled by proj_scale (0.25), so ~2x full fine-tuning's 5e-5 overall
     summary = "GradNormLoRP: weight-normalised layers, direction gradients projected to rank r (--rank, --gap)"
     trains_base = True
+    replaces_targets = True
 
     def estimator_tensors(self, module: str, out_f: int, in_f: int, cfg: Any) -> list[EstimatorTensor]:
         """W becomes a direction V (projected moments when min(out, in) > rank) and a magnitude g."""
-        return [EstimatorTensor(module + ".weight.V", (out_f, in_f)), EstimatorTensor(module + ".weight.g", (out_f,))]
+        return [EstimatorTensor(module + ".weight.V", (out_f, in_f), projectable=True, base=True),
+                EstimatorTensor(module + ".weight.g", (out_f,), base=True)]
 
     def apply(self, model: nn.Module, cfg: TrainConfig, calib: Calibration | None = None) -> list[dict]:
         head = head_parameter_names(model)

@@ -67,11 +67,18 @@ class Method(Protocol):
 
 @dataclass(frozen=True)
 class EstimatorTensor:
-    """A tensor a method adds per adapted Linear: its name, shape and whether it trains (else frozen weights)."""
+    """A tensor a method adds per adapted Linear, for ``leantrain memory``.
+
+    ``trains``: it has a gradient and optimizer state (else frozen); ``stored``: it is kept between steps (DLRT's
+    K and L exist only inside a step); ``projectable``: a projected optimizer keeps its moments low-rank;
+    ``base``: it replaces the base weight (counted with the base weights, not as adapter weights)."""
 
     name: str
     shape: tuple[int, ...]
     trains: bool = True
+    stored: bool = True
+    projectable: bool = False
+    base: bool = False
 
 
 class MethodBase:
@@ -83,6 +90,8 @@ class MethodBase:
     trains_base = False
     changes_parameter_shapes = False
     tasks: tuple[str, ...] = ("classify", "causal-lm")
+    uses_targets = True  # it changes the Linears selected by --targets (full and head do not)
+    replaces_targets = False  # those Linears' weights are replaced by the method's tensors (DLRT, GradNormLoRP)
 
     def apply(self, model: nn.Module, cfg: TrainConfig, calib: Calibration | None = None) -> list[dict]:
         raise NotImplementedError
@@ -97,6 +106,15 @@ class MethodBase:
     def activation_bytes_per_token(self, out_f: int, in_f: int, rank: int, elt: int) -> int:
         """Extra activation bytes per token that one adapted Linear keeps for backward (default: none)."""
         return 0
+
+    def trains_other(self, opts: Any) -> bool:
+        """Whether base parameters outside the targeted Linears train (estimator; default: ``trains_base``)."""
+        return self.trains_base
+
+    def estimator_extras(self, targets: list[tuple[str, int, int]], opts: Any) -> dict[str, int]:
+        """Bytes beyond the per-layer tensors over all (module, out_f, in_f) targets, keyed by the estimator's
+        detail names: ``weights.*`` (added to the adapter weights) or ``gradients.*`` (alive through the step)."""
+        return {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
@@ -149,6 +167,7 @@ class FullFineTuning(MethodBase):
     default_lr = 5e-5
     summary = "full fine-tuning: every parameter trains"
     trains_base = True
+    uses_targets = False
 
     def apply(self, model: nn.Module, cfg: TrainConfig, calib: Calibration | None = None) -> list[dict]:
         head = head_parameter_names(model)
@@ -171,6 +190,7 @@ class HeadOnly(MethodBase):
     name = "head"
     default_lr = 2e-3
     summary = "linear probing: frozen model, only the task head trains"
+    uses_targets = False
 
     def apply(self, model: nn.Module, cfg: TrainConfig, calib: Calibration | None = None) -> list[dict]:
         for p in model.parameters():

@@ -86,13 +86,16 @@ def test_memory_and_train_accept_every_registered_method(method, capsys, tmp_pat
     task = get_method(method).tasks[0]  # e.g. the LM-only low-rank baseline is refused for classification
     cfg = config_from_args(build_parser().parse_args(["train", "--method", method, "--task", task]))
     assert cfg.method == method
-    code, out, err = run_cli(["memory", "--model", "tiny", "--method", method, "--json"], capsys)
-    if method in ESTIMATED_METHODS:
-        assert code == 0, err
-        assert json.loads(out)["setting"]["method"] == method
-    else:  # registered, not modelled: one line naming the option and the value
-        assert code == 2 and len(err) == 1, err
-        assert err[0].startswith("leantrain: error: --method " + method), err
+    # every registered method declares its estimator terms, so `leantrain memory` models it on a model of its task
+    model = "tiny" if task == "classify" else "llama-60m"
+    code, out, err = run_cli(["memory", "--model", model, "--method", method, "--json"], capsys)
+    assert method in ESTIMATED_METHODS and code == 0, err
+    assert json.loads(out)["setting"]["method"] == method
+
+
+def test_memory_refuses_a_method_for_another_task(capsys):
+    code, _, err = run_cli(["memory", "--model", "tiny", "--method", "lowrank"], capsys)
+    assert code == 2 and len(err) == 1 and "--method lowrank supports --task causal-lm" in err[0], err
 
 
 @pytest.mark.parametrize("optim", available_optimizers())

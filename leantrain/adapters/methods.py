@@ -71,10 +71,11 @@ class AdapterMethod(MethodBase):
         default_lr: float = 5e-4,
         lora_plus: bool = False,
         loftq: bool = False,
+        extras: Callable[[list[tuple[str, int, int]], Any], dict[str, int]] = lambda targets, opts: {},
     ) -> None:
         self.name, self.build, self.summary, self.default_lr = name, build, summary, default_lr
         self.lora_plus, self.loftq = lora_plus, loftq
-        self._tensors, self._act = tensors, act_per_token
+        self._tensors, self._act, self._extras = tensors, act_per_token, extras
 
     def validate(self, cfg: TrainConfig) -> None:
         if cfg.init == "loftq" and not self.loftq:
@@ -85,6 +86,9 @@ class AdapterMethod(MethodBase):
 
     def activation_bytes_per_token(self, out_f: int, in_f: int, rank: int, elt: int) -> int:
         return elt * self._act(out_f, in_f, rank)
+
+    def estimator_extras(self, targets: list[tuple[str, int, int]], opts: Any) -> dict[str, int]:
+        return self._extras(targets, opts)
 
     def apply(self, model: nn.Module, cfg: TrainConfig, calib: Any = None) -> list[dict]:
         inject(model, self.build(cfg), ADAPTER_NAME, calib)
@@ -161,6 +165,23 @@ def _miss_tensors(module: str, out_f: int, in_f: int, cfg: Any) -> list[Estimato
     return [EstimatorTensor(module + ".miss_block", (cfg.rank, out_f))]
 
 
+def _vera_shared(targets: list[tuple[str, int, int]], opts: Any) -> dict[str, int]:
+    """One frozen random A (r x in_max) and B (out_max x r) shared by every adapted layer."""
+    in_max, out_max = max(t[2] for t in targets), max(t[1] for t in targets)
+    return {"weights.vera_shared": (opts.rank * in_max + out_max * opts.rank) * opts.elt}
+
+
+def _shira_indices(targets: list[tuple[str, int, int]], opts: Any) -> dict[str, int]:
+    """Where each layer's K sparse values sit (``shira_index_bytes``: PEFT's or leantrain's layout)."""
+    from ..memory.estimate import shira_index_bytes
+
+    total = 0
+    for module, out_f, in_f in targets:
+        (values,) = _shira_tensors(module, out_f, in_f, opts)
+        total += shira_index_bytes(values.shape[0], (out_f, in_f), opts.shira_layout)
+    return {"weights.adapters": total}
+
+
 def _shira_tensors(module: str, out_f: int, in_f: int, cfg: Any) -> list[EstimatorTensor]:
     fraction = getattr(cfg, "fraction", None)
     k = int(fraction * out_f * in_f) if fraction else cfg.rank * (out_f + in_f)
@@ -178,8 +199,8 @@ DORA = register(AdapterMethod("dora", _lora(use_dora=True), "DoRA: LoRA directio
 PISSA = register(AdapterMethod("pissa", _lora(pissa=True), "PiSSA: LoRA initialised from the top singular vectors",
                                _lora_tensors, lambda o, i, r: r, default_lr=2e-4, lora_plus=True))
 VERA = register(AdapterMethod("vera", _vera, "VeRA: shared frozen random A, B; trainable scaling vectors",
-                              _vera_tensors, lambda o, i, r: 2 * r + o, default_lr=5e-3))
+                              _vera_tensors, lambda o, i, r: 2 * r + o, default_lr=5e-3, extras=_vera_shared))
 MISS = register(AdapterMethod("miss", _miss, "MiSS (Bone): trainable shared blocks of each weight",
                               _miss_tensors, lambda o, i, r: r))
 SHIRA = register(AdapterMethod("shira", _shira, "SHiRA: a sparse trainable subset of each weight (--mask)",
-                               _shira_tensors))
+                               _shira_tensors, extras=_shira_indices))

@@ -11,11 +11,13 @@ Registered here as ``lowrank`` (causal-LM pre-training only).
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from ..config import TrainConfig
-from ..methods import Calibration, MethodBase, head_parameter_names, register
+from ..methods import Calibration, EstimatorTensor, MethodBase, head_parameter_names, register
 from ..targets import is_head, set_submodule
 
 
@@ -62,6 +64,15 @@ class LowRankBaseline(MethodBase):
     summary = "GaLore paper's Low-Rank baseline: W = B A trained from scratch (causal-LM pre-training)"
     trains_base = True
     tasks = ("causal-lm",)
+    replaces_targets = True
+
+    def estimator_tensors(self, module: str, out_f: int, in_f: int, opts: Any) -> list[EstimatorTensor]:
+        """W (out x in) becomes B (out x r) A (r x in), both trained."""
+        return [EstimatorTensor(module + ".B", (out_f, opts.rank), base=True),
+                EstimatorTensor(module + ".A", (opts.rank, in_f), base=True)]
+
+    def activation_bytes_per_token(self, out_f: int, in_f: int, rank: int, elt: int) -> int:
+        return elt * rank  # x Aᵀ, kept for B's gradient
 
     def apply(self, model: nn.Module, cfg: TrainConfig, calib: Calibration | None = None) -> list[dict]:
         factorize(model, cfg.rank)

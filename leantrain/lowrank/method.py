@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..config import TrainConfig
-from ..methods import Calibration, MethodBase, head_parameter_names, register
+from ..methods import Calibration, EstimatorTensor, MethodBase, head_parameter_names, register
 from .convert import convert_to_lowrank, model_params
 from .io import load_lowrank_state, lowrank_state
 from .layers import lowrank_layers
@@ -37,6 +37,36 @@ class DLRTMethod(MethodBase):
     default_lr = 5e-5  # same scale as full fine-tuning: K = U S and L = V Sᵀ have the entries' scale of W
     summary = "DLRT: rank-adaptive low-rank layers trained by the KLS integrator (--tau, max rank --rank)"
     trains_base = True
+    replaces_targets = True
+
+    # ---- estimator terms (leantrain memory; ranks adapt, so ``opts.dlrt_ranks`` may give them per layer) ----
+    def trains_other(self, opts: Any) -> bool:
+        return not getattr(opts, "dlrt_freeze_other", False)
+
+    @staticmethod
+    def _rank(module: str, opts: Any) -> int:
+        return (getattr(opts, "dlrt_ranks", None) or {}).get(module, opts.rank)
+
+    def estimator_tensors(self, module: str, out_f: int, in_f: int, opts: Any) -> list[EstimatorTensor]:
+        """W -> U (out x r), V (in x r) bases and S (r x r); K, L are built and trained inside each step."""
+        r = self._rank(module, opts)
+        return [EstimatorTensor(module + ".U", (out_f, r), trains=False),
+                EstimatorTensor(module + ".V", (in_f, r), trains=False),
+                EstimatorTensor(module + ".S", (r, r)),
+                EstimatorTensor(module + ".K", (out_f, r), stored=False),
+                EstimatorTensor(module + ".L", (in_f, r), stored=False)]
+
+    def activation_bytes_per_token(self, out_f: int, in_f: int, rank: int, elt: int) -> int:
+        """x V (r) in the K/L pass and the cached output gradient dY (out) for the S-step."""
+        return elt * (rank + out_f)
+
+    def estimator_extras(self, targets: list[tuple[str, int, int]], opts: Any) -> dict[str, int]:
+        """Alive through a KLS step: K, L values, bases Û, V̂, S̃ (2r x 2r) with its gradient and moved moments."""
+        step = 0
+        for module, n, m in targets:
+            r = self._rank(module, opts)
+            step += (n * r + m * r + 2 * r * (n + m) + 4 * r * r * (1 + 1 + opts.n_states)) * opts.elt
+        return {"gradients.dlrt_step": step}
     # Ranks adapt, so parameters are replaced by ones of new shapes mid-run: no DDP wrapper (gradients are
     # averaged by hand) and no FSDP sharding.
     changes_parameter_shapes = True

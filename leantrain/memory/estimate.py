@@ -1,7 +1,9 @@
 """Analytic training-memory estimator: model × method × optimizer × dtype × batch × sequence × checkpointing.
 
 Memory = weights + gradients + optimizer states + activations (+ the optimizer step's own workspace, which never
-coexists with activations). Every formula is a count of tensor bytes; sources per method:
+coexists with activations). Every formula is a count of tensor bytes. What a method adds per adapted Linear is
+declared by the method's own file (``estimator_tensors``, ``estimator_extras``, ``activation_bytes_per_token``,
+see leantrain/methods.py); this file applies the generic rules. Sources per method:
 
 * LoRA / rsLoRA / PiSSA: A (r×in) + B (out×r) per adapted Linear (Hu et al. 2021); DoRA adds m (out)
   (Liu et al. 2024); VeRA: shared frozen A (r×in_max), B (out_max×r) + λ_d (r), λ_b (out) per layer
@@ -52,9 +54,16 @@ def optimizer_table() -> dict[str, tuple[int, str, bool]]:
 
 
 OPTIMIZERS = optimizer_table()
-ADAPTERS = ("lora", "rslora", "pissa", "dora", "vera", "miss", "shira")
-# ``--method`` names of leantrain.methods that the estimator models (``lowrank`` is not modelled).
-ESTIMATED_METHODS = ("full", "head", *ADAPTERS, "gradnormlorp", "dlrt")
+
+
+def _registered_methods() -> tuple[str, ...]:
+    from ..methods import available_methods
+
+    return tuple(available_methods())
+
+
+# Every ``--method`` of leantrain.methods: each declares its own estimator terms (leantrain/methods.py).
+ESTIMATED_METHODS = _registered_methods()
 # The estimator's old spellings, from before GaLore became an optimizer: name -> the ``--optim`` it implies
 # over ``--method full`` (``{optim}`` is the optimizer passed with it).
 METHOD_ALIASES = {"galore": "galore-{optim}", "galore-8bit": "galore-adamw8bit"}
@@ -180,45 +189,97 @@ def select_targets(spec: ModelSpec, targets: str) -> list[ParamSpec]:
     return chosen
 
 
-def _adapter_tensors(method: str, p: ParamSpec, rank: int, fraction: float | None) -> list[tuple[str, tuple]]:
-    out_f, in_f = p.shape
-    m = p.module
-    if method in ("lora", "rslora", "pissa", "dora"):
-        ts = [(m + ".lora_A", (rank, in_f)), (m + ".lora_B", (out_f, rank))]
-        return ts + ([(m + ".lora_magnitude", (out_f,))] if method == "dora" else [])
-    if method == "vera":
-        return [(m + ".vera_lambda_d", (rank,)), (m + ".vera_lambda_b", (out_f,))]
-    if method == "miss":
-        return [(m + ".miss_block", (rank, out_f))]
-    if method == "shira":
-        k = int(fraction * out_f * in_f) if fraction else rank * (out_f + in_f)
-        if k > out_f * in_f:
-            raise ValueError(f"shira: r={rank} gives {k} entries > {out_f}x{in_f} of {m}; lower the rank")
-        return [(m + ".shira_weight", (k,))]
-    raise AssertionError(method)
+@dataclass(frozen=True)
+class EstimatorOptions:
+    """What a method's estimator hooks may read (see ``leantrain.methods.MethodBase``)."""
+
+    rank: int
+    elt: int
+    n_states: int
+    fraction: float | None = None
+    shira_layout: str = "leantrain"
+    dlrt_ranks: dict[str, int] | None = None
+    dlrt_freeze_other: bool = False
 
 
-def _adapter_act_per_token(method: str, targets: list[ParamSpec], rank: int, elt: int) -> int:
-    if method in ("lora", "rslora", "pissa", "miss"):
-        return sum(elt * rank for _ in targets)
-    if method == "dora":
-        return sum(elt * (rank + 2 * p.shape[0]) for p in targets)
-    if method == "vera":
-        return sum(elt * (2 * rank + p.shape[0]) for p in targets)
-    if method == "dlrt":  # x·V (r) in the K/L pass and the cached output gradient dY (out) for the S-step
-        return sum(elt * (rank + p.shape[0]) for p in targets)
-    return 0
+@dataclass
+class _Ledger:
+    """Trainable tensors and byte counts of one configuration, filled rule by rule."""
+
+    trainables: list[_Trainable] = field(default_factory=list)
+    details: dict[str, int] = field(default_factory=dict)
+
+    def add(self, key: str, nbytes: int) -> None:
+        self.details[key] = self.details.get(key, 0) + nbytes
 
 
-def estimate(model: str | ModelSpec, method: str = "full", optim: str = "adamw", dtype: str = "fp32",
-             batch_size: int = 1, seq_len: int = 512, activation_checkpointing: bool = False, rank: int = 8,
-             quantize: str | None = None, targets: str = "all-linear", fraction: float | None = None,
-             block_size: int = 256, attention: str = "eager", layerwise: bool = False, device: str = "cpu",
-             shira_layout: str = "leantrain", num_labels: int = 2, dlrt_ranks: dict[str, int] | None = None,
-             dlrt_freeze_other: bool = False) -> MemoryReport:
-    """Estimate training memory in bytes; see the module docstring and docs/memory.md for every formula."""
-    spec = model if isinstance(model, ModelSpec) else model_spec(model, num_labels)
-    if method not in METHODS:
+def _method(name: str) -> Any:
+    from ..methods import get_method
+
+    return get_method(name)
+
+
+def _base_weights(ledger: _Ledger, spec: ModelSpec, method: Any, targets: list[ParamSpec], opts: EstimatorOptions,
+                  quantize: str | None, projected: bool) -> None:
+    """The model's own parameters: which train (head always; the rest when the method trains the base), which
+    stay frozen (quantized when targeted under --quantize), which the method replaces."""
+    target_ids = {p.name for p in targets}
+    target_modules = {p.module for p in targets}
+    other = method.trains_base and method.trains_other(opts)
+    ledger.add("weights.base", 0)
+    for p in spec.params:
+        if method.replaces_targets and p.name in target_ids:
+            continue  # counted with the method's tensors
+        trains = p.is_head or other or (method.trains_base and p.module in target_modules)
+        if trains:
+            proj = projected and p.kind == "linear" and not p.is_head and min(p.shape) > opts.rank
+            ledger.trainables.append(_Trainable(p.name, p.shape, projected=proj))
+        frozen_quantized = quantize and p.name in target_ids and not trains
+        ledger.add("weights.base", quantized_bytes(p.numel, p.shape[0], quantize) if frozen_quantized
+                   else p.numel * opts.elt)
+
+
+def _method_weights(ledger: _Ledger, method: Any, targets: list[ParamSpec], opts: EstimatorOptions) -> int:
+    """The method's tensors per targeted Linear plus its extras; returns the trainable numel it adds to the
+    model's parameter count (stored trainable tensors replace or join the base)."""
+    ledger.add("weights.adapters", 0)
+    added = 0
+    for p in targets:
+        out_f, in_f = p.shape
+        for t in method.estimator_tensors(p.module, out_f, in_f, opts):
+            numel = math.prod(t.shape)
+            if t.trains:
+                proj = t.projectable and min(t.shape) > opts.rank
+                ledger.trainables.append(_Trainable(t.name, t.shape, projected=proj))
+                added += numel if t.stored else 0
+            if t.stored:
+                ledger.add("weights.base" if t.base else "weights.adapters", numel * opts.elt)
+    extras = method.estimator_extras([(p.module, *p.shape) for p in targets], opts) if targets else {}
+    for key, nbytes in extras.items():
+        if key.startswith("weights."):
+            ledger.add("weights.adapters", nbytes)
+        if key != "weights.adapters":
+            ledger.add(key, nbytes)
+    return added
+
+
+def _states(ledger: _Ledger, n_states: int, codec: str, elt: int, rank: int, block_size: int) -> int:
+    """Optimizer states (+ a step counter per tensor) and projector bases of every trainable tensor."""
+    states = proj_bytes = 0
+    for t in ledger.trainables:
+        if t.projected:
+            m, n = t.shape
+            states += state_bytes(max(m, n) * rank, n_states, codec, elt, block_size)
+            proj_bytes += min(m, n) * rank * elt
+        else:
+            states += state_bytes(t.numel, n_states, codec, elt, block_size)
+        states += 4 if n_states else 0
+    ledger.details["optimizer_states.projectors"] = proj_bytes
+    return states + proj_bytes
+
+
+def _check_inputs(method: str, dtype: str, quantize: str | None, rank: int, optim: str) -> tuple[str, str]:
+    if method not in METHODS and method not in ESTIMATED_METHODS:
         raise ValueError(f"unknown method {method!r} for the memory estimator; choose one of: "
                          f"{', '.join(ESTIMATED_METHODS)}")
     if dtype not in DTYPE_BYTES:
@@ -230,101 +291,56 @@ def estimate(model: str | ModelSpec, method: str = "full", optim: str = "adamw",
     method, optim = resolve_method_alias(method, optim)
     if optim not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optim!r}; choose one of: {', '.join(OPTIMIZERS)}")
-    n_states, codec, projected = OPTIMIZERS[optim]
-    dense_methods = ("full", "gradnormlorp")
-    if quantize and method in dense_methods:
+    if quantize and _method(method).trains_base:
         raise ValueError(f"quantize={quantize!r} needs a frozen base; method {method!r} trains every weight")
+    return method, optim
+
+
+def estimate(model: str | ModelSpec, method: str = "full", optim: str = "adamw", dtype: str = "fp32",
+             batch_size: int = 1, seq_len: int = 512, activation_checkpointing: bool = False, rank: int = 8,
+             quantize: str | None = None, targets: str = "all-linear", fraction: float | None = None,
+             block_size: int = 256, attention: str = "eager", layerwise: bool = False, device: str = "cpu",
+             shira_layout: str = "leantrain", num_labels: int = 2, dlrt_ranks: dict[str, int] | None = None,
+             dlrt_freeze_other: bool = False) -> MemoryReport:
+    """Estimate training memory in bytes; see the module docstring and docs/memory.md for every formula. What a
+    method adds is declared by the method itself (``estimator_tensors`` / ``estimator_extras`` /
+    ``activation_bytes_per_token`` in leantrain/methods.py), so this function names no method."""
+    spec = model if isinstance(model, ModelSpec) else model_spec(model, num_labels)
+    method, optim = _check_inputs(method, dtype, quantize, rank, optim)
+    m = _method(method)
+    task = "causal-lm" if spec.causal_lm else "classify"
+    if task not in m.tasks:
+        raise ValueError(f"--method {method} supports --task {'/'.join(m.tasks)}; {spec.name} is a {task} model")
+    n_states, codec, projected = OPTIMIZERS[optim]
     elt = DTYPE_BYTES[dtype]
-
-    # ---- what trains, what is stored -------------------------------------------------------------------------
-    targets_l = select_targets(spec, targets) if method not in ("full", "head") else []
-    target_ids = {p.name for p in targets_l}
-    trainables: list[_Trainable] = []
-    weights = sum(n * b for n, b in spec.buffers.values())
-    details: dict[str, int] = {"weights.buffers": weights}
-    extra_weights = 0
-    base_bytes = 0
-    for p in spec.params:
-        if method == "dlrt" and p.name in target_ids:
-            continue  # W is replaced by its factors
-        trains = (method in dense_methods or p.is_head
-                  or (method == "dlrt" and (not dlrt_freeze_other or p.module in {t.module for t in targets_l})))
-        if method == "head" and spec.causal_lm and p.module == "lm_head":
-            trains = True
-        if method == "gradnormlorp" and p.name in target_ids:
-            trainables.append(_Trainable(p.name + ".V", p.shape, projected=min(p.shape) > rank))
-            trainables.append(_Trainable(p.name + ".g", (p.shape[0],)))
-            base_bytes += (p.numel + p.shape[0]) * elt
-            continue
-        if trains:
-            proj = projected and p.kind == "linear" and not p.is_head and min(p.shape) > rank
-            trainables.append(_Trainable(p.name, p.shape, projected=proj))
-        if quantize and p.name in target_ids and not trains:
-            base_bytes += quantized_bytes(p.numel, p.shape[0], quantize)
-        else:
-            base_bytes += p.numel * elt
-    details["weights.base"] = base_bytes
-    if method in ADAPTERS:
-        for p in targets_l:
-            for name, shape in _adapter_tensors(method, p, rank, fraction):
-                trainables.append(_Trainable(name, shape))
-                extra_weights += math.prod(shape) * elt
-                if method == "shira":
-                    extra_weights += shira_index_bytes(math.prod(shape), p.shape, shira_layout)
-        if method == "vera":
-            in_max = max(p.shape[1] for p in targets_l)
-            out_max = max(p.shape[0] for p in targets_l)
-            details["weights.vera_shared"] = (rank * in_max + out_max * rank) * elt
-            extra_weights += details["weights.vera_shared"]
-    dlrt_step = 0  # tensors alive through a KLS step: K, L values, bases Û, V̂, S̃ (2r×2r) + its grad + moved moments
-    if method == "dlrt":
-        for p in targets_l:
-            n, m = p.shape
-            r = (dlrt_ranks or {}).get(p.module, rank)
-            extra_weights += (n * r + m * r) * elt  # U, V buffers (S is a trainable below)
-            for name, shape in ((".S", (r, r)), (".K", (n, r)), (".L", (m, r))):
-                trainables.append(_Trainable(p.module + name, shape))
-            extra_weights += r * r * elt
-            dlrt_step += (n * r + m * r + 2 * r * (n + m) + 4 * r * r * (1 + 1 + n_states)) * elt
-    details["weights.adapters"] = extra_weights
-    weights += base_bytes + extra_weights
-
-    # ---- gradients, optimizer states -------------------------------------------------------------------------
-    grad_sizes = [t.numel * elt for t in trainables]
-    gradients = (max(grad_sizes, default=0) if layerwise else sum(grad_sizes)) + dlrt_step
-    details["gradients.dlrt_step"] = dlrt_step
-    states = 0
-    proj_bytes = 0
-    for t in trainables:
-        if t.projected:
-            m, n = t.shape
-            states += state_bytes(max(m, n) * rank, n_states, codec, elt, block_size)
-            proj_bytes += min(m, n) * rank * elt
-        else:
-            states += state_bytes(t.numel, n_states, codec, elt, block_size)
-        states += 4 if n_states else 0  # the step counter
-    details["optimizer_states.projectors"] = proj_bytes
-    states += proj_bytes
-
-    # ---- activations and optimizer workspace -------------------------------------------------------------------
+    opts = EstimatorOptions(rank, elt, n_states, fraction, shira_layout, dlrt_ranks, dlrt_freeze_other)
+    targets_l = select_targets(spec, targets) if m.uses_targets else []
+    ledger = _Ledger(details={"weights.buffers": sum(n * b for n, b in spec.buffers.values())})
+    _base_weights(ledger, spec, m, targets_l, opts, quantize, projected)
+    added = _method_weights(ledger, m, targets_l, opts)
+    d = ledger.details
+    weights = d["weights.buffers"] + d["weights.base"] + d["weights.adapters"]
+    step_extra = sum(v for k, v in d.items() if k.startswith("gradients."))
+    grad_sizes = [t.numel * elt for t in ledger.trainables]
+    gradients = (max(grad_sizes, default=0) if layerwise else sum(grad_sizes)) + step_extra
+    states = _states(ledger, n_states, codec, elt, rank, block_size)
+    per_token = sum(m.activation_bytes_per_token(p.shape[0], p.shape[1], rank, elt) for p in targets_l)
     act = activation_bytes(spec, batch_size, seq_len, elt, activation_checkpointing, attention,
-                           trainable_encoder=method != "head",
-                           adapter_bytes_per_token=_adapter_act_per_token(method, targets_l, rank, elt),
+                           trainable_encoder=m.trains_base or m.uses_targets, adapter_bytes_per_token=per_token,
                            mask_bytes=1 if device == "cuda" else elt)
-    details.update({"activations.blocks": act.blocks, "activations.outside": act.outside,
-                    "activations.adapters": act.adapters})
-    torch_adamw = optim in ("adamw", "adam") and method != "gradnormlorp"
-    workspace = _workspace(trainables, n_states, elt, rank, device, torch_adamw)
+    d.update({"activations.blocks": act.blocks, "activations.outside": act.outside,
+              "activations.adapters": act.adapters})
+    torch_adamw = optim in ("adamw", "adam") and not any(t.projected for t in ledger.trainables)
+    workspace = _workspace(ledger.trainables, n_states, elt, rank, device, torch_adamw)
     setting = {"model": spec.name, "method": method, "optim": optim, "dtype": dtype, "batch_size": batch_size,
-                   "seq_len": seq_len, "activation_checkpointing": activation_checkpointing, "rank": rank,
-                   "quantize": quantize, "device": device}
-    n_train = sum(t.numel for t in trainables)
-    kept = spec.num_params - (sum(p.numel for p in targets_l) if method == "dlrt" else 0)
-    added = sum(t.numel for t in trainables if t.name.rsplit(".", 1)[-1] not in ("weight", "bias", "V", "K", "L"))
-    n_total = kept + added  # parameters of the trained model (frozen bases/buffers of adapters not included)
-    head_grads = sum(t.numel for t in trainables if any(p.name == t.name and p.is_head for p in spec.params)) * elt
-    return MemoryReport(weights, gradients, states, act.total, workspace, n_total, n_train, setting, details,
-                        backward_start_gradients=head_grads + dlrt_step)
+               "seq_len": seq_len, "activation_checkpointing": activation_checkpointing, "rank": rank,
+               "quantize": quantize, "device": device}
+    replaced = sum(p.numel for p in targets_l) if m.replaces_targets else 0
+    n_train = sum(t.numel for t in ledger.trainables)  # DLRT's K, L included: they get gradients and states
+    n_total = spec.num_params - replaced + added  # frozen adapter tensors (VeRA's A, B; DLRT's U, V) not counted
+    head_grads = sum(t.numel for t in ledger.trainables if any(p.name == t.name and p.is_head for p in spec.params))
+    return MemoryReport(weights, gradients, states, act.total, workspace, n_total, n_train, setting,
+                        dict(d), backward_start_gradients=head_grads * elt + step_extra)
 
 
 def _workspace(trainables: list[_Trainable], n_states: int, elt: int, rank: int, device: str,
