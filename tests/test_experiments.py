@@ -194,3 +194,12 @@ def test_parallel_isolated_runs_keep_list_order_and_their_own_processes(tmp_path
     assert [r.metrics["seed"] for r in results if r.ok] == [0, 3]
     assert len({r.metrics["pid"] for r in results if r.ok} | {__import__("os").getpid()}) == 3
     assert results[1].error == "RuntimeError: seed 2 is cursed" and (tmp_path / "out" / "s2.log").is_file()
+
+
+def test_a_killed_child_is_reported_by_its_signal(tmp_path):
+    script = tmp_path / "runner.py"
+    script.write_text("import os, signal\n\ndef run(cfg):\n    print('50%|#####', flush=True)\n"
+                      "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    [result] = run_experiments([Experiment("k")], tmp_path / "out", base=BASE, runner=f"{script}:run",
+                               progress=False)
+    assert result.error == "killed by SIGKILL"

@@ -21,6 +21,7 @@ import importlib
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -166,6 +167,8 @@ def run_isolated(cfg: TrainConfig, runner: str, log: Path, env: Mapping[str, str
             proc = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, **env}, check=False)
         if proc.returncode == 0 and result.is_file():
             return json.loads(result.read_text()), None
+        if proc.returncode < 0:  # e.g. the out-of-memory killer: the log's last line would be a progress bar
+            return None, f"killed by {signal.Signals(-proc.returncode).name}"
         return None, _last_line(log) or f"exit code {proc.returncode}"
 
 
@@ -234,16 +237,20 @@ def run_experiments(experiments: Sequence[Experiment], out: Path, *, base: Mappi
     plan = _Plan(runner, isolate, dict(env or {}))
     results: list[Result | None] = [None] * len(experiments)
     with tqdm(total=len(experiments), desc=desc, unit="run", disable=not progress) as bar:
-        for index, result in _execute(experiments, configs, plan, jobs if isolate else 1):
+        starting = bar.set_postfix_str
+        for index, result in _execute(experiments, configs, plan, jobs if isolate else 1, starting):
             results[index] = result
             _report(bar, result)
     return [r for r in results if r is not None]
 
 
-def _execute(experiments: Sequence[Experiment], configs: Sequence[TrainConfig], plan: _Plan, jobs: int):
-    """Yield (index, result) as runs finish: one at a time, or ``jobs`` isolated processes at once."""
+def _execute(experiments: Sequence[Experiment], configs: Sequence[TrainConfig], plan: _Plan, jobs: int,
+             starting: Callable[[str], Any]):
+    """Yield (index, result) as runs finish: one at a time (naming each as it starts), or ``jobs`` isolated
+    processes at once."""
     if jobs <= 1:
         for index, (exp, cfg) in enumerate(zip(experiments, configs)):
+            starting(exp.name)
             yield index, run_one(exp, cfg, plan)
         return
     pool = ThreadPoolExecutor(jobs)
@@ -257,7 +264,8 @@ def _execute(experiments: Sequence[Experiment], configs: Sequence[TrainConfig], 
 
 def _report(bar: tqdm, result: Result) -> None:
     """Advance the bar; a failed run gets one line of its own."""
-    bar.set_postfix_str(result.experiment.name + (" (cached)" if result.cached else ""))
+    if result.cached:
+        bar.set_postfix_str(f"{result.experiment.name} (cached)")
     if not result.ok:
         bar.write(f"{result.experiment.name}: failed: {result.error}", file=sys.stderr)
     bar.update()
