@@ -167,6 +167,32 @@ class KLSOptimizer(torch.optim.Optimizer):
         adaptive = self.tau is not None
         cached = adaptive and not self.recompute_s
         layers = list(self.layers.values())
+        old, loss = self._kl_pass(layers, closure, cached)
+        reached = {layer: layer.K.grad is not None or layer.L.grad is not None for layer in layers}
+        if not any(reached.values()):  # the closure dropped all grads (e.g. nan-policy "skip"): no update at all
+            for layer in layers:
+                layer.pop_cache()
+                self._drop_kl(layer)
+            return loss.detach() if isinstance(loss, torch.Tensor) else loss
+        held = self._hold_other_grads(layers)
+        self.inner.step()  # K- and L-step only; everything else waits for the S-step at the same point
+        bases = self._augment(layers, old, adaptive)
+        if cached:
+            self._s_grads_from_cache(layers, bases, reached, held)
+        else:
+            for layer in layers:
+                layer.U, layer.V = bases[layer]
+            self._run(closure)  # zeroes all grads first, so K/L grads from pass 1 are gone
+            for layer in layers:
+                layer.K.grad = layer.L.grad = None
+        self.inner.step()
+        for layer in layers:
+            self._truncate_and_move(layer, old[layer], bases[layer], adaptive)
+        self.steps += 1
+        return loss.detach() if isinstance(loss, torch.Tensor) else loss
+
+    def _kl_pass(self, layers: list[LowRankMixin], closure: Callable[[], Any], cached: bool) -> tuple[dict, Any]:
+        """K = U S, L = V Sᵀ and one forward+backward in "kl" mode (∇K = G V, ∇L = Gᵀ U at W0)."""
         old = {}
         for layer in layers:
             u0, s0, v0 = layer.U, layer.S.detach().clone(), layer.V
@@ -181,21 +207,25 @@ class KLSOptimizer(torch.optim.Optimizer):
         finally:
             for layer in layers:
                 layer.mode, layer.cache = "s", False
-        # K- and L-step: step only K, L (everything else waits for the S-step, evaluated at the same point).
-        reached = {layer: layer.K.grad is not None or layer.L.grad is not None for layer in layers}
-        if not any(reached.values()):  # the closure dropped all grads (e.g. nan-policy "skip"): no update at all
-            for layer in layers:
-                layer.pop_cache()
-                self._set(layer, "K", layer.K.detach().new_empty(0))
-                self._set(layer, "L", layer.L.detach().new_empty(0))
-            return loss.detach() if isinstance(loss, torch.Tensor) else loss
+        return old, loss
+
+    def _drop_kl(self, layer: LowRankMixin) -> None:
+        """K and L exist only inside a step: back to zero-size placeholders (their state stays keyed to them)."""
+        self._set(layer, "K", layer.K.detach().new_empty(0))
+        self._set(layer, "L", layer.L.detach().new_empty(0))
+
+    def _hold_other_grads(self, layers: list[LowRankMixin]) -> dict[nn.Parameter, torch.Tensor]:
+        """Take every non-factor gradient out of the K/L-step; it is stepped with S, at the same point W0."""
         factor_ids = {id(p) for layer in layers for p in (layer.K, layer.L, layer.S)}
         held = {}
         for group in self.inner.param_groups:
             for p in group["params"]:
                 if id(p) not in factor_ids and p.grad is not None:
                     held[p], p.grad = p.grad, None
-        self.inner.step()
+        return held
+
+    def _augment(self, layers: list[LowRankMixin], old: dict, adaptive: bool) -> dict:
+        """Û = orth([U | K1]), V̂ = orth([V | L1]) (fixed rank: orth(K1), orth(L1)); S̃ expresses W0 in them."""
         bases = {}
         for layer in layers:
             u0, s0, v0 = old[layer]
@@ -207,49 +237,42 @@ class KLSOptimizer(torch.optim.Optimizer):
             self._move_state(layer.S, m, n)
             self._set(layer, "S", (m @ s0 @ n.T).contiguous())
             layer.K.grad = layer.L.grad = None
-        # S-step in the new (augmented) basis.
-        if cached:
-            for layer in layers:
-                u_hat, v_hat = bases[layer]
-                cache = layer.pop_cache()
-                if not reached[layer]:
-                    cache = []  # the closure dropped this step's grads (e.g. a non-finite loss): no S-step either
-                grads = [layer.project_grad(x, dy, u_hat, v_hat) for x, dy in cache]
-                layer.S.grad = torch.stack(grads).sum(0).to(layer.S.dtype) if grads else None
-                layer.U, layer.V = u_hat, v_hat
-            for p, g in held.items():
-                p.grad = g
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                # S's gradient came from cached activations, outside the closure: average it like the rest
-                from ..dist_utils import average_gradients
+        return bases
 
-                average_gradients([layer.S for layer in layers], torch.distributed.get_world_size())
-        else:
-            for layer in layers:
-                layer.U, layer.V = bases[layer]
-            self._run(closure)  # zeroes all grads first, so K/L grads from pass 1 are gone
-            for layer in layers:
-                layer.K.grad = layer.L.grad = None
-        self.inner.step()
-        # Truncation (adaptive) and moving K/L state to the final bases.
+    def _s_grads_from_cache(self, layers: list[LowRankMixin], bases: dict, reached: dict, held: dict) -> None:
+        """∇S = Ûᵀ G V̂ from the layer inputs / output gradients cached in the K/L pass; restore held grads."""
         for layer in layers:
-            u0, _, v0 = old[layer]
             u_hat, v_hat = bases[layer]
-            if adaptive:
-                s_hat = layer.S.detach()
-                p_r, sigma, q_r = svd_truncate(s_hat, self.tau, layer.min_rank, layer.max_rank, self.absolute_tau)
-                u1, v1 = u_hat @ p_r, v_hat @ q_r
-                self._move_state(layer.S, p_r.T, q_r.T)
-                self._set(layer, "S", torch.diag(sigma))
-                layer.U, layer.V = u1.contiguous(), v1.contiguous()
-            else:
-                u1, v1 = u_hat, v_hat
-            self._move_state(layer.K, None, v1.T @ v0)  # K's columns pair with V
-            self._move_state(layer.L, None, u1.T @ u0)  # L's columns pair with U
-            self._set(layer, "K", layer.K.detach().new_empty(0))
-            self._set(layer, "L", layer.L.detach().new_empty(0))
-        self.steps += 1
-        return loss.detach() if isinstance(loss, torch.Tensor) else loss
+            cache = layer.pop_cache()
+            if not reached[layer]:
+                cache = []  # the closure dropped this step's grads (e.g. a non-finite loss): no S-step either
+            grads = [layer.project_grad(x, dy, u_hat, v_hat) for x, dy in cache]
+            layer.S.grad = torch.stack(grads).sum(0).to(layer.S.dtype) if grads else None
+            layer.U, layer.V = u_hat, v_hat
+        for p, g in held.items():
+            p.grad = g
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # S's gradient came from cached activations, outside the closure: average it like the rest
+            from ..dist_utils import average_gradients
+
+            average_gradients([layer.S for layer in layers], torch.distributed.get_world_size())
+
+    def _truncate_and_move(self, layer: LowRankMixin, old: tuple, bases: tuple, adaptive: bool) -> None:
+        """Adaptive: SVD of Ŝ, keep the τ-rank; then move K/L state to the final bases and drop K, L."""
+        u0, _, v0 = old
+        u_hat, v_hat = bases
+        if adaptive:
+            s_hat = layer.S.detach()
+            p_r, sigma, q_r = svd_truncate(s_hat, self.tau, layer.min_rank, layer.max_rank, self.absolute_tau)
+            u1, v1 = u_hat @ p_r, v_hat @ q_r
+            self._move_state(layer.S, p_r.T, q_r.T)
+            self._set(layer, "S", torch.diag(sigma))
+            layer.U, layer.V = u1.contiguous(), v1.contiguous()
+        else:
+            u1, v1 = u_hat, v_hat
+        self._move_state(layer.K, None, v1.T @ v0)  # K's columns pair with V
+        self._move_state(layer.L, None, u1.T @ u0)  # L's columns pair with U
+        self._drop_kl(layer)
 
     # --- checkpoints ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
