@@ -20,7 +20,6 @@ new method is its own file plus one entry there.
 """
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import nn
 
+from .registry import Registry
 from .targets import is_head
 
 if TYPE_CHECKING:
@@ -45,7 +45,6 @@ _MODULES = (
     "leantrain.lowrank.method",
     "leantrain.lm.lowrank",
 )
-_REGISTRY: dict[str, Method] = {}
 
 
 class Method(Protocol):
@@ -120,31 +119,11 @@ class MethodBase:
         return f"{type(self).__name__}({self.name!r})"
 
 
-def register(method: Method) -> Method:
-    """Add ``method`` under its name; a second object under the same name is a bug, not an override."""
-    if method.name in _REGISTRY and _REGISTRY[method.name] is not method:
-        raise ValueError(f"method {method.name!r} is registered twice")
-    _REGISTRY[method.name] = method
-    return method
-
-
-def specs() -> dict[str, Method]:
-    """Every registered method, by name (imports the registering modules on first use)."""
-    for module in _MODULES:
-        importlib.import_module(module)
-    return dict(_REGISTRY)
-
-
-def available_methods() -> list[str]:
-    return sorted(specs())
-
-
-def get_method(name: str) -> Method:
-    """The method registered as ``name``; unknown names list the valid ones."""
-    methods = specs()
-    if name not in methods:
-        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(sorted(methods))}")
-    return methods[name]
+_REGISTRY: Registry[Method] = Registry("method", _MODULES)
+register = _REGISTRY.register
+specs = _REGISTRY.all
+available_methods = _REGISTRY.names
+get_method = _REGISTRY.get
 
 
 def head_module(model: nn.Module) -> nn.Module | None:

@@ -1,38 +1,19 @@
 """Optimizer registry: ``--optim`` name -> :class:`~leantrain.optim.spec.OptimizerSpec`.
 
-Each optimizer module registers its own specs when imported (see spec.py); this file only lists the modules,
-so adding an optimizer is its file plus one entry in ``_MODULES``. Param groups arrive from the method
+Each optimizer module registers its own specs when imported (see spec.py, which lists those modules), so adding
+an optimizer is its file plus one module name there. Param groups arrive from the method
 (``leantrain.methods``) plus the task head group (``name="head"``); builders may add keys to them (GaLore adds
 ``rank``/``update_proj_gap``/...).
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 
-from .spec import OptimizerOptions, OptimizerSpec, registered
+from .spec import REGISTRY, OptimizerOptions
 
-_MODULES = ("adam", "lion", "sgd", "galore")  # each registers its specs on import
-
-
-def specs() -> dict[str, OptimizerSpec]:
-    """Every registered optimizer spec, by name."""
-    for module in _MODULES:
-        importlib.import_module(f"{__package__}.{module}")
-    return registered()
-
-
-def available_optimizers() -> list[str]:
-    return sorted(specs())
-
-
-def get_spec(name: str) -> OptimizerSpec:
-    """The spec of ``name``; a one-line error listing the choices for an unknown name."""
-    all_specs = specs()
-    if name not in all_specs:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of: {', '.join(sorted(all_specs))}")
-    return all_specs[name]
+specs = REGISTRY.all
+available_optimizers = REGISTRY.names
+get_spec = REGISTRY.get
 
 
 def build_optimizer(name: str, groups: list[dict], options: OptimizerOptions, lr: float) -> torch.optim.Optimizer:

@@ -13,6 +13,8 @@ from typing import Protocol
 
 import torch
 
+from ..registry import Registry
+
 CODEC_KINDS = ("native", "fp32", "bf16", "8bit", "4bit")
 
 
@@ -56,17 +58,7 @@ class OptimizerSpec:
             raise ValueError(f"optimizer spec {self.name!r}: states={self.states} must be >= 0")
 
 
-_SPECS: dict[str, OptimizerSpec] = {}
-
-
-def register(spec: OptimizerSpec) -> OptimizerSpec:
-    """Add ``spec`` to the registry; a second spec under the same name is a bug, not an override."""
-    if spec.name in _SPECS and _SPECS[spec.name] is not spec:
-        raise ValueError(f"optimizer {spec.name!r} is registered twice")
-    _SPECS[spec.name] = spec
-    return spec
-
-
-def registered() -> dict[str, OptimizerSpec]:
-    """The specs registered so far (``leantrain.optim.registry.specs()`` imports every implementing module)."""
-    return dict(_SPECS)
+# Each optimizer module registers its specs on import; this list is all the registry knows.
+REGISTRY: Registry[OptimizerSpec] = Registry(
+    "optimizer", [f"leantrain.optim.{m}" for m in ("adam", "lion", "sgd", "galore")])
+register = REGISTRY.register

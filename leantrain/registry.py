@@ -1,0 +1,49 @@
+"""A named registry filled by the modules that implement its entries (methods, optimizers).
+
+Each implementing module calls ``REGISTRY.register(entry)`` when imported; the registry knows only the list of
+those modules and imports them on first lookup, so a new entry is its own file plus one module name. A bottom
+layer: imports nothing from leantrain.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Generic, Protocol, TypeVar
+
+
+class Named(Protocol):
+    name: str
+
+
+T = TypeVar("T", bound=Named)
+
+
+class Registry(Generic[T]):
+    """``kind`` names the entries in errors ("method", "optimizer"); ``modules`` register them on import."""
+
+    def __init__(self, kind: str, modules: Sequence[str]) -> None:
+        self.kind, self.modules = kind, tuple(modules)
+        self._entries: dict[str, T] = {}
+
+    def register(self, entry: T) -> T:
+        """Add ``entry`` under its name; a second object under the same name is a bug, not an override."""
+        if entry.name in self._entries and self._entries[entry.name] is not entry:
+            raise ValueError(f"{self.kind} {entry.name!r} is registered twice")
+        self._entries[entry.name] = entry
+        return entry
+
+    def all(self) -> dict[str, T]:
+        """Every entry, by name (imports the registering modules on first use)."""
+        for module in self.modules:
+            importlib.import_module(module)
+        return dict(self._entries)
+
+    def names(self) -> list[str]:
+        return sorted(self.all())
+
+    def get(self, name: str) -> T:
+        """The entry called ``name``; an unknown name gets one line listing the valid ones."""
+        entries = self.all()
+        if name not in entries:
+            raise ValueError(f"unknown {self.kind} {name!r}; choose one of: {', '.join(sorted(entries))}")
+        return entries[name]
