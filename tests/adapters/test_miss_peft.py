@@ -1,4 +1,4 @@
-"""Differential tests against peft's MiSS (default, remainder, bat, mini): outputs and files both directions."""
+"""MiSS config fields against peft (default, remainder, bat, mini); outputs are in test_peft_compat.py's table."""
 from __future__ import annotations
 
 import json
@@ -38,40 +38,18 @@ CASES = [  # (our kwargs, PEFT kwargs)
 ]
 
 
-def _randomise(module_block: torch.Tensor, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        module_block.copy_(0.1 * torch.randn(module_block.shape, generator=g))
-
-
 @pytest.mark.parametrize("ours_kw,peft_kw", CASES)
-def test_peft_file_loads_in_leantrain(tmp_path, ours_kw, peft_kw):
+def test_config_fields_map_both_ways(tmp_path, ours_kw, peft_kw):
+    """Outputs and merges are compared for every adapter in test_peft_compat.py's table; here the MiSS config
+    fields (variant <-> init_weights, mini_r, remainder rule at r=3 on in=10) map exactly in both directions."""
     pm = peft.get_peft_model(_model(1), peft.MissConfig(target_modules=["lin0"], **peft_kw))
-    _randomise(pm.base_model.model.lin0.miss_block["default"], 3)
-    x = torch.randn(5, 10)
-    with torch.no_grad():
-        want = pm(x)
-    pm.save_pretrained(tmp_path)
+    pm.save_pretrained(tmp_path / "peft")
     ours = _model(1)
-    adapters.load(ours, tmp_path)
+    adapters.load(ours, tmp_path / "peft")
     assert adapters.adapter_config(ours, "default") == MissConfig(target_modules=["lin0"], **ours_kw)
-    torch.testing.assert_close(ours(x), want, atol=1e-6, rtol=1e-5)
-    pm.merge_adapter()
-    adapters.merge(ours)
-    torch.testing.assert_close(ours.lin0.base_layer.weight, pm.base_model.model.lin0.base_layer.weight,
-                               atol=1e-6, rtol=1e-6)
-
-
-@pytest.mark.parametrize("ours_kw,peft_kw", CASES)
-def test_leantrain_file_loads_in_peft(tmp_path, ours_kw, peft_kw):
-    ours = _model(2)
-    adapters.inject(ours, MissConfig(target_modules=["lin0"], **ours_kw))
-    _randomise(ours.lin0.adapters["default"].miss_block, 4)
-    x = torch.randn(5, 10)
-    want = ours(x).detach()
-    adapters.save(ours, tmp_path)
-    body = json.loads((tmp_path / "adapter_config.json").read_text())
+    mine = _model(2)
+    adapters.inject(mine, MissConfig(target_modules=["lin0"], **ours_kw))
+    adapters.save(mine, tmp_path / "ours")
+    body = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert body["init_weights"] == peft_kw["init_weights"]
-    pm = peft.PeftModel.from_pretrained(_model(2), tmp_path)
-    with torch.no_grad():
-        torch.testing.assert_close(pm(x), want, atol=1e-6, rtol=1e-5)
+    assert peft.PeftModel.from_pretrained(_model(2), tmp_path / "ours").peft_config["default"].r == ours_kw["r"]

@@ -1,4 +1,5 @@
-"""Differential tests against PEFT: the same adapter weights give the same outputs, in both file directions.
+"""Differential tests against PEFT, one table for every adapter type (LoRA family, VeRA, MiSS, SHiRA): the same
+adapter weights give the same outputs, in both file directions, and the same merged weights.
 
 Direction 1: leantrain injects + perturbs, saves; ``peft.PeftModel.from_pretrained`` loads → logits equal.
 Direction 2: PEFT builds the adapter with random weights (init_lora_weights=False etc.) and saves; leantrain
@@ -17,6 +18,8 @@ from torch import nn
 from leantrain import adapters
 from leantrain.adapters import LoraConfig, VeraConfig
 from leantrain.adapters.inject import trainable_adapter_parameters
+from leantrain.adapters.miss import MissConfig
+from leantrain.adapters.shira import ShiraConfig
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.peer
@@ -87,6 +90,31 @@ TEST_CASES = [
             r=6, target_modules=["lin0", "lin1"], projection_prng_key=7, init_weights=False
         ),
     ),
+    (
+        "MiSS",
+        MissConfig(r=2, target_modules=["lin0", "lin1"]),
+        lambda: peft.MissConfig(r=2, target_modules=["lin0", "lin1"], init_weights=True),
+    ),
+    (
+        "MiSS remainder",  # in=12 and 24 not divisible by 5: the remainder rule
+        MissConfig(r=5, target_modules=["lin0", "lin1"]),
+        lambda: peft.MissConfig(r=5, target_modules=["lin0", "lin1"], init_weights=True),
+    ),
+    (
+        "MiSS bat",
+        MissConfig(r=2, variant="bat", target_modules=["lin0", "lin1"]),
+        lambda: peft.MissConfig(r=2, target_modules=["lin0", "lin1"], init_weights="bat"),
+    ),
+    (
+        "MiSS mini",
+        MissConfig(r=2, variant="mini", mini_r=4, target_modules=["lin0", "lin1"]),
+        lambda: peft.MissConfig(r=2, target_modules=["lin0", "lin1"], init_weights="mini", mini_r=4),
+    ),
+    (
+        "SHiRA",
+        ShiraConfig(r=2, target_modules=["lin0", "lin1"]),
+        lambda: peft.ShiraConfig(r=2, target_modules=["lin0", "lin1"], init_weights=False, random_seed=7),
+    ),
 ]
 IDS = [c[0] for c in TEST_CASES]
 
@@ -124,9 +152,9 @@ def test_peft_file_loads_in_leantrain(case, base_and_inputs, tmp_path):
     base, x = base_and_inputs
     torch.manual_seed(1)
     theirs = peft.get_peft_model(copy.deepcopy(base), peft_config()).eval()
-    with torch.no_grad():  # PEFT's VeRA init_weights=False leaves λ_b at ones; make the vectors distinct too
+    with torch.no_grad():  # some inits are zero (MiSS) or ones (VeRA's λ_b): make every adapter tensor distinct
         for name, p in theirs.named_parameters():
-            if p.requires_grad and p.ndim == 1:
+            if p.requires_grad:
                 p.add_(0.3 * torch.randn_like(p))
     expected = theirs(x)
     theirs.save_pretrained(str(tmp_path))
@@ -134,6 +162,10 @@ def test_peft_file_loads_in_leantrain(case, base_and_inputs, tmp_path):
     adapters.load(model, tmp_path)
     assert (expected - base(x)).abs().max() > 1e-3
     torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+    theirs.merge_adapter()  # merged weights agree too
+    adapters.merge(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), theirs(x), atol=1e-5, rtol=1e-5)
 
 
 def test_key_names_and_config_fields(base_and_inputs, tmp_path):
@@ -157,7 +189,7 @@ def test_key_names_and_config_fields(base_and_inputs, tmp_path):
 
 def test_merged_outputs_match_peft_merge(base_and_inputs, tmp_path):
     """merge_and_unload in PEFT and merge in leantrain give the same weights (DoRA: the trickiest merge)."""
-    base, x = base_and_inputs
+    base, _x = base_and_inputs
     model = copy.deepcopy(base)
     adapters.inject(model, LoraConfig(r=2, alpha=4, target_modules=["lin0", "lin1"], use_dora=True))
     randomize(model)

@@ -1,4 +1,4 @@
-"""Differential tests against peft's SHiRA: same weights -> same outputs, files loadable in both directions."""
+"""SHiRA against peft beyond the shared table of test_peft_compat.py: indices, masks, delta weights, gradients."""
 from __future__ import annotations
 
 import json
@@ -30,24 +30,16 @@ def _model(seed: int) -> MLP:
     return MLP()
 
 
-def test_peft_file_loads_in_leantrain(tmp_path):
-    base = _model(1)
-    pm = peft.get_peft_model(base, peft.ShiraConfig(r=2, target_modules=["lin0"], init_weights=False, random_seed=7))
-    x = torch.randn(5, 10)
-    with torch.no_grad():
-        want = pm(x)
+def test_peft_indices_are_kept(tmp_path):
+    """Outputs both ways are in test_peft_compat.py's table; here: PEFT's (2, K) indices are ours, in
+    torch.where order."""
+    pm = peft.get_peft_model(_model(1), peft.ShiraConfig(r=2, target_modules=["lin0"], init_weights=False,
+                                                          random_seed=7))
     pm.save_pretrained(tmp_path)
     ours = _model(1)
     adapters.load(ours, tmp_path)
-    torch.testing.assert_close(ours(x), want, atol=1e-6, rtol=1e-5)
-    # same entries: PEFT's (2, K) indices are ours, in torch.where order
     peft_idx = pm.base_model.model.lin0.shira_indices["default"]
     assert torch.equal(ours.lin0.peft_state("default")["shira_indices"], peft_idx.to(torch.int32))
-    # merged outputs agree too
-    pm.merge_adapter()
-    adapters.merge(ours)
-    with torch.no_grad():
-        torch.testing.assert_close(ours(x), pm(x), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("mask", ["random", "magnitude"])
