@@ -1,9 +1,10 @@
 """Language-model benchmark: SmolLM2-135M fine-tuning and tiny-LLaMA pre-training from scratch on KJV verses.
 
 (a) fine-tunes with LoRA / MiSS / SHiRA / GaLore, (b) pre-trains with full Adam, GaLore, 8-bit GaLore,
-GradNormLoRP, DLRT and the factorised low-rank baseline. Part (b) is the GaLore paper's (https://arxiv.org/abs/2403.03507, Table 2) comparison in miniature. Every run is
-``leantrain.train`` in its own process (so peak RSS is per run), on the same data, seed and init, through the
-experiment engine (``leantrain.experiments``: cached by config hash, so a re-run reuses finished runs).
+GradNormLoRP, DLRT and the factorised low-rank baseline: the GaLore paper's (https://arxiv.org/abs/2403.03507,
+Table 2) comparison in miniature. Every run is ``leantrain.train`` in its own process (so peak RSS is per run), on
+the same data, seed and init, through the experiment engine (``leantrain.experiments``: cached by config hash, so
+a re-run reuses finished runs).
 
     .venv/bin/python benchmarks/lm.py [--quick] [--part finetune|pretrain|both] [--json PATH]
 
@@ -167,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("LM_BENCH_THREADS", "1")),
                         help="torch threads per run (1 is fastest when the 2 cores are shared)")
-    parser.add_argument("--out", default=None, help="run folders (default: runs/bench_lm, --quick: runs/bench_lm-quick)")
+    parser.add_argument("--out", default=None,
+                        help="run folders (default: runs/bench_lm, with --quick: runs/bench_lm-quick)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     args.out = args.out or str(ROOT / "runs" / ("bench_lm-quick" if args.quick else "bench_lm"))

@@ -22,22 +22,12 @@ from .experiments import (
     run_experiments,
 )
 
-# label -> the TrainConfig fields that make it (everything else comes from the options after `--`)
-ENTRIES: dict[str, dict[str, str]] = {
-    "head": {"method": "head", "optim": "adamw"},
-    "full": {"method": "full", "optim": "adamw"},
-    "lora": {"method": "lora", "optim": "adamw"},
-    "dora": {"method": "dora", "optim": "adamw"},
-    "pissa": {"method": "pissa", "optim": "adamw"},
-    "vera": {"method": "vera", "optim": "adamw"},
-    "miss": {"method": "miss", "optim": "adamw"},
-    "shira": {"method": "shira", "optim": "adamw"},
-    "galore": {"method": "full", "optim": "galore-adamw"},
-    "galore8bit": {"method": "full", "optim": "galore-adamw8bit"},
-    "gradnormlorp": {"method": "gradnormlorp", "optim": "adamw"},
-    "adamw8bit": {"method": "full", "optim": "adamw8bit"},
-    "dlrt": {"method": "dlrt", "optim": "adamw"},
-}
+# label -> (method, optimizer); every other TrainConfig field comes from the options after `--`
+PAIRS = {"head": ("head", "adamw"), "full": ("full", "adamw"), "lora": ("lora", "adamw"), "dora": ("dora", "adamw"),
+         "pissa": ("pissa", "adamw"), "vera": ("vera", "adamw"), "miss": ("miss", "adamw"),
+         "shira": ("shira", "adamw"), "galore": ("full", "galore-adamw"), "galore8bit": ("full", "galore-adamw8bit"),
+         "gradnormlorp": ("gradnormlorp", "adamw"), "adamw8bit": ("full", "adamw8bit"), "dlrt": ("dlrt", "adamw")}
+ENTRIES: dict[str, dict[str, str]] = {label: {"method": m, "optim": o} for label, (m, o) in PAIRS.items()}
 DEFAULT = ["full", "lora", "dora", "pissa", "vera", "miss", "shira", "galore", "gradnormlorp", "adamw8bit", "dlrt"]
 SUMMARY_KEYS = ("val_accuracy", "val_loss", "trainable_params", "total_params", "optimizer_state_bytes", "grad_bytes",
                 "peak_rss_bytes", "wall_time_s", "steps", "majority_baseline_accuracy", "tfidf_baseline_accuracy",

@@ -203,3 +203,21 @@ def test_a_killed_child_is_reported_by_its_signal(tmp_path):
     [result] = run_experiments([Experiment("k")], tmp_path / "out", base=BASE, runner=f"{script}:run",
                                progress=False)
     assert result.error == "killed by SIGKILL"
+
+
+def test_reproduce_reports_a_failed_run_in_one_line_and_goes_on(monkeypatch, capsys, tmp_path):
+    import argparse
+
+    from leantrain.commands import reproduce
+    from leantrain.reproduce import common, miss, shira
+
+    def failing(*args, **kwargs):
+        raise common.RunFailed("run 'lora r8' failed: ValueError: boom")
+
+    monkeypatch.setattr(miss, "run", failing)
+    monkeypatch.setattr(shira, "run", lambda out, work, quick, progress: Path(out) / "shira" / "README.md")
+    args = argparse.Namespace(names=["miss", "shira"], out=tmp_path, work=tmp_path, quick=True, progress=False)
+    assert reproduce.run(args) == 1
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == ["miss: run 'lora r8' failed: ValueError: boom"]
+    assert "shira: wrote" in captured.out

@@ -60,7 +60,8 @@ def register(subparsers) -> None:
     parser.add_argument("--list", action="store_true", help="list every benchmark with a one-line description")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--args", default="", help="extra options for each script, e.g. --args 'lr --steps 60'")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for JSON results (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench"),
+                        help="folder for JSON results (default: %(default)s)")
     parser.set_defaults(func=run)
 
 

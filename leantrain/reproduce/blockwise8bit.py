@@ -1,9 +1,12 @@
 """8-bit block-wise Adam vs 32-bit AdamW (Dettmers et al., ICLR 2022, https://arxiv.org/abs/2110.02861)."""
 from __future__ import annotations
 
-from .finetune_pair import acc, pct, run_pair
+from .finetune_pair import acc, pair_runner, pct
 
 PAPER = "8-bit Optimizers via Block-wise Quantization, Dettmers et al. 2022, https://arxiv.org/abs/2110.02861"
+TITLE = "AdamW 32-bit vs AdamW 8-bit (full fine-tune)"
+RUNS = [("full adamw", {"method": "full", "optim": "adamw"}),
+        ("full adamw8bit", {"method": "full", "optim": "adamw8bit"})]
 
 
 def compare(rows):
@@ -24,8 +27,4 @@ def compare(rows):
     return comparison, explanation
 
 
-def run(out, work, quick=False, progress=True):
-    return run_pair("blockwise8bit", title="AdamW 32-bit vs AdamW 8-bit (full fine-tune)", paper=PAPER,
-                    runs=[("full adamw", {"method": "full", "optim": "adamw"}),
-                          ("full adamw8bit", {"method": "full", "optim": "adamw8bit"})],
-                    out=out, work=work, quick=quick, progress=progress, compare=compare)
+run = pair_runner(__name__)

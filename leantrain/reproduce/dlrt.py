@@ -46,7 +46,8 @@ def run(out, work, quick=False, progress=True):
     worst = max(dense["accuracy"] - r["accuracy"] for r in rows[1:])
     explanation = ("Ours: " + "; ".join(parts) + ". Compression grows with τ as in the paper. "
                    + ("The accuracy cost is close to the paper's. " if worst < 0.03 else
-                      "Our accuracy cost is larger than the paper's, most at large τ; likely reasons (not separately measured): the digits MLP (64 inputs, "
+                      "Our accuracy cost is larger than the paper's, most at large τ; likely reasons (not "
+                      "separately measured): the digits MLP (64 inputs, "
                       f"{epochs} epochs, one seed, no tuning) is trained from a random low-rank start and the "
                       "truncation removes directions before the network has learned them, whereas the paper "
                       "tunes LeNet5 on MNIST for many more epochs. ")

@@ -1,16 +1,36 @@
-"""Generic "method A vs method B" fine-tuning experiment used by miss/shira/blockwise8bit/gradnormlorp/galore."""
+"""Generic "method A vs method B" fine-tuning experiment used by miss/shira/blockwise8bit/gradnormlorp/galore.
+
+Each of those modules is data: ``PAPER``, ``TITLE``, ``RUNS`` (label -> TrainConfig overrides), optionally
+``PLOT`` (the metric of the second bar panel and its axis label), and ``compare(rows)`` -> (paper-vs-ours rows,
+explanation); ``run = pair_runner(__name__)`` turns that into the module's ``run``.
+"""
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from .common import FULL, MIB, bar_plot, finetune, runs_table, write_report
 
+Compare = Callable[[list[dict[str, Any]]], tuple[list[tuple[str, str, str]], str]]
+
+
+def pair_runner(module_name: str) -> Callable[..., Path]:
+    """The ``run(out, work, quick, progress)`` of a reproduce module declared as data (read when called, so the
+    module may define its fields after this line)."""
+    def run(out: Path, work: Path, quick: bool = False, progress: bool = True) -> Path:
+        module = sys.modules[module_name]
+        metric, metric_label = getattr(module, "PLOT", ("optimizer_state_bytes", "optimizer state (MiB)"))
+        return run_pair(module_name.rsplit(".", 1)[-1], title=module.TITLE, paper=module.PAPER, runs=module.RUNS,
+                        out=out, work=work, quick=quick, progress=progress, compare=module.compare, metric=metric,
+                        metric_label=metric_label)
+
+    return run
+
 
 def run_pair(name: str, *, title: str, paper: str, runs: Sequence[tuple[str, dict[str, Any]]], out: Path,
-             work: Path, quick: bool, progress: bool,
-             compare: Callable[[list[dict[str, Any]]], tuple[list[tuple[str, str, str]], str]],
+             work: Path, quick: bool, progress: bool, compare: Compare,
              metric: str = "optimizer_state_bytes", metric_label: str = "optimizer state (MiB)") -> Path:
     """Train (or reuse) ``runs``, then write ``out/<name>/README.md`` (paper vs ours from ``compare``) + PNG."""
     rows = finetune(runs, work, quick, progress, desc=f"reproduce {name}")

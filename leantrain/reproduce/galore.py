@@ -1,9 +1,12 @@
 """GaLore: gradient low-rank projection vs full-rank AdamW (Zhao et al. 2024, https://arxiv.org/abs/2403.03507)."""
 from __future__ import annotations
 
-from .finetune_pair import acc, pct, run_pair
+from .finetune_pair import acc, pair_runner, pct
 
 PAPER = "GaLore, Zhao et al. 2024, https://arxiv.org/abs/2403.03507"
+TITLE = "AdamW vs GaLore-AdamW (full fine-tune, rank 8, gap 10)"
+RUNS = [("full adamw", {"method": "full", "optim": "adamw"}),
+        ("full galore-adamw", {"method": "full", "optim": "galore-adamw", "rank": 8, "gap": 10})]
 
 
 def compare(rows):
@@ -28,8 +31,4 @@ def compare(rows):
     return comparison, explanation
 
 
-def run(out, work, quick=False, progress=True):
-    return run_pair("galore", title="AdamW vs GaLore-AdamW (full fine-tune, rank 8, gap 10)", paper=PAPER,
-                    runs=[("full adamw", {"method": "full", "optim": "adamw"}),
-                          ("full galore-adamw", {"method": "full", "optim": "galore-adamw", "rank": 8, "gap": 10})],
-                    out=out, work=work, quick=quick, progress=progress, compare=compare)
+run = pair_runner(__name__)

@@ -1,9 +1,13 @@
 """GradNormLoRP vs LoRA and full fine-tuning (Huang et al. 2024, https://arxiv.org/abs/2412.19616)."""
 from __future__ import annotations
 
-from .finetune_pair import acc, pct, run_pair
+from .finetune_pair import acc, pair_runner, pct
 
 PAPER = "GradNormLoRP, Huang et al. 2024, https://arxiv.org/abs/2412.19616"
+TITLE = "Full AdamW vs LoRA vs GradNormLoRP (rank 8)"
+RUNS = [("full adamw", {"method": "full", "optim": "adamw"}),
+        ("lora r8", {"method": "lora", "rank": 8}),
+        ("gradnormlorp r8", {"method": "gradnormlorp", "rank": 8, "gap": 10})]
 
 
 def compare(rows):
@@ -23,9 +27,4 @@ def compare(rows):
     return comparison, explanation
 
 
-def run(out, work, quick=False, progress=True):
-    return run_pair("gradnormlorp", title="Full AdamW vs LoRA vs GradNormLoRP (rank 8)", paper=PAPER,
-                    runs=[("full adamw", {"method": "full", "optim": "adamw"}),
-                          ("lora r8", {"method": "lora", "rank": 8}),
-                          ("gradnormlorp r8", {"method": "gradnormlorp", "rank": 8, "gap": 10})],
-                    out=out, work=work, quick=quick, progress=progress, compare=compare)
+run = pair_runner(__name__)

@@ -1,9 +1,12 @@
 """MiSS (Bone): block-shard adapter vs LoRA at the same rank (arXiv 2409.15371)."""
 from __future__ import annotations
 
-from .finetune_pair import acc, run_pair
+from .finetune_pair import acc, pair_runner
 
 PAPER = "MiSS / Bone, Kang et al., https://arxiv.org/abs/2409.15371"
+TITLE = "MiSS vs LoRA (rank 8, all linear layers)"
+RUNS = [("lora r8", {"method": "lora", "rank": 8}), ("miss r8", {"method": "miss", "rank": 8})]
+PLOT = ("trainable_params", "trainable params (M)")  # the second bar panel
 
 
 def compare(rows):
@@ -24,8 +27,4 @@ def compare(rows):
     return comparison, explanation
 
 
-def run(out, work, quick=False, progress=True):
-    return run_pair("miss", title="MiSS vs LoRA (rank 8, all linear layers)", paper=PAPER,
-                    runs=[("lora r8", {"method": "lora", "rank": 8}), ("miss r8", {"method": "miss", "rank": 8})],
-                    out=out, work=work, quick=quick, progress=progress, compare=compare,
-                    metric="trainable_params", metric_label="trainable params (M)")
+run = pair_runner(__name__)

@@ -1,9 +1,12 @@
 """SHiRA: sparse high-rank adapter vs LoRA (Bhardwaj et al. 2024, https://arxiv.org/abs/2406.13175)."""
 from __future__ import annotations
 
-from .finetune_pair import acc, pct, run_pair
+from .finetune_pair import acc, pair_runner, pct
 
 PAPER = "SHiRA, Bhardwaj et al. 2024, https://arxiv.org/abs/2406.13175"
+TITLE = "SHiRA vs LoRA (rank 8 budget, all linear layers)"
+RUNS = [("lora r8", {"method": "lora", "rank": 8}), ("shira r8", {"method": "shira", "rank": 8})]
+PLOT = ("peak_rss_bytes", "peak RSS (MiB)")  # the second bar panel
 
 
 def compare(rows):
@@ -23,8 +26,4 @@ def compare(rows):
     return comparison, explanation
 
 
-def run(out, work, quick=False, progress=True):
-    return run_pair("shira", title="SHiRA vs LoRA (rank 8 budget, all linear layers)", paper=PAPER,
-                    runs=[("lora r8", {"method": "lora", "rank": 8}), ("shira r8", {"method": "shira", "rank": 8})],
-                    out=out, work=work, quick=quick, progress=progress, compare=compare,
-                    metric="peak_rss_bytes", metric_label="peak RSS (MiB)")
+run = pair_runner(__name__)
