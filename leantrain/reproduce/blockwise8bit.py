@@ -1,7 +1,7 @@
 """8-bit block-wise Adam vs 32-bit AdamW (Dettmers et al., ICLR 2022, https://arxiv.org/abs/2110.02861)."""
 from __future__ import annotations
 
-from .finetune_pair import acc, pair_runner, pct
+from .finetune_pair import Comparison, Rows, acc, pair_runner, pct
 
 PAPER = "8-bit Optimizers via Block-wise Quantization, Dettmers et al. 2022, https://arxiv.org/abs/2110.02861"
 TITLE = "AdamW 32-bit vs AdamW 8-bit (full fine-tune)"
@@ -9,7 +9,8 @@ RUNS = [("full adamw", {"method": "full", "optim": "adamw"}),
         ("full adamw8bit", {"method": "full", "optim": "adamw8bit"})]
 
 
-def compare(rows):
+def compare(rows: Rows) -> Comparison:
+    """The paper-vs-ours rows and the sentence on any difference."""
     full, eight = rows
     comparison = [
         ("accuracy, 8-bit vs 32-bit", "matches 32-bit (RoBERTa-Large GLUE ~88.7 vs 88.9)",

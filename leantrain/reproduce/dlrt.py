@@ -14,7 +14,8 @@ PAPER = "Low-rank lottery tickets (DLRT), Schotthöfer et al. 2022, https://arxi
 PAPER_ROWS = {None: (98.82, 0.0), 0.09: (98.16, 91.3), 0.15: (98.14, 95.3), 0.30: (97.45, 97.8)}
 
 
-def run(out, work, quick=False, progress=True):
+def run(out: Path, work: Path, quick: bool = False, progress: bool = True) -> Path:
+    """Dense vs DLRT at three τ on digits (its own trainer, not the fine-tuning engine); the report's path."""
     from ..lowrank.digits import load_digits_split, plot_results, table, train_run
 
     data = load_digits_split(0)

@@ -13,7 +13,9 @@ from typing import Any
 
 from .common import FULL, MIB, bar_plot, finetune, runs_table, write_report
 
-Compare = Callable[[list[dict[str, Any]]], tuple[list[tuple[str, str, str]], str]]
+Rows = list[dict[str, Any]]  # one metrics dict per run, in RUNS order
+Comparison = tuple[list[tuple[str, str, str]], str]  # (quantity, paper, ours) rows + explanation
+Compare = Callable[[Rows], Comparison]
 
 
 def pair_runner(module_name: str) -> Callable[..., Path]:

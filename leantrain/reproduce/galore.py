@@ -1,7 +1,7 @@
 """GaLore: gradient low-rank projection vs full-rank AdamW (Zhao et al. 2024, https://arxiv.org/abs/2403.03507)."""
 from __future__ import annotations
 
-from .finetune_pair import acc, pair_runner, pct
+from .finetune_pair import Comparison, Rows, acc, pair_runner, pct
 
 PAPER = "GaLore, Zhao et al. 2024, https://arxiv.org/abs/2403.03507"
 TITLE = "AdamW vs GaLore-AdamW (full fine-tune, rank 8, gap 10)"
@@ -9,7 +9,8 @@ RUNS = [("full adamw", {"method": "full", "optim": "adamw"}),
         ("full galore-adamw", {"method": "full", "optim": "galore-adamw", "rank": 8, "gap": 10})]
 
 
-def compare(rows):
+def compare(rows: Rows) -> Comparison:
+    """The paper-vs-ours rows and the sentence on any difference."""
     full, galore = rows
     comparison = [
         ("optimizer state reduction vs Adam", "up to 65.5 %",

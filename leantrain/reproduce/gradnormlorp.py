@@ -1,7 +1,7 @@
 """GradNormLoRP vs LoRA and full fine-tuning (Huang et al. 2024, https://arxiv.org/abs/2412.19616)."""
 from __future__ import annotations
 
-from .finetune_pair import acc, pair_runner, pct
+from .finetune_pair import Comparison, Rows, acc, pair_runner, pct
 
 PAPER = "GradNormLoRP, Huang et al. 2024, https://arxiv.org/abs/2412.19616"
 TITLE = "Full AdamW vs LoRA vs GradNormLoRP (rank 8)"
@@ -10,7 +10,8 @@ RUNS = [("full adamw", {"method": "full", "optim": "adamw"}),
         ("gradnormlorp r8", {"method": "gradnormlorp", "rank": 8, "gap": 10})]
 
 
-def compare(rows):
+def compare(rows: Rows) -> Comparison:
+    """The paper-vs-ours rows and the sentence on any difference."""
     full, lora, gnl = rows
     comparison = [
         ("accuracy vs LoRA (rank 8)", "GLUE avg 80.65 vs LoRA 79.23 (RoBERTa)", f"{acc(gnl)} vs LoRA {acc(lora)}"),

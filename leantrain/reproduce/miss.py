@@ -1,7 +1,7 @@
 """MiSS (Bone): block-shard adapter vs LoRA at the same rank (arXiv 2409.15371)."""
 from __future__ import annotations
 
-from .finetune_pair import acc, pair_runner
+from .finetune_pair import Comparison, Rows, acc, pair_runner
 
 PAPER = "MiSS / Bone, Kang et al., https://arxiv.org/abs/2409.15371"
 TITLE = "MiSS vs LoRA (rank 8, all linear layers)"
@@ -9,7 +9,8 @@ RUNS = [("lora r8", {"method": "lora", "rank": 8}), ("miss r8", {"method": "miss
 PLOT = ("trainable_params", "trainable params (M)")  # the second bar panel
 
 
-def compare(rows):
+def compare(rows: Rows) -> Comparison:
+    """The paper-vs-ours rows and the sentence on any difference."""
     lora, miss = rows
     comparison = [
         ("accuracy, MiSS vs LoRA", "MiSS ≥ LoRA on LLaMA2-7B fine-tuning (qualitative; spec has no verified number)",

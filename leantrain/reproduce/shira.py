@@ -1,7 +1,7 @@
 """SHiRA: sparse high-rank adapter vs LoRA (Bhardwaj et al. 2024, https://arxiv.org/abs/2406.13175)."""
 from __future__ import annotations
 
-from .finetune_pair import acc, pair_runner, pct
+from .finetune_pair import Comparison, Rows, acc, pair_runner, pct
 
 PAPER = "SHiRA, Bhardwaj et al. 2024, https://arxiv.org/abs/2406.13175"
 TITLE = "SHiRA vs LoRA (rank 8 budget, all linear layers)"
@@ -9,7 +9,8 @@ RUNS = [("lora r8", {"method": "lora", "rank": 8}), ("shira r8", {"method": "shi
 PLOT = ("peak_rss_bytes", "peak RSS (MiB)")  # the second bar panel
 
 
-def compare(rows):
+def compare(rows: Rows) -> Comparison:
+    """The paper-vs-ours rows and the sentence on any difference."""
     lora, shira = rows
     comparison = [
         ("peak memory, SHiRA vs LoRA", "up to 16.63 % lower peak GPU memory",
