@@ -11,7 +11,8 @@ loop over blocks that keeps each block's fp32 m and v in block-sized local buffe
 Numerics: the function repeats the eager ops in the same order, with ``prims.fma`` wherever the eager CPU
 kernels fuse a multiply-add (``lerp_``, ``addcmul_``, ``add_(alpha=)``), and the nearest code is exactly
 ``bucketize(s, midpoints)`` (ties to the lower code; a 32768-entry table of packed (code, threshold) pairs,
-equivalent to quant.CodeTable). So m, v, their codes and absmax are bit-identical to the eager path (AdamW:
+equivalent to quant.CodeTable). A map with a closed form measured faster than its table (``arith.faster_form``:
+the 4-bit second-moment map k/16) is decoded and encoded by that formula instead -- no gather, same codes. So m, v, their codes and absmax are bit-identical to the eager path (AdamW:
 these never depend on the parameter). One op differs: eager ``Tensor.sqrt`` on CPU (MKL VML) is not correctly
 rounded (~17% of values are 1 ulp off), while inductor's is, so the parameter update can differ by ~1 ulp of
 ``lr * update`` per step; the tests state the bound. For Adam (L2 decay folded into the gradient) those
@@ -39,10 +40,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import quant
+from . import arith, quant
 
 _BACKEND: str | Callable = "inductor"  # torch.compile backend (a test swaps in a failing one)
-_FNS: dict[tuple[int, bool], Callable] = {}
+_FNS: dict[tuple, Callable] = {}  # (bits, coupled, closed forms) -> compiled chunk function
 _MARKED: set[tuple] = set()  # variants already traced with a dynamic dim 0 (marking costs ~20 us per call)
 _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # CodeTable -> {device: packed table}
 _failed: str | None = None  # why the compiled path was given up in this process (warned once)
@@ -88,19 +89,35 @@ def _pack(q: Tensor, bits: int) -> Tensor:
     return ((q[..., 0] << 4) | q[..., 1]).to(torch.uint8)
 
 
-def _make(bits: int, coupled: bool) -> Callable:
+def _decoder(form: arith.ArithMap | None) -> Callable[[Tensor, Tensor], Tensor]:
+    """code values of int32 codes: the closed form where it is faster (no gather), else ``code[codes]``."""
+    if form is not None:
+        return lambda codes, _code: form.decode(codes)
+    return lambda codes, code: torch.ops.aten._unsafe_index(code, [codes])
+
+
+def _encoder(form: arith.ArithMap | None, positive_floor: bool) -> Callable[[Tensor, Tensor], Tensor]:
+    """nearest code of s in [-1, 1]: the closed form where it is faster, else the packed-table lookup."""
+    if form is not None:
+        return lambda s, _tab: form.nearest(s, positive_floor)
+    return _nearest
+
+
+def _make(bits: int, coupled: bool, forms: tuple = (None, None)) -> Callable:
     """The per-chunk graph. hp = [lerp coeff, lerp weight small (1/0), b2, 1-b2, eps*bc2, decay, wd, gscale];
     ``rows`` holds the step -lr*s once per block (a per-block input keeps the parameter update inside the
-    per-block loop that inductor builds around the absmax reductions, instead of a second pass)."""
-    take = torch.ops.aten._unsafe_index
+    per-block loop that inductor builds around the absmax reductions, instead of a second pass). ``forms``:
+    the arith closed forms (or None) of the m and v maps; v is the positive-floored second moment."""
+    dec_m, dec_v = _decoder(forms[0]), _decoder(forms[1])
+    enc_m, enc_v = _encoder(forms[0], False), _encoder(forms[1], True)
 
     def adam_blocks(p, g, mc, ma, vc, va, mcode, vcode, mtab, vtab, hp, rows):
         fma = torch.ops.prims.fma  # registered by inductor (imported by the time this is traced)
         g = g.float() * hp[7]
         if coupled:  # Adam: g.add(p, alpha=wd)
             g = fma(p, hp[6], g)
-        m = take(mcode, [_unpack(mc, bits)]) * ma[:, None]
-        v = take(vcode, [_unpack(vc, bits)]) * va[:, None]
+        m = dec_m(_unpack(mc, bits), mcode) * ma[:, None]
+        v = dec_v(_unpack(vc, bits), vcode) * va[:, None]
         m = fma(hp[0], g - m, torch.where(hp[1] > 0, m, g))  # m.lerp_(g, 1 - b1)
         v = fma(hp[3] * g, g, v * hp[2])  # v.mul_(b2).addcmul_(g, g, value=1 - b2)
         u = m / (v.sqrt() + hp[4])
@@ -109,22 +126,22 @@ def _make(bits: int, coupled: bool) -> Callable:
             p.copy_(p_new)  # same kernel reads trips inductor 2.13's local-buffer fusion (KeyError): returned instead
         am = m.abs().amax(1)
         av = v.amax(1)
-        qm = _nearest(m / torch.where(am == 0, 1.0, am)[:, None], mtab)
-        qv = _nearest(v / torch.where(av == 0, 1.0, av)[:, None], vtab)
+        qm = enc_m(m / torch.where(am == 0, 1.0, am)[:, None], mtab)
+        qv = enc_v(v / torch.where(av == 0, 1.0, av)[:, None], vtab)
         return am, av, _pack(qm, bits), _pack(qv, bits), p_new if coupled else None
 
     # dynamo caches compiled graphs (and counts its recompile limit) per code object: give each variant its own
-    name = f"adam{bits}bit_{'coupled' if coupled else 'decoupled'}_blocks"
+    name = f"adam{bits}bit_{'coupled' if coupled else 'decoupled'}{'_arith' * any(forms)}_blocks"
     code = adam_blocks.__code__.replace(co_name=name, **({"co_qualname": name} if hasattr(
         adam_blocks.__code__, "co_qualname") else {}))  # co_qualname: Python >= 3.11
     fn = types.FunctionType(code, adam_blocks.__globals__, name, None, adam_blocks.__closure__)
     return torch.compile(fn, fullgraph=True, backend=_BACKEND)
 
 
-def _fn(bits: int, coupled: bool) -> Callable:
-    if (bits, coupled) not in _FNS:
-        _FNS[bits, coupled] = _make(bits, coupled)
-    return _FNS[bits, coupled]
+def _fn(bits: int, coupled: bool, forms: tuple) -> Callable:
+    if (bits, coupled, forms) not in _FNS:
+        _FNS[bits, coupled, forms] = _make(bits, coupled, forms)
+    return _FNS[bits, coupled, forms]
 
 
 def hyper(group: dict[str, Any], t: int, scale: float, device: torch.device) -> tuple[Tensor, float]:
@@ -185,7 +202,7 @@ def update(pflat: Tensor, gflat: Tensor, codecs: list, encs: list[dict[str, Tens
         spans.pop()
     done = 0
     try:
-        fn = _fn(bits, coupled)
+        fn = _fn(bits, coupled, (cm.table.formula, cv.table.formula))
         for b0, b1 in spans:
             nb = b1 - b0
             mc = em["_codes"][b0 * cb:b1 * cb].view(nb, cb)

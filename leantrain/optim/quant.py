@@ -16,6 +16,10 @@ exact ties to the lower code -- at the cost of two table gathers and two element
 of 2..256 values (codes closer together than 2^-7 relative) is served by ``bucketize`` itself: same result,
 slower (``CodeTable.fast`` says which).
 
+Built-in maps with a cheaper closed form (``arith.faster_form``: today only the 4-bit second-moment map k/16) are
+encoded by that formula instead of the lookup -- same codes, tested on every midpoint; the dynamic maps' exact
+closed form is much slower than this lookup, see arith.py.
+
 Second moments (``positive_floor=True``): a positive value never takes a code whose value is 0 -- it rounds up
 to the smallest positive code instead. Adam divides by sqrt(v): a v stored as exactly 0 while m is not turns the
 next update into lr*m/eps (a weight moved by 4.2 at lr 1e-3 in the regression test). Rounding up only shrinks
@@ -27,6 +31,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from . import arith
 
 
 def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> Tensor:
@@ -87,6 +93,7 @@ class CodeTable:
         self.code, self.positive_floor = code, positive_floor
         self.mids = _midpoints(code, positive_floor)
         self.lo, self.mid, self.fast = _bucket_table(self.mids)
+        self.formula = arith.faster_form(code)  # None, or a closed form measured faster than the lookup
         self._dev: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
 
     def on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -101,9 +108,12 @@ class CodeTable:
         if s.dtype != torch.float32:
             raise TypeError(f"CodeTable.nearest needs float32 values, got {s.dtype}")
         flat = s.reshape(-1)
-        if not self.fast:
-            idx = torch.bucketize(flat, self.mids.to(s.device)).to(torch.uint8)
-            return idx.view(s.shape) if out is None else out.view(-1).copy_(idx).view(s.shape)
+        if self.formula is not None or not self.fast:
+            idx = self.formula.nearest(flat, self.positive_floor) if self.formula is not None \
+                else torch.bucketize(flat, self.mids.to(s.device))
+            if out is None:
+                return idx.to(torch.uint8).view(s.shape)
+            return out.view(-1).copy_(idx).view(s.shape)
         _, lo, mid = self.on(s.device)
         h = (flat.view(torch.int32) >> 16) & 0xFFFF  # top 16 bits as a table index (2 vectorised int ops)
         above = flat > mid.index_select(0, h)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from leantrain.optim import Adam8bit, AdamW4bit, AdamW8bit, Lion8bit, SGD8bit, compiled
+from leantrain.optim import Adam8bit, AdamW4bit, AdamW8bit, Lion8bit, SGD8bit, compiled, quant
 from leantrain.optim.codecs import get_codec
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -55,6 +55,21 @@ def test_packed_table_is_round_to_nearest_like_bucketize(bits, signed):
     ours = compiled._nearest(s, compiled.packed_table(table, s.device))
     ref = torch.bucketize(s, mids)
     assert torch.equal(ours.long(), ref)
+
+
+@pytest.mark.parametrize("bits,signed", [(8, True), (8, False), (4, True), (4, False)])
+def test_kernel_codec_parts_equal_the_eager_codec(bits, signed):
+    """The decoder/encoder the kernel traces for each map (closed form where arith measured it faster, else the
+    tables), run eagerly: every code decodes to the table value, every value encodes like the eager codec."""
+    table = get_codec(f"{bits}bit", signed).table
+    codes = torch.arange(table.code.numel(), dtype=torch.int32)
+    assert torch.equal(compiled._decoder(table.formula)(codes, table.code), table.code)
+    mids = quant._midpoints(table.code, not signed)
+    g = torch.Generator().manual_seed(2)
+    s = torch.cat([table.code, mids, torch.nextafter(mids, torch.tensor(2.0)), torch.rand(100_000, generator=g)])
+    s = torch.cat([s, -s]) if signed else s
+    enc = compiled._encoder(table.formula, not signed)(s, compiled.packed_table(table, s.device))
+    assert torch.equal(enc.to(torch.uint8), table.nearest(s))
 
 
 def test_compile_option_is_checked():
