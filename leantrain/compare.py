@@ -22,12 +22,22 @@ from .experiments import (
     run_experiments,
 )
 
-# label -> (method, optimizer); every other TrainConfig field comes from the options after `--`
-PAIRS = {"head": ("head", "adamw"), "full": ("full", "adamw"), "lora": ("lora", "adamw"), "dora": ("dora", "adamw"),
-         "pissa": ("pissa", "adamw"), "vera": ("vera", "adamw"), "miss": ("miss", "adamw"),
-         "shira": ("shira", "adamw"), "galore": ("full", "galore-adamw"), "galore8bit": ("full", "galore-adamw8bit"),
-         "gradnormlorp": ("gradnormlorp", "adamw"), "adamw8bit": ("full", "adamw8bit"), "dlrt": ("dlrt", "adamw")}
-ENTRIES: dict[str, dict[str, str]] = {label: {"method": m, "optim": o} for label, (m, o) in PAIRS.items()}
+# Optimizers compared on full fine-tuning (label -> --optim); every registered method also runs with AdamW.
+OPTIMIZER_ENTRIES = {"galore": "galore-adamw", "galore8bit": "galore-adamw8bit", "adamw8bit": "adamw8bit"}
+
+
+def entries() -> dict[str, dict[str, str]]:
+    """label -> TrainConfig overrides: each registered method that trains a classifier (with AdamW), then the
+    optimizer variants. Read from the method registry, so a new method is comparable without editing this file;
+    every other field comes from the options after `--`."""
+    from .methods import available_methods, get_method
+
+    table = {name: {"method": name, "optim": "adamw"} for name in available_methods()
+             if "classify" in get_method(name).tasks}
+    table.update({label: {"method": "full", "optim": optim} for label, optim in OPTIMIZER_ENTRIES.items()})
+    return table
+
+
 DEFAULT = ["full", "lora", "dora", "pissa", "vera", "miss", "shira", "galore", "gradnormlorp", "adamw8bit", "dlrt"]
 SUMMARY_KEYS = ("val_accuracy", "val_loss", "trainable_params", "total_params", "optimizer_state_bytes", "grad_bytes",
                 "peak_rss_bytes", "wall_time_s", "steps", "majority_baseline_accuracy", "tfidf_baseline_accuracy",
@@ -85,11 +95,12 @@ def format_compare(rows: list[dict[str, Any]]) -> str:
 
 def run_compare(out: Path, labels: list[str], train_args: list[str], progress: bool = True) -> list[dict[str, Any]]:
     """Run the chosen entries with ``train_args`` for everything else; write results.json/.md and compare.png."""
-    unknown = [name for name in labels if name not in ENTRIES]
+    table = entries()
+    unknown = [name for name in labels if name not in table]
     if unknown:
-        raise ValueError(f"unknown compare entry {unknown[0]!r}; choose from: {', '.join(ENTRIES)}")
+        raise ValueError(f"unknown compare entry {unknown[0]!r}; choose from: {', '.join(table)}")
     base = {**base_from_cli(train_args), "progress": False}
-    experiments = [Experiment(label, ENTRIES[label]) for label in labels]
+    experiments = [Experiment(label, table[label]) for label in labels]
     results = run_experiments(experiments, out, base=base, progress=progress, desc="compare")
     rows = [summary_row(r) for r in results]
     write_text_atomic(out / "results.json", json.dumps(rows, indent=2) + "\n")

@@ -221,3 +221,14 @@ def test_reproduce_reports_a_failed_run_in_one_line_and_goes_on(monkeypatch, cap
     captured = capsys.readouterr()
     assert captured.err.strip().splitlines() == ["miss: run 'lora r8' failed: ValueError: boom"]
     assert "shira: wrote" in captured.out
+
+
+def test_compare_offers_every_registered_classifier_method_and_the_optimizer_variants():
+    from leantrain.compare import DEFAULT, entries
+    from leantrain.methods import available_methods, get_method
+
+    table = entries()
+    methods = [m for m in available_methods() if "classify" in get_method(m).tasks]
+    assert all(table[m] == {"method": m, "optim": "adamw"} for m in methods)
+    assert table["galore8bit"] == {"method": "full", "optim": "galore-adamw8bit"}
+    assert set(DEFAULT) <= set(table) and "lowrank" not in table  # lowrank trains causal LMs only

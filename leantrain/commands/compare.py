@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    from ..compare import DEFAULT, ENTRIES
+    from ..compare import DEFAULT, entries
 
     parser = subparsers.add_parser(
         "compare", help="run the main job once per method and write a table + plots",
@@ -15,7 +15,7 @@ def register(subparsers) -> None:
                     "method and optimizer win over them). Finished runs with an unchanged config are reused, so "
                     "re-running the command resumes an interrupted comparison.")
     parser.add_argument("--methods", default=",".join(DEFAULT),
-                        help=f"comma-separated entries from: {', '.join(ENTRIES)} (default: %(default)s)")
+                        help=f"comma-separated entries from: {', '.join(entries())} (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder (default: %(default)s)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="options passed to every train run (after --)")
