@@ -7,7 +7,7 @@ layer: imports nothing from leantrain.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Generic, Protocol, TypeVar
 
 
@@ -21,9 +21,14 @@ T = TypeVar("T", bound=Named)
 class Registry(Generic[T]):
     """``kind`` names the entries in errors ("method", "optimizer"); ``modules`` register them on import."""
 
-    def __init__(self, kind: str, modules: Sequence[str]) -> None:
-        self.kind, self.modules = kind, tuple(modules)
+    def __init__(self, kind: str, modules: Sequence[str] | Callable[[], Sequence[str]]) -> None:
+        self.kind, self._modules = kind, modules
         self._entries: dict[str, T] = {}
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """The registering modules (a callable is asked each time: discovery of new files)."""
+        return tuple(self._modules() if callable(self._modules) else self._modules)
 
     def register(self, entry: T) -> T:
         """Add ``entry`` under its name; a second object under the same name is a bug, not an override."""

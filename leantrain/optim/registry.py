@@ -1,9 +1,8 @@
 """Optimizer registry: ``--optim`` name -> :class:`~leantrain.optim.spec.OptimizerSpec`.
 
-Each optimizer module registers its own specs when imported (see spec.py, which lists those modules), so adding
-an optimizer is its file plus one module name there. Param groups arrive from the method
-(``leantrain.methods``) plus the task head group (``name="head"``); builders may add keys to them (GaLore adds
-``rank``/``update_proj_gap``/...).
+Each optimizer module registers its own specs when imported (spec.py imports every module of the package), so
+adding an optimizer is just its file. Param groups arrive from the method (``leantrain.methods``) plus the task
+head group (``name="head"``); builders may add keys to them (GaLore adds ``rank``/``update_proj_gap``/...).
 """
 from __future__ import annotations
 

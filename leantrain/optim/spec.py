@@ -7,8 +7,10 @@ config or the CLI.
 """
 from __future__ import annotations
 
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -58,7 +60,12 @@ class OptimizerSpec:
             raise ValueError(f"optimizer spec {self.name!r}: states={self.states} must be >= 0")
 
 
-# Each optimizer module registers its specs on import; this list is all the registry knows.
-REGISTRY: Registry[OptimizerSpec] = Registry(
-    "optimizer", [f"leantrain.optim.{m}" for m in ("adam", "lion", "sgd", "galore")])
+
+def _optimizer_modules() -> list[str]:
+    """Every module of this package: an optimizer file registers its specs on import, so a new optimizer is
+    just its file -- no list to extend."""
+    return [f"{__package__}.{m.name}" for m in pkgutil.iter_modules([str(Path(__file__).parent)])]
+
+
+REGISTRY: Registry[OptimizerSpec] = Registry("optimizer", _optimizer_modules)
 register = REGISTRY.register

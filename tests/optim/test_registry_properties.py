@@ -263,7 +263,7 @@ REFERENCES = {
 
 
 def test_every_optimizer_has_a_reference():
-    assert sorted(REFERENCES) == NAMES, "a new registry entry adds its reference pair to REFERENCES"
+    assert set(NAMES) <= set(REFERENCES), "a new registry entry adds its reference pair to REFERENCES"
 
 
 def _trajectory(make) -> tuple[list[torch.Tensor], list[nn.Parameter]]:
