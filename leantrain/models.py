@@ -27,15 +27,20 @@ def minilm_path() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
+def local_model_folder(name: str, hint: str) -> Path:
+    """``name`` as a local Hugging Face model folder (exists, has config.json); ``hint`` says what else works."""
+    path = Path(name)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--model {name!r}: no such folder ({hint})")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--model {name!r}: folder has no config.json")
+    return path
+
+
 def resolve_model_dir(name: str) -> Path:
     if name in ("minilm", "tiny"):
         return minilm_path()  # "tiny" borrows MiniLM's tokenizer and config vocabulary
-    path = Path(name)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model folder {name!r} does not exist (use 'minilm' or a local HF model folder)")
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model folder {name!r} has no config.json")
-    return path
+    return local_model_folder(name, "use 'minilm' or a local HF model folder")
 
 
 class SequenceClassifier(nn.Module):

