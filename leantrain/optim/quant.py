@@ -27,6 +27,8 @@ that update, and exact zeros still encode to 0.
 """
 from __future__ import annotations
 
+import sys
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -115,11 +117,36 @@ class CodeTable:
                 return idx.to(torch.uint8).view(s.shape)
             return out.view(-1).copy_(idx).view(s.shape)
         _, lo, mid = self.on(s.device)
-        h = (flat.view(torch.int32) >> 16) & 0xFFFF  # top 16 bits as a table index (2 vectorised int ops)
-        above = flat > mid.index_select(0, h)
-        if out is None:
-            return (lo.index_select(0, h) + above).view(s.shape)
-        return torch.add(lo.index_select(0, h), above, out=out.view(-1)).view(s.shape)
+        n = flat.numel()
+        h = _top16(flat, _scratch("h", n, torch.int32, s.device))
+        above = torch.gt(flat, torch.index_select(mid, 0, h, out=_scratch("mid", n, torch.float32, s.device)),
+                         out=_scratch("above", n, torch.bool, s.device))
+        dst = torch.empty(n, dtype=torch.uint8, device=s.device) if out is None else out.view(-1)
+        return torch.index_select(lo, 0, h, out=dst).add_(above).view(s.shape)
+
+
+_SCRATCH_MAX = 1 << 20  # values; larger calls allocate (a whole-tensor quantize must not pin its size forever)
+_scratch_bufs = threading.local()
+
+
+def _scratch(tag: str, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A reusable per-thread buffer of n values for one use site (``tag``). Eager ops on a chunk are cheap enough
+    that allocating their ~1 MB outputs (page faults) cost ~40 % of the lookup; the chunk loop reuses these."""
+    if n > _SCRATCH_MAX:
+        return torch.empty(n, dtype=dtype, device=device)
+    bufs = _scratch_bufs.__dict__.setdefault("bufs", {})
+    buf = bufs.get((tag, dtype, device))
+    if buf is None or buf.numel() < n:
+        buf = bufs[tag, dtype, device] = torch.empty(max(n, 1 << 16), dtype=dtype, device=device)
+    return buf[:n]
+
+
+def _top16(flat: Tensor, out: Tensor) -> Tensor:
+    """Top 16 bits (sign, exponent, 7 mantissa bits) of contiguous float32 ``flat`` as int32 table indices: on a
+    little-endian CPU one strided copy of the high uint16 halves, else a shift and a mask."""
+    if flat.device.type == "cpu" and sys.byteorder == "little" and flat.is_contiguous():
+        return out.copy_(flat.view(torch.uint16)[1::2])
+    return torch.bitwise_right_shift(flat.view(torch.int32), 16, out=out).bitwise_and_(0xFFFF)
 
 
 def _midpoints(code: Tensor, positive_floor: bool) -> Tensor:
@@ -176,8 +203,8 @@ def absmax_of(x: Tensor, block_size: int, signed: bool = True) -> Tensor:
     parts = []
     if full:
         xb = x[:full].view(-1, block_size)
-        if signed:  # abs + amax: ~10x faster than torch.aminmax over rows on CPU
-            parts.append(xb.abs().amax(1))
+        if signed:  # max(max, -min): no |x| temporary, ~1.7x faster than abs + amax (10x than aminmax) on CPU;
+            parts.append(torch.maximum(xb.amax(1), xb.amin(1).neg_()).abs_())  # abs_: an all-zero block gives +0
         else:  # non-negative data (Adam's v): the max is the absmax
             parts.append(xb.amax(1))
     if full < n:
@@ -194,7 +221,8 @@ def quantize_into(x: Tensor, table: CodeTable, block_size: int, codes_out: Tenso
     div = absmax.masked_fill(absmax == 0, 1.0)  # all-zero block: 0/1 = 0 -> the code nearest 0
     full = n // block_size * block_size
     if full:
-        s = x[:full].view(-1, block_size) / div[: full // block_size, None]
+        s = torch.div(x[:full].view(-1, block_size), div[: full // block_size, None],
+                      out=_scratch("s", full, torch.float32, x.device).view(-1, block_size))
         if codes_out.is_contiguous():
             table.nearest(s, out=codes_out[:full])
         else:
@@ -207,7 +235,7 @@ def dequantize_into(codes: Tensor, absmax: Tensor, table: CodeTable, block_size:
     """Write code[codes] * absmax(block) into the flat float32 tensor ``out`` and return it."""
     code = table.on(codes.device)[0]
     n = codes.numel()
-    torch.index_select(code, 0, codes.reshape(-1).to(torch.int32), out=out)
+    torch.index_select(code, 0, _scratch("idx", n, torch.int32, codes.device).copy_(codes.reshape(-1)), out=out)
     full = n // block_size * block_size
     if full:
         out[:full].view(-1, block_size).mul_(absmax[: full // block_size, None])

@@ -226,3 +226,34 @@ def test_positive_floor_never_stores_a_positive_value_as_zero(signed):
     plain = quant.code_table(code).nearest(s)
     assert int(plain[1]) == zero  # without the floor a tiny positive value rounds to the zero code
     assert torch.equal(got[5:], plain[5:])
+
+
+# ---- the eager lookup's buffers and bit tricks -----------------------------------------------------------------
+def test_top16_strided_copy_equals_shift_and_mask():
+    x = torch.cat([torch.randn(5000, generator=torch.Generator().manual_seed(4)),
+                   torch.tensor([0.0, -0.0, 1e-45, -1e-45, float("inf"), float("-inf"), 3.4e38, -3.4e38])])
+    want = (x.view(torch.int32) >> 16) & 0xFFFF
+    assert torch.equal(quant._top16(x, torch.empty(x.numel(), dtype=torch.int32)), want)
+    strided = x[::2]  # not contiguous: the shift-and-mask branch
+    assert torch.equal(quant._top16(strided, torch.empty(strided.numel(), dtype=torch.int32)), want[::2])
+
+
+def test_results_never_alias_the_reused_buffers():
+    table = quant.code_table(quant.dynamic_map(True))
+    a, b = torch.rand(3000) * 2 - 1, torch.rand(3000) * 2 - 1
+    first = table.nearest(a)
+    keep = first.clone()
+    table.nearest(b)
+    assert torch.equal(first, keep)
+    big = torch.rand(quant._SCRATCH_MAX + 3)  # above the cap: plain allocations, same answer
+    assert torch.equal(table.nearest(big).long(), torch.bucketize(big, table.mids))
+
+
+def test_signed_absmax_is_exact_and_never_negative_zero():
+    x = torch.randn(4 * 256, generator=torch.Generator().manual_seed(5))
+    x[:256] = -0.0
+    got = quant.absmax_of(x, 256, signed=True)
+    assert torch.equal(got, x.view(4, 256).abs().amax(1))
+    assert got[0].view(torch.int32) == 0  # +0.0: an all-zero block decodes to +0, as before
+    x[300] = float("nan")
+    assert torch.isnan(quant.absmax_of(x, 256, signed=True)[1])
