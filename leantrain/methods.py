@@ -41,6 +41,7 @@ _MODULES = (
     "leantrain.methods",
     "leantrain.adapters.methods",
     "leantrain.adapters.lora_fa",
+    "leantrain.adapters.loldu",
     "leantrain.gradnormlorp",
     "leantrain.lowrank.method",
     "leantrain.lm.lowrank",

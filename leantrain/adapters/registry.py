@@ -21,6 +21,7 @@ KNOWN_MODULES: dict[str, str] = {
     "VERA": "leantrain.adapters.vera",
     "SHIRA": "leantrain.adapters.shira",
     "MISS": "leantrain.adapters.miss",
+    "LOLDU": "leantrain.adapters.loldu",
 }
 
 
