@@ -13,6 +13,7 @@ import sys
 SUBCOMMANDS = [
     "leantrain.commands.train",
     "leantrain.commands.merge",
+    "leantrain.commands.predict",
     "leantrain.commands.switch",
     "leantrain.commands.memory",
     "leantrain.commands.compare",

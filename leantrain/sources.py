@@ -123,8 +123,8 @@ def bible_verses() -> list[str]:
     return load_bible()[0]
 
 
-def load_table(path: str | Path) -> tuple[list[str], list[str]]:
-    """Read ``text``/``label`` columns from a .csv or .jsonl file; errors name the file and what is missing."""
+def read_rows(path: str | Path) -> list[dict]:
+    """The rows of a .csv (header line) or .jsonl (one object per line) file; errors name the file and line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
@@ -143,11 +143,22 @@ def load_table(path: str | Path) -> tuple[list[str], list[str]]:
         raise ValueError(f"data file {str(path)!r}: expected a .csv or .jsonl file")
     if not rows:
         raise ValueError(f"data file {str(path)!r} has no rows")
-    for column in ("text", "label"):
-        missing = [i for i, row in enumerate(rows, 1) if not isinstance(row, dict) or row.get(column) in (None, "")]
-        if missing:
-            raise ValueError(f"data file {str(path)!r}: column {column!r} missing or empty in row {missing[0]}")
-    return [str(r["text"]) for r in rows], [str(r["label"]) for r in rows]
+    return rows
+
+
+def column(rows: list[dict], name: str, path: str | Path) -> list[str]:
+    """Column ``name`` of every row as text; a missing or empty cell names the file, column and row."""
+    missing = [i for i, row in enumerate(rows, 1) if not isinstance(row, dict) or row.get(name) in (None, "")]
+    if missing:
+        raise ValueError(f"data file {str(path)!r}: column {name!r} missing or empty in row {missing[0]}")
+    return [str(r[name]) for r in rows]
+
+
+def load_table(path: str | Path) -> tuple[list[str], list[str]]:
+    """Read ``text``/``label`` columns from a .csv or .jsonl file; errors name the file and what is missing."""
+    rows = read_rows(path)
+    texts = column(rows, "text", path)
+    return texts, column(rows, "label", path)
 
 
 BUNDLED = {"vader": (VADER, load_vader), "bible": (BIBLE, load_bible)}  # name -> (its sdist, its loader)
