@@ -261,6 +261,14 @@ def _muon_reference(params):
     return Both()
 
 
+def _adam_mini_reference(params):
+    """The ``adam_mini`` package: a matrix named like an MLP weight (one v per row), a 1-D tensor like a bias
+    (Adam; the package drops its weight decay) -- the partition ``--optim adam-mini`` gives a "linear" group."""
+    adam_mini = pytest.importorskip("adam_mini")
+    names = ["mlp.weight" if p.ndim == 2 else "bias" for p in params]
+    return adam_mini.Adam_mini(list(zip(names, params)), lr=LR, weight_decay=WD, verbose=False)
+
+
 # name -> (reference optimizer over the same parameters, bound on ||p - p_ref|| / ||p_ref - p0|| after 10 steps;
 # measured 2026-12-02: adamw 0, 8-bit Adam/AdamW 0.012, adamw4bit 0.19, lion8bit 0.050, sgd8bit 0.013, GaLore 6e-4)
 REFERENCES = {
@@ -275,6 +283,7 @@ REFERENCES = {
     "galore-adamw4bit": (_galore_torch_reference, 0.01),
     "muon": (_muon_reference, 1e-5),  # measured 5.9e-7 (matrix bit-identical; AdamW 1-D rounding)
     "muon8bit": (_muon_reference, 0.05),  # measured 0.015
+    "adam-mini": (_adam_mini_reference, 0.05),  # measured 0.010 (8-bit first moment)
 }
 
 

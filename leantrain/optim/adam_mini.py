@@ -1,0 +1,183 @@
+"""Adam-mini: Adam with one second-moment value per Hessian block instead of one per weight.
+
+Paper: Y. Zhang et al., *Adam-mini: Use Fewer Learning Rates To Gain More*, ICLR 2025, https://arxiv.org/abs/2406.16793
+(partition rules of the reference implementation ``adam_mini`` 1.1.1). For a block b of weights (its gradient g_b):
+
+    m   <- b1 m + (1 - b1) g                     (per weight, as Adam)
+    v_b <- b2 v_b + (1 - b2) mean(g_b * g_b)     (one value per block)
+    W   <- W (1 - lr wd) - lr / (1 - b1^t) * m / (sqrt(v_b) / sqrt(1 - b2^t) + eps)
+
+Partition (group key ``partition``, or per tensor when unset):
+* ``"row"``: one block per row -- per token for embeddings and the output head, per output neuron for the value,
+  output-projection and MLP matrices (the paper's rule); the default for every tensor with ndim >= 2;
+* ``"head"``: one block per attention head of query / key matrices: contiguous blocks of ``head_numel`` values
+  (= dim * dim / n_heads, the heads' rows), the paper's rule for Q and K;
+* ``"tensor"``: one value for the whole tensor (the paper's rule for norm weights); the default for 1-D tensors;
+* ``"element"``: plain Adam (the paper's rule for biases).
+:func:`adam_mini_groups` applies the paper's name rules to ``model.named_parameters()``. leantrain's ``--optim
+adam-mini`` sees only its method's groups ("linear" / "other" / "head"), no parameter names, so it cannot tell Q/K
+from V or a bias from a norm weight: every matrix is partitioned by row (finer than per head: one value per output
+neuron), every 1-D tensor element-wise (Adam; a negligible share of the state).
+
+State: ``exp_avg`` in the group's codec (``AdamMini``: fp32; ``AdamMini8bit``, registered as ``adam-mini``: 8-bit
+block-wise, ~1 byte/weight) and ``exp_avg_sq``, fp32, one value per block. FSDP2-sharded (DTensor) parameters are
+refused: a "tensor" block would need an all-reduce across shards.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .adam import BlockOptimizer
+from .spec import OptimizerOptions, OptimizerSpec, register
+
+PARTITIONS = ("row", "head", "tensor", "element")
+EMBED_NAMES = ("embed", "embd", "wte", "lm_head", "output", "final_layer")
+QK_NAMES = ("q_proj", "k_proj", "wq", "wk", "query", "key")
+
+
+def block_numel(p: Tensor, group: dict[str, Any]) -> int:
+    """Weights per second-moment block of ``p`` under its group's (or its default) partition."""
+    how = group.get("partition") or ("row" if p.ndim >= 2 else "tensor")
+    if how == "row":
+        return p.numel() // p.shape[0] if p.ndim else 1
+    if how == "tensor":
+        return p.numel()
+    if how == "element":
+        return 1
+    size = group.get("head_numel")
+    if not isinstance(size, int) or size < 1 or p.numel() % size:
+        raise ValueError(f"AdamMini: head_numel={size!r} must be a positive int dividing the {tuple(p.shape)} "
+                         "tensor's size for partition='head'")
+    return size
+
+
+class AdamMini(BlockOptimizer):
+    """Adam-mini with an fp32 first moment (see the module docstring for the rule and the partition)."""
+
+    moments = (("exp_avg", True),)  # the per-weight moment, through the codec; exp_avg_sq is one fp32 per block
+    default_codec = "fp32"
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, *, partition: str | None = None,
+                 head_numel: int | None = None, block_size: int = 256, min_8bit_size: int = 4096,
+                 skip_nonfinite: bool = False, codec: str | None = None) -> None:
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+                    "partition": partition, "head_numel": head_numel, "block_size": block_size,
+                    "min_8bit_size": min_8bit_size, "skip_nonfinite": skip_nonfinite, "codec": codec}
+        super().__init__(params, defaults)
+
+    def _check(self, g: dict[str, Any], where: str) -> None:
+        super()._check(g, where)
+        if g.get("partition") is not None and g["partition"] not in PARTITIONS:
+            raise ValueError(f"{type(self).__name__}: unknown partition={g['partition']!r} in {where}; "
+                             f"choose one of {', '.join(PARTITIONS)}")
+        if g.get("rank") is not None:
+            raise ValueError(f"{type(self).__name__}: rank={g['rank']!r} in {where}: Adam-mini does not project")
+
+    def _update(self, p: Tensor, group: dict[str, Any]) -> None:
+        """One step of one tensor: the whole tensor at once (a block's mean needs all of its gradient)."""
+        if hasattr(p, "to_local"):
+            raise TypeError(f"{type(self).__name__}: FSDP2-sharded parameter of shape {tuple(p.shape)} is not "
+                            "supported (a block's mean would need an all-reduce); use DDP")
+        state = self.state[p]
+        blk = block_numel(p, group)
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            self._init_state(state, group, p.numel(), p)
+            state["exp_avg_sq"] = torch.zeros(p.numel() // blk, dtype=torch.float32, device=p.device)
+        state["step"] += 1
+        t = int(state["step"])
+        g = p.grad.float().reshape(-1, blk)
+        scale = self._gnorm_scale(g, state, group, t)
+        if scale != 1.0:
+            g = g * scale
+        codec = self._codec(group, p.numel(), True, p)
+        enc = self._enc(state, "exp_avg", codec, p.numel())
+        m = codec.decode_range(enc, 0, p.numel()).view(g.shape)
+        step = self._step_of(g, m, state["exp_avg_sq"], group, t)
+        codec.encode_range(enc, 0, m.reshape(-1))
+        self._apply(p, step, group)
+
+    @staticmethod
+    def _step_of(g: Tensor, m: Tensor, v: Tensor, group: dict[str, Any], t: int) -> Tensor:
+        """Update m and v in place; return m_hat / (sqrt(v_hat) + eps), blocks as rows."""
+        b1, b2 = group["betas"]
+        m.lerp_(g, 1.0 - b1)
+        v.mul_(b2).add_(g.square().mean(dim=1), alpha=1.0 - b2)
+        h = (v.sqrt() / math.sqrt(1.0 - b2**t)).add_(group["eps"])
+        return m * ((1.0 / (1.0 - b1**t)) / h).unsqueeze(1)
+
+    @staticmethod
+    def _apply(p: Tensor, step: Tensor, group: dict[str, Any]) -> None:
+        lr, wd = group["lr"], group.get("weight_decay", 0.0)
+        w = p.detach() if p.dtype == torch.float32 else p.detach().float()
+        if wd:
+            w.mul_(1.0 - lr * wd)
+        w.add_(step.view(p.shape), alpha=-lr)
+        if p.dtype != torch.float32:
+            p.copy_(w)
+
+    def _check_saved(self, pid: int, p: Tensor, st: dict[str, Any], group: dict[str, Any]) -> None:
+        super()._check_saved(pid, p, st, group)
+        want = (p.numel() // block_numel(p, group),)
+        got = tuple(st["exp_avg_sq"].shape) if "exp_avg_sq" in st else None
+        if got != want:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: parameter {pid} (shape {tuple(p.shape)}) has "
+                             f"saved exp_avg_sq of shape {got}, expected {want} (one value per block)")
+
+
+class AdamMini8bit(AdamMini):
+    """Adam-mini with the first moment in 8-bit block-wise codes: ~1 byte of state per weight (AdamW8bit: ~2)."""
+
+    default_codec = "8bit"
+
+
+def adam_mini_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], dim: int, n_heads: int,
+                     weight_decay: float = 0.0) -> list[dict]:
+    """The paper's partition from parameter names (``adam_mini``'s keyword lists): Q/K per head (``head_numel``
+    = dim * dim / n_heads), biases element-wise, norms per tensor without weight decay, other matrices per row."""
+    if dim * dim % n_heads:
+        raise ValueError(f"adam_mini_groups: dim={dim} squared is not divisible by n_heads={n_heads}")
+    groups = []
+    for name, p in named_parameters:
+        low = name.lower()
+        if not p.requires_grad:
+            continue
+        no_decay = "norm" in low or "ln" in low or "bias" in low
+        if "bias" in low:
+            part = "element"
+        elif any(k in low for k in QK_NAMES):
+            part = "head"
+        else:
+            part = "row" if p.ndim >= 2 else "tensor"
+        groups.append({"params": [p], "partition": part, "head_numel": dim * dim // n_heads,
+                       "weight_decay": 0.0 if no_decay else weight_decay})
+    return groups
+
+
+def adam_mini_registry_groups(groups: list[dict]) -> list[dict]:
+    """Each group split into its matrices (one v per row: tokens of the embedding and head, output neurons of the
+    Linear layers) and its 1-D tensors, which get Adam's per-element v: without parameter names a bias (the paper:
+    Adam) cannot be told from a norm weight (the paper: one v), and 1-D tensors are a negligible share of state."""
+    out = []
+    for g in groups:
+        mats = [p for p in g["params"] if p.ndim >= 2]
+        rest = [p for p in g["params"] if p.ndim < 2]
+        out += [{**g, "params": ps, "partition": part} for ps, part in ((mats, "row"), (rest, "element")) if ps]
+    return out
+
+
+def build_adam_mini(groups: list[dict], opts: OptimizerOptions, lr: float) -> torch.optim.Optimizer:
+    """Adam-mini over :func:`adam_mini_registry_groups`, 8-bit first moment."""
+    return AdamMini8bit(adam_mini_registry_groups(groups), lr=lr, betas=opts.betas,
+                        weight_decay=opts.weight_decay, block_size=opts.block_size)
+
+
+register(OptimizerSpec("adam-mini", build_adam_mini, states=1, codec="8bit",
+                       summary="Adam-mini: one second moment per row (token / output neuron) of each matrix, "
+                               "8-bit first moment"))
