@@ -269,6 +269,15 @@ def _adam_mini_reference(params):
     return adam_mini.Adam_mini(list(zip(names, params)), lr=LR, weight_decay=WD, verbose=False)
 
 
+def _apollo_reference(params, rank=4, scale=1.0, scale_type="channel"):
+    """apollo-torch's APOLLOAdamW with the registry's defaults (the same seeded random projections)."""
+    apollo_torch = pytest.importorskip("apollo_torch")
+    mats, rest = [p for p in params if p.ndim == 2], [p for p in params if p.ndim != 2]
+    return apollo_torch.APOLLOAdamW([{"params": mats, "rank": rank, "proj": "random", "proj_type": "std",
+                                      "update_proj_gap": 1000, "scale": scale, "scale_type": scale_type},
+                                     {"params": rest}], lr=LR, weight_decay=WD)
+
+
 # name -> (reference optimizer over the same parameters, bound on ||p - p_ref|| / ||p_ref - p0|| after 10 steps;
 # measured 2026-12-02: adamw 0, 8-bit Adam/AdamW 0.012, adamw4bit 0.19, lion8bit 0.050, sgd8bit 0.013, GaLore 6e-4)
 REFERENCES = {
@@ -284,6 +293,8 @@ REFERENCES = {
     "muon": (_muon_reference, 1e-5),  # measured 5.9e-7 (matrix bit-identical; AdamW 1-D rounding)
     "muon8bit": (_muon_reference, 0.05),  # measured 0.015
     "adam-mini": (_adam_mini_reference, 0.05),  # measured 0.010 (8-bit first moment)
+    "apollo": (_apollo_reference, 0.01),  # measured 4.6e-5 (weight decay before vs after the update)
+    "apollo-mini": (lambda ps: _apollo_reference(ps, rank=1, scale=128.0, scale_type="tensor"), 0.01),  # 1.6e-5
 }
 
 
