@@ -6,6 +6,7 @@ the batches an uninterrupted run would -- no data-loader state to checkpoint.
 """
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -75,12 +76,42 @@ def subset(split: Split, size: int | None) -> Split:
     return Split([split.texts[i] for i in kept], [split.labels[i] for i in kept])
 
 
-def _encode_labels(labels: list, names: list[str] | None) -> tuple[list[int], list[str]]:
+def _is_fraction(label: str) -> bool:
+    """A number that is not a whole number ("0.75", "1e-3"): a continuous target, not a category."""
+    try:
+        value = float(label)
+    except ValueError:
+        return False
+    return not math.isfinite(value) or not value.is_integer()
+
+
+def label_names(labels: list[str], where: str) -> list[str]:
+    """The sorted class names of user labels (already stripped); continuous numbers are refused in one line."""
+    fractions = [y for y in labels if _is_fraction(y)]
+    if fractions:
+        raise ValueError(f"{where}: label {fractions[0]!r} is a continuous number; classification needs "
+                         "categories (whole-number class ids or names)")
+    return sorted(set(labels))
+
+
+def _encode_labels(labels: list, names: list[str] | None, where: str = "data") -> tuple[list[int], list[str]]:
+    """Class ids of ``labels``; user labels are stripped (" billing " is "billing") and named in sorted order."""
     if names is not None:
         return [int(y) for y in labels], names
-    names = sorted({str(y) for y in labels})
+    stripped = [str(y).strip() for y in labels]
+    names = label_names(stripped, where)
     index = {n: i for i, n in enumerate(names)}
-    return [index[str(y)] for y in labels], names
+    return [index[y] for y in stripped], names
+
+
+def _encode_validation(labels: list, names: list[str], where: str) -> list[int]:
+    """Validation labels in the training label set; one seen only in validation would be an untrained class."""
+    stripped = [str(y).strip() for y in labels]
+    unseen = sorted(set(stripped) - set(names))
+    if unseen:
+        raise ValueError(f"{where}: validation label(s) {unseen} never occur in the training data")
+    index = {n: i for i, n in enumerate(names)}
+    return [index[y] for y in stripped]
 
 
 def prefetch_data(cfg: TrainConfig) -> None:
@@ -93,12 +124,13 @@ def load_classification(cfg: TrainConfig) -> ClassificationData:
     texts, labels, names = load_source(cfg.data)
     texts, labels = deduplicate(texts, labels)
     if cfg.val_data:
-        vt, vy, _ = load_source(cfg.val_data)
-        ids, names = _encode_labels(list(labels) + list(vy), names)
-        train = Split(texts, ids[: len(texts)])
-        val = Split(list(vt), ids[len(texts):])
+        vt, vy, val_names = load_source(cfg.val_data)
+        ids, names = _encode_labels(labels, names, f"data {cfg.data!r}")
+        vids = [int(y) for y in vy] if val_names is not None else _encode_validation(vy, names, cfg.val_data)
+        train = Split(texts, ids)
+        val = Split(list(vt), vids)
     else:
-        ids, names = _encode_labels(labels, names)
+        ids, names = _encode_labels(labels, names, f"data {cfg.data!r}")
         if len(set(ids)) < 2:
             raise ValueError(f"data {cfg.data!r} has a single label {names[0]!r}; need at least two classes")
         val_idx, train_idx = stratified_indices(ids, VAL_FRACTION, SPLIT_SEED)

@@ -128,6 +128,7 @@ def read_rows(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    check_utf8(path)
     if path.suffix.lower() == ".jsonl":
         rows = []
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -144,6 +145,18 @@ def read_rows(path: str | Path) -> list[dict]:
     if not rows:
         raise ValueError(f"data file {str(path)!r} has no rows")
     return rows
+
+
+def check_utf8(path: Path) -> None:
+    """Refuse a file that is not UTF-8 with its line and column, instead of a bare codec error."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ValueError(f"{path}:{line}:{col}: not UTF-8 text (byte 0x{data[exc.start]:02x}); "
+                         "save the file as UTF-8") from None
 
 
 def column(rows: list[dict], name: str, path: str | Path) -> list[str]:

@@ -76,3 +76,39 @@ def test_table_errors_name_the_problem(tmp_path):
     empty.write_text("text,label\n")
     with pytest.raises(ValueError, match="no rows"):
         load_table(empty)
+
+
+# ---- user labels: stripped, categorical, validation labels seen in training ---------------------------------------
+def _csv(path, rows):
+    path.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    return str(path)
+
+
+def test_labels_are_stripped(tmp_path):
+    rows = [(f"text {i}", " billing " if i % 2 else "billing") for i in range(20)] + \
+           [(f"other {i}", "refund") for i in range(20)]
+    data = load_classification(TrainConfig(model="tiny", data=_csv(tmp_path / "d.csv", rows)))
+    assert data.label_names == ["billing", "refund"]
+
+
+def test_continuous_labels_are_refused_whole_numbers_are_classes(tmp_path):
+    floats = [(f"t{i}", f"{i / 7:.3f}") for i in range(30)]
+    with pytest.raises(ValueError, match=r"label '0\.143' is a continuous number; classification needs categories"):
+        load_classification(TrainConfig(model="tiny", data=_csv(tmp_path / "f.csv", floats)))
+    ints = [(f"t{i}", i % 3) for i in range(30)]
+    assert load_classification(TrainConfig(model="tiny", data=_csv(tmp_path / "i.csv", ints))).label_names == \
+        ["0", "1", "2"]
+
+
+def test_validation_only_labels_are_named(tmp_path):
+    train = _csv(tmp_path / "train.csv", [(f"t{i}", "ab"[i % 2]) for i in range(20)])
+    val = _csv(tmp_path / "val.csv", [("x", "a"), ("y", "c"), ("z", " b ")])
+    with pytest.raises(ValueError, match=r"validation label\(s\) \['c'\] never occur in the training data"):
+        load_classification(TrainConfig(model="tiny", data=train, val_data=val))
+
+
+def test_non_utf8_file_names_file_line_and_column(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("text,label\nfine,a\ncaf\xe9,b\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.csv:3:4: not UTF-8 text \(byte 0xe9\)"):
+        load_table(path)
