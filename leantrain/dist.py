@@ -38,10 +38,24 @@ class DistContext:
         return self.world > 1
 
 
+def check_device(device_name: str) -> None:
+    """Refuse a device this torch build or machine does not have, in one line (torch raises an AssertionError
+    deep inside the first ``.to()`` instead)."""
+    kind, _, index = device_name.partition(":")
+    if kind == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only torch build" if torch.version.cuda is None else "no visible CUDA device"
+        raise ValueError(f"--device {device_name}: this machine has {build}; use --device cpu or auto")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device_name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if kind == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"--device {device_name}: MPS is not available here; use --device cpu or auto")
+
+
 def init_from_env(device_name: str, strategy: str) -> DistContext:
     """Start the process group when launched by torchrun; a single process gets a context with world=1."""
     if strategy not in STRATEGIES:
         raise ValueError(f"--strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    check_device(device_name)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
     if world <= 1:

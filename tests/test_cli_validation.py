@@ -214,3 +214,11 @@ def test_method_spec_refusals(tmp_path, capsys, argv, needle):
     code, err = run_cli(["train", *BASE, *argv, "--out", str(out)], capsys)
     assert code == 2 and len(err) == 1 and needle in err[0], err
     assert not out.exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_on_a_cpu_machine_is_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = run_cli(["train", *BASE, "--device", "cuda", "--out", str(out)], capsys)
+    assert code == 2 and len(err) == 1 and "--device cuda: this machine has" in err[0], err
+    assert not out.exists()
