@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -70,6 +72,21 @@ def load_tokenizer(name: str):
         raise FileNotFoundError(f"model folder {str(path)!r} has no usable tokenizer: {exc}") from exc
 
 
+@contextmanager
+def quiet_hf_loading() -> Iterator[None]:
+    """transformers draws a "Loading weights" bar for a fraction of a second: not the user's progress (and shown
+    even under --no-progress). Off while loading, restored after."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_encoder(name: str, seed: int = 0, dropout: float | None = None) -> tuple[nn.Module, int]:
     """Return (encoder, hidden_size). ``tiny`` is a random 2-layer BERT for fast tests.
 
@@ -92,7 +109,8 @@ def load_encoder(name: str, seed: int = 0, dropout: float | None = None) -> tupl
     kwargs = {"use_safetensors": True} if (path / "model.safetensors").is_file() else {}
     if dropout is not None:
         kwargs.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-    encoder = AutoModel.from_pretrained(str(path), **kwargs)
+    with quiet_hf_loading():
+        encoder = AutoModel.from_pretrained(str(path), **kwargs)
     # Drop BERT's unused pooler so every trainable parameter receives a gradient.
     if getattr(encoder, "pooler", None) is not None:
         encoder.pooler = None

