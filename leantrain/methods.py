@@ -42,6 +42,7 @@ _MODULES = (
     "leantrain.adapters.methods",
     "leantrain.adapters.lora_fa",
     "leantrain.adapters.loldu",
+    "leantrain.adapters.relora",
     "leantrain.gradnormlorp",
     "leantrain.lowrank.method",
     "leantrain.lm.lowrank",
