@@ -93,9 +93,13 @@ class DynamicMap:
         k = torch.floor(nb * ((u + 0.8) * (1.0 / 0.9)) - 0.25).to(torch.int32)
         return k.clamp(2**self.x - 1, self.top - 1)
 
-    def nearest(self, s: Tensor, positive_floor: bool) -> Tensor:
+    def nearest(self, s: Tensor, positive_floor: bool, out: Tensor | None = None) -> Tensor:
         """int32 index of the nearest code of float32 ``s`` (= ``bucketize(s, midpoints)``; values beyond
-        [-1, 1] take the end codes)."""
+        [-1, 1] take the end codes), or copied into ``out`` (e.g. uint8) when given."""
+        idx = self._nearest(s, positive_floor)
+        return idx if out is None else out.copy_(idx)
+
+    def _nearest(self, s: Tensor, positive_floor: bool) -> Tensor:
         neg = s.view(torch.int32) < 0  # the sign bit, so -0.0 counts as negative, as bucketize treats it
         a = s.abs().clamp_max(1.0) if self.x == 0 else s.clamp(0.0, 1.0)
         k = self.estimate(a)
@@ -117,10 +121,11 @@ class Linear16:
     def decode(self, codes: Tensor) -> Tensor:
         return (codes.to(torch.int32) + 1).to(torch.float32) * 0.0625
 
-    def nearest(self, s: Tensor, positive_floor: bool) -> Tensor:
-        """Midpoints (2c + 3)/32, c = 0..14: the count below s is ceil(16 s - 1.5), exact in float32."""
-        t = torch.mul(s, 32.0)  # in place after the first op: one temporary when run eagerly
-        return t.sub_(3.0).mul_(0.5).ceil_().clamp_(0.0, 15.0).to(torch.int32)
+    def nearest(self, s: Tensor, positive_floor: bool, out: Tensor | None = None) -> Tensor:
+        """Midpoints (2c + 3)/32, c = 0..14: the count below s is ceil(16 s - 1.5), exact in float32 (16 s is
+        exact, and so is 16 s - 1.5 wherever the ceiling is above 0). int32, or copied into ``out``."""
+        t = torch.mul(s, 16.0).sub_(1.5).ceil_().clamp_(0.0, 15.0)  # in place after the first op: one temporary
+        return t.to(torch.int32) if out is None else out.copy_(t)
 
 
 def _bound(t: Tensor, nb: Tensor, step: Tensor, half: Tensor) -> Tensor:

@@ -110,18 +110,16 @@ class CodeTable:
         if s.dtype != torch.float32:
             raise TypeError(f"CodeTable.nearest needs float32 values, got {s.dtype}")
         flat = s.reshape(-1)
-        if self.formula is not None or not self.fast:
-            idx = self.formula.nearest(flat, self.positive_floor) if self.formula is not None \
-                else torch.bucketize(flat, self.mids.to(s.device))
-            if out is None:
-                return idx.to(torch.uint8).view(s.shape)
-            return out.view(-1).copy_(idx).view(s.shape)
-        _, lo, mid = self.on(s.device)
         n = flat.numel()
+        dst = torch.empty(n, dtype=torch.uint8, device=s.device) if out is None else out.view(-1)
+        if self.formula is not None:
+            return self.formula.nearest(flat, self.positive_floor, out=dst).view(s.shape)
+        if not self.fast:
+            return dst.copy_(torch.bucketize(flat, self.mids.to(s.device))).view(s.shape)
+        _, lo, mid = self.on(s.device)
         h = _top16(flat, _scratch("h", n, torch.int32, s.device))
         above = torch.gt(flat, torch.index_select(mid, 0, h, out=_scratch("mid", n, torch.float32, s.device)),
                          out=_scratch("above", n, torch.bool, s.device))
-        dst = torch.empty(n, dtype=torch.uint8, device=s.device) if out is None else out.view(-1)
         return torch.index_select(lo, 0, h, out=dst).add_(above).view(s.shape)
 
 
