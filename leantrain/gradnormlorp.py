@@ -28,6 +28,7 @@ class GradNormLoRP(MethodBase):
     summary = "GradNormLoRP: weight-normalised layers, direction gradients projected to rank r (--rank, --gap)"
     trains_base = True
     replaces_targets = True
+    options = ("rank", "targets", "gap", "proj_scale", "svd")
 
     def estimator_tensors(self, module: str, out_f: int, in_f: int, cfg: Any) -> list[EstimatorTensor]:
         """W becomes a direction V (projected moments when min(out, in) > rank) and a magnitude g."""

@@ -222,3 +222,27 @@ def test_cuda_device_on_a_cpu_machine_is_one_line(tmp_path, capsys):
     code, err = run_cli(["train", *BASE, "--device", "cuda", "--out", str(out)], capsys)
     assert code == 2 and len(err) == 1 and "--device cuda: this machine has" in err[0], err
     assert not out.exists()
+
+
+# --- options the chosen method/optimizer does not read draw a warning (they were silently ignored) ---------------
+@pytest.mark.parametrize("argv,unused", [
+    (["--method", "lora", "--tau", "0.5", "--gap", "3", "--mask", "snip"], ["gap", "mask", "tau"]),
+    (["--method", "full", "--optim", "galore-adamw", "--rank", "4", "--gap", "3"], []),
+    (["--method", "full", "--rank", "4", "--block-size", "64"], ["block-size", "rank"]),
+    (["--method", "dlrt", "--tau", "0.2", "--alpha", "4"], ["alpha"]),
+])
+def test_unused_options_warn_once_each(tmp_path, capsys, argv, unused):
+    code, err = run_cli(["train", *BASE, *argv, "--out", str(tmp_path / "run")], capsys)
+    assert code == 0, err
+    warned = sorted(line.split("--", 1)[1].split(" ", 1)[0] for line in err if line.startswith("leantrain: warning"))
+    assert warned == unused, err
+
+
+def test_declared_options_are_config_fields():
+    from leantrain.methods import specs as method_specs
+    from leantrain.optim import specs as optimizer_specs
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    declared = {o for m in method_specs().values() for o in getattr(m, "options", ())}
+    declared |= {o for s in optimizer_specs().values() for o in s.options}
+    assert declared <= fields, declared - fields

@@ -47,4 +47,5 @@ def _tensors(module: str, out_f: int, in_f: int, cfg: Any) -> list[EstimatorTens
 
 
 LORA_FA = register(LoraFAMethod("lora-fa", _lora(), "LoRA-FA: LoRA with A frozen at its random init, only B trains",
-                                _tensors, lambda out_f, in_f, rank: rank))
+                                _tensors, lambda out_f, in_f, rank: rank,
+                                options=("rank", "alpha", "dropout", "targets", "init")))

@@ -72,10 +72,12 @@ class AdapterMethod(MethodBase):
         lora_plus: bool = False,
         loftq: bool = False,
         extras: Callable[[list[tuple[str, int, int]], Any], dict[str, int]] = lambda targets, opts: {},
+        options: tuple[str, ...] = ("rank", "targets"),
     ) -> None:
         self.name, self.build, self.summary, self.default_lr = name, build, summary, default_lr
         self.lora_plus, self.loftq = lora_plus, loftq
         self._tensors, self._act, self._extras = tensors, act_per_token, extras
+        self.options = options  # the TrainConfig fields its adapter config reads (unread ones draw a CLI warning)
 
     def validate(self, cfg: TrainConfig) -> None:
         if cfg.init == "loftq" and not self.loftq:
@@ -147,6 +149,9 @@ def _shira(cfg: TrainConfig) -> Any:
     )
 
 
+LORA_OPTIONS = ("rank", "alpha", "dropout", "targets", "init", "lora_plus_ratio")
+
+
 # ---- estimator terms per adapted (out_f x in_f) Linear (Hu et al. 2021; Liu et al. 2024; Kopiczko et al. 2024;
 # PEFT's MissConfig; SHiRA: K = r(out+in) or fraction*out*in values, their indices are counted by the estimator)
 def _lora_tensors(module: str, out_f: int, in_f: int, cfg: Any) -> list[EstimatorTensor]:
@@ -191,16 +196,21 @@ def _shira_tensors(module: str, out_f: int, in_f: int, cfg: Any) -> list[Estimat
 
 
 LORA = register(AdapterMethod("lora", _lora(), "LoRA: trainable low-rank A, B beside each frozen Linear",
-                              _lora_tensors, lambda o, i, r: r, lora_plus=True, loftq=True))
+                              _lora_tensors, lambda o, i, r: r, lora_plus=True, loftq=True,
+                              options=LORA_OPTIONS))
 RSLORA = register(AdapterMethod("rslora", _lora(use_rslora=True), "rsLoRA: LoRA scaled by alpha/sqrt(r)",
-                                _lora_tensors, lambda o, i, r: r, lora_plus=True, loftq=True))
+                                _lora_tensors, lambda o, i, r: r, lora_plus=True, loftq=True,
+                                options=LORA_OPTIONS))
 DORA = register(AdapterMethod("dora", _lora(use_dora=True), "DoRA: LoRA direction + trainable magnitude",
-                              _dora_tensors, lambda o, i, r: r + 2 * o, lora_plus=True))
+                              _dora_tensors, lambda o, i, r: r + 2 * o, lora_plus=True, options=LORA_OPTIONS))
 PISSA = register(AdapterMethod("pissa", _lora(pissa=True), "PiSSA: LoRA initialised from the top singular vectors",
-                               _lora_tensors, lambda o, i, r: r, default_lr=2e-4, lora_plus=True))
+                               _lora_tensors, lambda o, i, r: r, default_lr=2e-4, lora_plus=True,
+                               options=LORA_OPTIONS))
 VERA = register(AdapterMethod("vera", _vera, "VeRA: shared frozen random A, B; trainable scaling vectors",
-                              _vera_tensors, lambda o, i, r: 2 * r + o, default_lr=5e-3, extras=_vera_shared))
+                              _vera_tensors, lambda o, i, r: 2 * r + o, default_lr=5e-3, extras=_vera_shared,
+                              options=("rank", "dropout", "targets")))
 MISS = register(AdapterMethod("miss", _miss, "MiSS (Bone): trainable shared blocks of each weight",
-                              _miss_tensors, lambda o, i, r: r))
+                              _miss_tensors, lambda o, i, r: r, options=("rank", "targets", "miss_variant")))
 SHIRA = register(AdapterMethod("shira", _shira, "SHiRA: a sparse trainable subset of each weight (--mask)",
-                               _shira_tensors, extras=_shira_indices))
+                               _shira_tensors, extras=_shira_indices,
+                               options=("rank", "targets", "mask", "fraction")))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import typing
 from pathlib import Path
 from typing import Any
@@ -94,10 +95,35 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_dict(values)
 
 
+def unused_options(cfg: TrainConfig, given: set[str]) -> list[str]:
+    """Options given on the command line that only some methods/optimizers read, and neither the chosen method,
+    the chosen optimizer nor --quantize (which reads --targets) does. Each spec declares its ``options``."""
+    from ..methods import get_method
+    from ..methods import specs as method_specs
+    from ..optim.registry import get_spec
+    from ..optim.registry import specs as optimizer_specs
+
+    specific = {o for m in method_specs().values() for o in getattr(m, "options", ())}
+    specific |= {o for spec in optimizer_specs().values() for o in spec.options}
+    read = set(getattr(get_method(cfg.method), "options", ())) | set(get_spec(cfg.optim).options)
+    if cfg.quantize:
+        read.add("targets")
+    return sorted((given & specific) - read)
+
+
+def warn_unused(cfg: TrainConfig, args: argparse.Namespace) -> None:
+    """One stderr line per given option the run will not read (it would otherwise be ignored silently)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    for name in unused_options(cfg, set(vars(args)) & names):
+        print(f"leantrain: warning: --{name.replace('_', '-')} is not used by --method {cfg.method} "
+              f"--optim {cfg.optim}; ignored", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..train import train
 
     cfg = config_from_args(args)
+    warn_unused(cfg, args)
     metrics = train(cfg)
     if metrics.get("rank", 0) != 0:  # under torchrun only rank 0 reports
         return 0

@@ -65,6 +65,7 @@ class LowRankBaseline(MethodBase):
     trains_base = True
     tasks = ("causal-lm",)
     replaces_targets = True
+    options = ("rank",)
 
     def estimator_tensors(self, module: str, out_f: int, in_f: int, opts: Any) -> list[EstimatorTensor]:
         """W (out x in) becomes B (out x r) A (r x in), both trained."""

@@ -38,6 +38,7 @@ class DLRTMethod(MethodBase):
     summary = "DLRT: rank-adaptive low-rank layers trained by the KLS integrator (--tau, max rank --rank)"
     trains_base = True
     replaces_targets = True
+    options = ("rank", "targets", "tau")
 
     # ---- estimator terms (leantrain memory; ranks adapt, so ``opts.dlrt_ranks`` may give them per layer) ----
     def trains_other(self, opts: Any) -> bool:

@@ -496,8 +496,8 @@ def build_adamw(groups: list[dict], opts: OptimizerOptions, lr: float) -> torch.
 register(OptimizerSpec("adamw", build_adamw, states=2, codec="native",
                        summary="AdamW, fp32 moments (torch's foreach AdamW for fp32 parameters)"))
 register(OptimizerSpec("adamw8bit", adam_builder(AdamW8bit), states=2, codec="8bit", compilable=True,
-                       summary="AdamW, 8-bit block-wise moments"))
+                       summary="AdamW, 8-bit block-wise moments", options=("block_size", "compile_optim")))
 register(OptimizerSpec("adam8bit", adam_builder(Adam8bit), states=2, codec="8bit", compilable=True,
-                       summary="Adam (L2 decay in the gradient), 8-bit block-wise moments"))
+                       summary="Adam (L2 decay in the gradient), 8-bit block-wise moments", options=("block_size", "compile_optim")))
 register(OptimizerSpec("adamw4bit", adam_builder(AdamW4bit), states=2, codec="4bit", compilable=True,
-                       summary="AdamW, 4-bit moments"))
+                       summary="AdamW, 4-bit moments", options=("block_size", "compile_optim")))

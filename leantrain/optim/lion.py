@@ -44,4 +44,4 @@ def build_lion8bit(groups: list[dict], opts: OptimizerOptions, lr: float) -> tor
 
 
 register(OptimizerSpec("lion8bit", build_lion8bit, states=1, codec="8bit",
-                       summary="Lion (sign momentum), 8-bit momentum, betas (0.9, 0.99)"))
+                       summary="Lion (sign momentum), 8-bit momentum, betas (0.9, 0.99)", options=("block_size",)))

@@ -54,4 +54,4 @@ def build_sgd8bit(groups: list[dict], opts: OptimizerOptions, lr: float) -> torc
 
 
 register(OptimizerSpec("sgd8bit", build_sgd8bit, states=1, codec="8bit",
-                       summary="SGD with momentum 0.9, 8-bit momentum"))
+                       summary="SGD with momentum 0.9, 8-bit momentum", options=("block_size",)))

@@ -42,7 +42,8 @@ class OptimizerSpec:
 
     ``states``: moments kept per parameter (estimator); ``codec``: how they are stored ("native" = in the
     parameter's dtype as torch does, else a leantrain codec); ``projected``: GaLore-style low-rank moments of 2-D
-    parameters; ``compilable``: honours ``compile_optim`` (the fused 8/4-bit Adam kernel).
+    parameters; ``compilable``: honours ``compile_optim`` (the fused 8/4-bit Adam kernel); ``options``: the run
+    options it reads beyond lr, betas and weight_decay (the CLI warns about a given option nobody reads).
     """
 
     name: str
@@ -52,6 +53,7 @@ class OptimizerSpec:
     summary: str
     projected: bool = False
     compilable: bool = False
+    options: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.codec not in CODEC_KINDS:
