@@ -109,19 +109,17 @@ class Apollo(BlockOptimizer):
         state["proj_seed"] = next_seed(state["proj_seed"])
 
     def _matrix_update(self, p: Tensor, group: dict[str, Any]) -> None:
-        """One APOLLO step of a matrix (moments of the projected gradient, scaling applied to the full one)."""
+        """One step of a matrix: Adam moments of the projected gradient R, then the full-rank direction."""
         if hasattr(p, "to_local"):
             raise TypeError(f"{type(self).__name__}: FSDP2-sharded matrix of shape {tuple(p.shape)} is not "
                             "supported (channel norms need the whole gradient); use DDP")
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["proj_seed"] = self._param_seed(p, group)
         state["step"] += 1
         t = int(state["step"])
         g = p.grad.float()
-        self._refresh(state, group, tuple(g.shape), t)
-        r = project_with(g, state["proj_basis"].to(g.device), state["proj_side"])
+        r = self._project(p, g, state, group, t)
         n = r.numel()
         codecs = [self._codec(group, n, signed, p) for _, signed in self.moments]
         if not any(f"exp_avg{sfx}" in state for sfx in codecs[0].layout(n)):
@@ -131,8 +129,20 @@ class Apollo(BlockOptimizer):
         normed, s = self._rule(r, [m, v], group, t)
         for c, e, b in zip(codecs, encs, (m, v)):
             c.encode_range(e, 0, b.reshape(-1))
+        self._apply(p, self._direction(g, r, normed, state, group), group, s)
+
+    def _project(self, p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any], t: int) -> Tensor:
+        """R: the gradient in the current seeded random basis (redrawn when due)."""
+        if "proj_seed" not in state:
+            state["proj_seed"] = self._param_seed(p, group)
+        self._refresh(state, group, tuple(g.shape), t)
+        return project_with(g, state["proj_basis"].to(g.device), state["proj_side"])
+
+    def _direction(self, g: Tensor, r: Tensor, normed: Tensor, state: dict[str, Any],
+                   group: dict[str, Any]) -> Tensor:
+        """sqrt(alpha) * limiter(G * s): the full gradient with Adam's step size estimated in the projection."""
         u = self._limit(g * self._scaling(normed, r, state["proj_side"], group), state, group)
-        self._apply(p, u, group, s * math.sqrt(group["scale"]))
+        return u * math.sqrt(group["scale"])
 
     @staticmethod
     def _scaling(normed: Tensor, r: Tensor, side: int, group: dict[str, Any]) -> Tensor:

@@ -278,6 +278,14 @@ def _apollo_reference(params, rank=4, scale=1.0, scale_type="channel"):
                                      {"params": rest}], lr=LR, weight_decay=WD)
 
 
+def _fira_reference(params):
+    """The ``fira`` package's FiraAdamW (full SVD basis, alpha 1) on the 2-D parameters, its AdamW on the rest."""
+    fira = pytest.importorskip("fira")
+    mats, rest = [p for p in params if p.ndim == 2], [p for p in params if p.ndim != 2]
+    return fira.FiraAdamW([{"params": mats, "rank": 4, "update_proj_gap": 1000, "alpha": 1.0, "proj_type": "std"},
+                           {"params": rest}], lr=LR, weight_decay=WD)
+
+
 # name -> (reference optimizer over the same parameters, bound on ||p - p_ref|| / ||p_ref - p0|| after 10 steps;
 # measured 2026-12-02: adamw 0, 8-bit Adam/AdamW 0.012, adamw4bit 0.19, lion8bit 0.050, sgd8bit 0.013, GaLore 6e-4)
 REFERENCES = {
@@ -295,6 +303,7 @@ REFERENCES = {
     "adam-mini": (_adam_mini_reference, 0.05),  # measured 0.010 (8-bit first moment)
     "apollo": (_apollo_reference, 0.01),  # measured 4.6e-5 (weight decay before vs after the update)
     "apollo-mini": (lambda ps: _apollo_reference(ps, rank=1, scale=128.0, scale_type="tensor"), 0.01),  # 1.6e-5
+    "fira": (_fira_reference, 0.01),  # measured 2.1e-5
 }
 
 
