@@ -286,6 +286,14 @@ def _fira_reference(params):
                            {"params": rest}], lr=LR, weight_decay=WD)
 
 
+def _flora_reference(params):
+    """flora-opt's Flora as the registry builds it: rank 4, kappa = --gap, beta1 0.9, absolute lr."""
+    pytest.importorskip("flora_opt")
+    from flora_opt.optimizers.torch import Flora
+
+    return Flora(params, lr=LR, rank=4, kappa=1000, beta1=0.9, weight_decay=WD, scale_parameter=False)
+
+
 # name -> (reference optimizer over the same parameters, bound on ||p - p_ref|| / ||p_ref - p0|| after 10 steps;
 # measured 2026-12-02: adamw 0, 8-bit Adam/AdamW 0.012, adamw4bit 0.19, lion8bit 0.050, sgd8bit 0.013, GaLore 6e-4)
 REFERENCES = {
@@ -304,6 +312,7 @@ REFERENCES = {
     "apollo": (_apollo_reference, 0.01),  # measured 4.6e-5 (weight decay before vs after the update)
     "apollo-mini": (lambda ps: _apollo_reference(ps, rank=1, scale=128.0, scale_type="tensor"), 0.01),  # 1.6e-5
     "fira": (_fira_reference, 0.01),  # measured 2.1e-5
+    "flora": (_flora_reference, 1e-5),  # measured 6.0e-7 (same projections)
 }
 
 
