@@ -1,11 +1,13 @@
 """leantrain.atomic helpers: files appear complete under their final name, and a failed write leaves nothing."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from leantrain.atomic import savefig_atomic, write_safetensors_atomic
+from leantrain.atomic import savefig_atomic, write_safetensors_atomic, write_text_atomic
 
 
 def test_safetensors_writer_round_trips_with_metadata(tmp_path):
@@ -34,3 +36,14 @@ def test_savefig_uses_the_final_suffix_as_format(tmp_path):
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert b"<svg" in (tmp_path / "plot.svg").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.png", "plot.svg"]
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_files_follow_the_umask(tmp_path, umask, mode):
+    """mkstemp creates 0600 files: config.json and metrics.json were private while labels.json was not."""
+    old = os.umask(umask)
+    try:
+        write_text_atomic(tmp_path / "config.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "config.json").stat().st_mode & 0o777 == mode
