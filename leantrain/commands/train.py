@@ -73,7 +73,12 @@ def register(subparsers) -> None:
                     f"the defaults are --method {SCRATCH_METHOD} --lr {SCRATCH_LR:g}). Every option maps to a "
                     "TrainConfig field saved in RUN/config.json.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", type=Path, help="read options from a config.json (flags given here win)")
+    parser.add_argument("--config", type=Path,
+                        help="read options from a .json, .toml or .yaml file of TrainConfig fields (flags given "
+                             "here win)")
+    parser.add_argument("--extra", metavar="KEY=VALUE", action="append", type=_extra_item, default=None,
+                        help="an entry of TrainConfig.extra, e.g. --extra dlrt_freeze_other=true (VALUE is read as "
+                             "JSON when it parses, else as text); repeatable")
     examples = ", ".join(f"{m} {get_method(m).default_lr:g}" for m in (PRETRAINED_METHOD, SCRATCH_METHOD))
     suffixes = {"method": f"; one of: {', '.join(available_methods())}",
                 "optim": f"; one of: {', '.join(available_optimizers())}",
@@ -84,14 +89,51 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def _extra_item(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` -> (key, JSON value, or the text itself when it is not JSON)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    try:
+        return key.strip(), json.loads(raw)
+    except json.JSONDecodeError:
+        return key.strip(), raw
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """TrainConfig fields from a .json, .toml or .yaml/.yml file (a mapping at the top level)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    text = path.read_text(encoding="utf-8")
+    try:
+        if suffix == ".toml":
+            import tomllib
+
+            values = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text)
+        else:
+            values = json.loads(text)
+    except ModuleNotFoundError as exc:
+        raise ValueError(f"--config {str(path)!r}: reading {suffix} files needs {exc.name} "
+                         f"(pip install pyyaml)") from None
+    except Exception as exc:  # noqa: BLE001 - each parser has its own error class; the message names the file
+        raise ValueError(f"--config {str(path)!r}: not valid {suffix.lstrip('.') or 'JSON'} "
+                         f"({str(exc).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise TypeError(f"--config {str(path)!r} must hold a mapping of TrainConfig fields")
+    return values
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    values = {}
-    if getattr(args, "config", None):
-        if not args.config.is_file():
-            raise FileNotFoundError(f"--config {str(args.config)!r} does not exist")
-        values.update(json.loads(args.config.read_text()))
+    values: dict[str, Any] = read_config_file(args.config) if getattr(args, "config", None) else {}
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    values.update({k: v for k, v in vars(args).items() if k in names})
+    values.update({k: v for k, v in vars(args).items() if k in names and k != "extra"})
+    if getattr(args, "extra", None):
+        values["extra"] = {**values.get("extra", {}), **dict(args.extra)}
     return TrainConfig.from_dict(values)
 
 
