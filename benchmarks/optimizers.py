@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_peers:
         makers.update(peers())
     rows = []
+    load_before = os.getloadavg()
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
@@ -194,8 +195,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"workload": wname, "optimizer": oname, "ms_per_step": ms,
                          "state_bytes_per_param": nbytes / numel, "numel": numel, "first_step_s": first})
     print_table(rows)
+    load = {"before": load_before, "after": os.getloadavg()}  # 1/5/15-minute load averages: a shared machine
+    print("load average (1, 5, 15 min) before: {:.2f} {:.2f} {:.2f}; after: {:.2f} {:.2f} {:.2f}".format(
+        *load["before"], *load["after"]))
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "steps": steps, "warmup": warmup,
-            "interleave": args.interleave,
+            "interleave": args.interleave, "load_average": load,
             "command": " ".join(["benchmarks/optimizers.py", *(argv if argv is not None else sys.argv[1:])])}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
