@@ -43,6 +43,7 @@ _MODULES = (
     "leantrain.adapters.lora_fa",
     "leantrain.adapters.loldu",
     "leantrain.adapters.relora",
+    "leantrain.lm.sltrain",
     "leantrain.gradnormlorp",
     "leantrain.lowrank.method",
     "leantrain.lm.lowrank",
