@@ -15,9 +15,9 @@ Every ``relora_every`` optimizer steps (a restart):
    ``step``, so it needs no change to the loop).
 
 As in the paper, the parameters outside the targeted Linears (embeddings, norms, biases, the LM head) train
-fully; the targeted weights move only through the merges. Options come from ``TrainConfig.extra`` (a
-``--config`` JSON: ``{"extra": {"relora_every": 20}}``): ``relora_every`` (default 200), ``relora_warmup``
-(default every // 10), ``relora_prune`` (default 0.99). A is re-drawn from a generator seeded by
+fully; the targeted weights move only through the merges. Options come from ``TrainConfig.extra``
+(``--extra relora_every=20``, or ``{"extra": {"relora_every": 20}}`` in a ``--config`` file): ``relora_every``
+(default 200), ``relora_warmup`` (default every // 10), ``relora_prune`` (default 0.99). A is re-drawn from a generator seeded by
 (--seed, restart index), so restarts never consume the global RNG and a resumed run repeats them exactly; the
 checkpoint holds the merged base weights (``trainable_state``) and the step counter (the optimizer state).
 """

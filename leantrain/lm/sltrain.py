@@ -13,7 +13,7 @@ a time inside an autograd function that saves only x and the factors and recompu
 weight-sized tensor stays alive between forward and backward.
 
 Registered as ``sltrain`` (causal-LM pre-training only). Option: ``TrainConfig.extra["sltrain_density"]``
-(a ``--config`` JSON ``{"extra": {"sltrain_density": 0.05}}``).
+(``--extra sltrain_density=0.05``).
 """
 from __future__ import annotations
 
