@@ -110,6 +110,14 @@ class TrainConfig:
     arch: str | None = option(None, "architecture for --init-weights scratch: 'llama' (None = llama)")
     preset: str | None = option(None, "model size for --init-weights scratch: nano | tiny | small | 60m | 130m | "
                                       "350m | 1b | 7b (None = tiny)")
+    # --- precision and memory (docs/bigmodel.md) -----------------------------------------------------------------
+    # `leantrain memory` spells --dtype and --layerwise with its own (shorter) help, which must contain these
+    # (tests/test_cli_vocabulary.py); the full semantics are in docs/bigmodel.md.
+    dtype: str = option("fp32", "weights, gradients and states")
+    bf16_update: str = option("stochastic", "how --dtype bf16 stores an update: 'stochastic' rounding (seeded), "
+                                            "'kahan' (bf16 compensation buffer per parameter) or 'plain' "
+                                            "(round to nearest: small updates are lost); fp16 is refused")
+    layerwise: bool = option(False, "per-layer optimizer step (GaLore 7B recipe)")
     activation_checkpointing: bool = option(False, "recompute each block's activations in backward (less "
                                                    "memory, ~1 extra forward; causal-lm only, classify ignores it)")
     # --- output -----------------------------------------------------------------------------------------------
@@ -183,12 +191,34 @@ class TrainConfig:
         for ok, name, value, why in checks:
             if not ok:
                 raise ValueError(f"TrainConfig.{name}={value!r} {why}")
+        self._check_precision_and_layerwise(method)
         method.validate(self)
         if self.targets.startswith("re:"):
             try:
                 re.compile(self.targets[3:])
             except re.error as exc:
                 raise ValueError(f"TrainConfig.targets={self.targets!r} is not a valid regex ({exc})") from None
+
+    def _check_precision_and_layerwise(self, method: Any) -> None:
+        """--dtype, --bf16-update and --layerwise: what they cannot do yet is refused in one line."""
+        checks = [
+            (self.dtype in ("fp32", "bf16", "fp16"), "dtype", self.dtype, "must be fp32, bf16 or fp16"),
+            (self.dtype != "fp16", "dtype", self.dtype,
+             "pure fp16 training needs a loss scaler, which is not implemented; use --dtype bf16"),
+            (self.bf16_update in ("stochastic", "kahan", "plain"), "bf16_update", self.bf16_update,
+             "must be stochastic, kahan or plain"),
+            (self.dtype == "fp32" or self.strategy != "fsdp", "dtype", self.dtype,
+             "runs on one process or under --strategy ddp, not fsdp (yet)"),
+            (not self.layerwise or self.grad_accum == 1, "layerwise", self.layerwise,
+             f"steps inside backward and cannot accumulate --grad-accum {self.grad_accum} (yet); use 1"),
+            (not self.layerwise or not getattr(method, "changes_parameter_shapes", False), "layerwise",
+             self.layerwise, f"cannot drive --method {self.method}: it changes parameter shapes in a multi-pass step"),
+            (not self.layerwise or self.strategy != "fsdp", "layerwise", self.layerwise,
+             "cannot run under --strategy fsdp"),
+        ]
+        for ok, name, value, why in checks:
+            if not ok:
+                raise ValueError(f"TrainConfig.{name}={value!r} {why}")
 
     def _check_init_weights(self) -> None:
         """Refuse what the newcomer defaults cannot mean: scratch weights exist for causal LMs only, and adapters

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from . import dist
 from .config import TrainConfig
 from .dist_utils import average_gradients
+from .layerwise import LayerwiseStep
 from .report import StepLog
 from .run import Run, Task, trainable_parameters
 
@@ -63,14 +64,17 @@ class Closure:
     ctx: dist.DistContext = field(default_factory=dist.DistContext)
     manual_sync: bool = False
     step: int = 0
+    layerwise: LayerwiseStep | None = None  # --layerwise: backward steps the optimizer (leantrain/layerwise.py)
 
     @classmethod
     def for_run(cls, run: Run) -> Closure:
         """The closure of ``leantrain train``: gradients synced by hand when the run's method needs it."""
-        return cls(run.task, run.optimizer, run.cfg, run.ctx, run.manual_sync)
+        return cls(run.task, run.optimizer, run.cfg, run.ctx, run.manual_sync, layerwise=run.layerwise)
 
     def __call__(self) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
+        if self.layerwise is not None:
+            return self._layerwise()
         total = self._accumulate()
         if self.manual_sync:
             average_gradients(self.task.model.parameters(), self.ctx.world)
@@ -87,6 +91,20 @@ class Closure:
         if self.cfg.grad_clip:
             clip_grads_with_norm_(trainable, self.cfg.grad_clip, norm)
         return dist.full_tensor(norm)
+
+    def _layerwise(self) -> torch.Tensor:
+        """--layerwise: the hooks clip, check and step each parameter during backward; a non-finite loss is caught
+        before backward (no update at all), like the ordinary step's check."""
+        self.layerwise.step = self.step
+        batch = dist.shard_batch(self.task.batch(self.step), self.ctx)
+        loss = self.task.loss(batch)
+        if not torch.isfinite(loss):
+            if self.cfg.nan_policy == "stop":
+                raise FloatingPointError(f"step {self.step + 1}: non-finite loss; rerun with --nan-policy skip to "
+                                         "skip such steps")
+            return loss.detach()
+        loss.backward()
+        return loss.detach()
 
     def _accumulate(self) -> torch.Tensor:
         """Sum of the micro-batch losses, each scaled by 1/grad_accum so the gradient is the global mean."""
@@ -183,7 +201,7 @@ def train_steps(run: Run, span: StepSpan, log: StepLog | None, save: Callable[[i
     for step in range(span.start, span.end):
         closure.step = step
         set_learning_rates(optimizer, step, span.total, cfg.warmup_ratio)
-        value = float(optimizer.step(closure))
+        value = float(closure() if run.layerwise is not None else optimizer.step(closure))
         if not math.isfinite(value):  # --nan-policy skip dropped this step's update
             skipped += 1
         record: dict[str, Any] = {"step": step + 1, "loss": value, "lr": optimizer.param_groups[0]["lr"]}

@@ -3,8 +3,9 @@
 ``leantrain train``, the memory measurement (``memory/measuring.py``) and the benchmarks build their runs here, so
 the order that decides results cannot drift between them:
 
-    seed -> task (data + model init) -> quantized base -> method.apply -> LoftQ -> head group (its lr rule)
-         -> DDP/FSDP wrap -> optimizer (+ the method's wrapper)
+    seed -> task (data + model init) -> --dtype cast -> quantized base -> method.apply -> LoftQ -> head group
+         (its lr rule) -> DDP/FSDP wrap -> optimizer (+ bf16 compensation, + the method's wrapper)
+         -> --layerwise hooks (the step inside backward)
 
 Every step draws from the global RNG in this order, which is what makes a run reproducible from its config.
 Pieces that a special-purpose setup needs on its own (``calibration``, ``head_group``, ``base_lr``,
@@ -22,8 +23,10 @@ from torch import nn
 from . import dist
 from .config import TrainConfig
 from .data import prefetch_data
+from .layerwise import LayerwiseStep
 from .methods import Calibration, Method, get_method, head_module
 from .optim.registry import build_optimizer
+from .precision import cast_model, wrap_for_dtype
 
 CALIBRATION_BATCHES = 4  # training batches a data-dependent init (SHiRA gradient/SNIP masks) may look at
 HEAD_MIN_LR = 1e-3  # a fresh head learns from scratch: it never trains slower than this unless --head-lr says so
@@ -55,6 +58,7 @@ class Run:
     method: Method
     optimizer: torch.optim.Optimizer
     ctx: dist.DistContext = field(default_factory=dist.DistContext)
+    layerwise: LayerwiseStep | None = None  # --layerwise: the hooks that step inside backward
 
     @property
     def model(self) -> nn.Module:
@@ -158,11 +162,12 @@ def wrap_for_distributed(task: Task, groups: list[dict], ctx: dist.DistContext) 
 
 def build_optimizer_for(cfg: TrainConfig, groups: list[dict], lr: float, method: Method | None = None,
                         model: nn.Module | None = None) -> torch.optim.Optimizer:
-    """--optim over ``groups``, wrapped by the method if it integrates in several passes (DLRT's KLS).
+    """--optim over ``groups``, compensated for bf16 weights (``--bf16-update``), then wrapped by the method if
+    it integrates in several passes (DLRT's KLS drives the compensated optimizer as its inner one).
 
     Every group remembers its ``initial_lr``: the schedule scales that, so it is a pure function of the step.
     """
-    optimizer = build_optimizer(cfg.optim, groups, cfg, lr)
+    optimizer = wrap_for_dtype(build_optimizer(cfg.optim, groups, cfg, lr), cfg.dtype, cfg.bf16_update, cfg.seed)
     wrap = getattr(method, "wrap_optimizer", None)
     if wrap is not None:
         optimizer = wrap(optimizer, model, cfg)
@@ -179,11 +184,23 @@ def new_task(cfg: TrainConfig, ctx: dist.DistContext) -> Task:
     return build_task(cfg, ctx.device)
 
 
+def layerwise_hooks(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    ctx: dist.DistContext) -> LayerwiseStep | None:
+    """--layerwise: hook the optimizer step into backward (one process: DDP syncs gradients after the hook)."""
+    if not cfg.layerwise:
+        return None
+    if ctx.enabled:
+        raise ValueError("--layerwise runs on one process for now: DDP/FSDP synchronise gradients after the "
+                         "step-in-backward hook fires; drop --layerwise under torchrun")
+    return LayerwiseStep(optimizer, model, cfg.grad_clip, cfg.nan_policy).register()
+
+
 def build_run(cfg: TrainConfig, ctx: dist.DistContext | None = None, task: Task | None = None) -> Run:
     """Assemble the run ``cfg`` describes; ``task`` replaces the data-backed one (memory measurement)."""
     ctx = ctx or dist.DistContext()
     method = get_method(cfg.method)
     task = task if task is not None else new_task(cfg, ctx)
+    cast_model(task.model, cfg.dtype)  # TODO(issue 19 item 4): build the model directly in the dtype
     groups = shape_model(task.model, cfg, method, calibration(task))
     lr = base_lr(cfg, method)
     head = head_group(task.model, cfg, lr)
@@ -193,4 +210,4 @@ def build_run(cfg: TrainConfig, ctx: dist.DistContext | None = None, task: Task 
     if ctx.enabled and not changes_parameter_shapes(method):  # shape-changing methods sync gradients by hand
         groups = wrap_for_distributed(task, groups, ctx)
     optimizer = build_optimizer_for(cfg, groups, lr, method, task.model)
-    return Run(cfg, task, method, optimizer, ctx)
+    return Run(cfg, task, method, optimizer, ctx, layerwise_hooks(cfg, task.model, optimizer, ctx))

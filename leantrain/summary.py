@@ -36,7 +36,14 @@ def memory_figures(run: Run, final_state: dict[str, torch.Tensor]) -> dict[str, 
         "grad_bytes": local_bytes(trainable),
         "optimizer_state_bytes": optimizer_state_bytes_local(run.optimizer),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        **layerwise_figures(run),
     }
+
+
+def layerwise_figures(run: Run) -> dict[str, int]:
+    """--layerwise: the most gradient bytes alive at once (measured in the step hooks; ``grad_bytes`` is what the
+    ordinary step would hold)."""
+    return {"layerwise_peak_grad_bytes": run.layerwise.peak_grad_bytes} if run.layerwise is not None else {}
 
 
 def run_summary(run: Run, final: dict[str, float], final_state: dict[str, torch.Tensor],
@@ -46,6 +53,7 @@ def run_summary(run: Run, final: dict[str, float], final_state: dict[str, torch.
     metrics: dict[str, Any] = {
         "method": cfg.method,
         "optim": cfg.optim,
+        "dtype": cfg.dtype,
         **final,
         **run.task.summary(),
         "train_loss_last": train_loss_last(records),

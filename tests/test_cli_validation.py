@@ -103,6 +103,9 @@ BAD = [
     ("targets", ["--targets", "re:("], ()),
     ("compile_optim", ["--compile-optim", "--optim", "lion8bit"], ("lion8bit",)),
     ("compile_optim", ["--compile-optim", "--optim", "adamw"], ()),
+    ("dtype", ["--dtype", "fp16"], ()),
+    ("bf16_update", ["--dtype", "bf16", "--bf16-update", "nearest"], ()),
+    ("layerwise", ["--layerwise", "--grad-accum", "2"], ()),
 ]
 
 # Not validated today: (field, argv, fix for config.py / the consumer). Each runs a real (tiny) training step.
