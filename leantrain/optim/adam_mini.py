@@ -180,4 +180,4 @@ def build_adam_mini(groups: list[dict], opts: OptimizerOptions, lr: float) -> to
 
 register(OptimizerSpec("adam-mini", build_adam_mini, states=1, codec="8bit",
                        summary="Adam-mini: one second moment per row (token / output neuron) of each matrix, "
-                               "8-bit first moment"))
+                               "8-bit first moment", options=("block_size",)))

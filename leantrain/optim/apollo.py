@@ -214,7 +214,8 @@ def _builder(cls: type[Apollo], mini: bool):
 
 register(OptimizerSpec("apollo", _builder(Apollo, False), states=2, codec="8bit", projected=True,
                        summary="APOLLO: channel-wise Adam scaling from a seeded random rank-r projection "
-                               "(--rank, --gap); AdamW for head/embeddings; 8-bit states"))
+                               "(--rank, --gap); AdamW for head/embeddings; 8-bit states",
+                       options=("rank", "gap", "block_size")))
 register(OptimizerSpec("apollo-mini", _builder(ApolloMini, True), states=2, codec="8bit", projected=True,
                        summary="APOLLO-Mini: rank-1 random projection, one scaling per tensor (alpha 128); "
-                               "8-bit states"))
+                               "8-bit states", options=("gap", "block_size")))

@@ -72,4 +72,4 @@ def build_fira(groups: list[dict], opts: OptimizerOptions, lr: float) -> torch.o
 
 register(OptimizerSpec("fira", build_fira, states=2, codec="8bit", projected=True,
                        summary="Fira: GaLore's low-rank Adam state plus the norm-scaled full-rank residual "
-                               "(--rank, --gap, --svd); 8-bit states"))
+                               "(--rank, --gap, --svd); 8-bit states", options=("rank", "gap", "svd", "block_size")))

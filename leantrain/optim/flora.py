@@ -217,4 +217,4 @@ def build_flora(groups: list[dict], opts: OptimizerOptions, lr: float) -> torch.
 
 register(OptimizerSpec("flora", build_flora, states=1, codec="8bit",
                        summary="Flora: Adafactor with momentum compressed in a random rank-r projection "
-                               "resampled every --gap steps; 8-bit momentum"))
+                               "resampled every --gap steps; 8-bit momentum", options=("rank", "gap", "block_size")))

@@ -219,4 +219,5 @@ register(OptimizerSpec("muon", _muon_builder(Muon), states=1, codec="fp32",
                        summary="Muon: Newton-Schulz-orthogonalised momentum for matrices (AdamW lr via "
                                "match-RMS scaling), AdamW for head/embeddings/1-D"))
 register(OptimizerSpec("muon8bit", _muon_builder(Muon8bit), states=1, codec="8bit",
-                       summary="Muon with 8-bit block-wise momentum (AdamW8bit for head/embeddings/1-D)"))
+                       summary="Muon with 8-bit block-wise momentum (AdamW8bit for head/embeddings/1-D)",
+                       options=("block_size",)))
