@@ -160,4 +160,5 @@ class LolduMethod(AdapterMethod):
 
 
 LOLDU = register(LolduMethod("loldu", _build, "LoLDU: frozen P L U' of each weight, only diag z and a scale train",
-                             loldu_tensors, lambda o, i, r: 2 * r, default_lr=5e-3, extras=loldu_perm_bytes))
+                             loldu_tensors, lambda o, i, r: 2 * r, default_lr=5e-3, extras=loldu_perm_bytes,
+                             options=("rank", "alpha", "dropout", "targets")))

@@ -229,4 +229,5 @@ class ReloraMethod(AdapterMethod):
 
 
 RELORA = register(ReloraMethod("relora", _lora(), "ReLoRA: LoRA merged into the base and restarted every N steps "
-                               "(extra relora_every)", _relora_tensors, lambda o, i, r: r, default_lr=1e-3))
+                               "(extra relora_every)", _relora_tensors, lambda o, i, r: r, default_lr=1e-3,
+                               options=("rank", "alpha", "dropout", "targets", "init")))

@@ -131,6 +131,7 @@ class SLTrain(MethodBase):
     trains_base = True
     tasks = ("causal-lm",)
     replaces_targets = True
+    options = ("rank", "alpha")  # the TrainConfig fields it reads (others given on the CLI draw a warning)
 
     def validate(self, cfg: TrainConfig) -> None:
         density_of(cfg.extra)
