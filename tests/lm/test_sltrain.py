@@ -3,6 +3,7 @@ only B, A and the sparse values train (with the non-targeted parameters, as in p
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -98,3 +99,23 @@ def test_pretraining_run_resumes_bit_exactly(corpus_path, tmp_path, lm_config):
     assert losses[0] == losses[1] and len(losses[0]) == 4
     assert resumed["val_loss"] == straight["val_loss"]
     assert json.loads((tmp_path / "a" / "config.json").read_text())["extra"] == {"sltrain_density": 0.05}
+
+
+def test_layerwise_equals_the_ordinary_step_and_bf16_trains(corpus_path, tmp_path, lm_config):
+    """--layerwise steps B, A and the values inside backward exactly as the ordinary step does (the hand-written
+    backward accumulates each gradient once); --dtype bf16 keeps every factor in bf16 and finite."""
+    from leantrain.train import train
+
+    common = {"method": "sltrain", "rank": 4, "steps": 4, "grad_clip": None, "extra": {"sltrain_density": 0.05}}
+    train(lm_config(corpus_path, tmp_path / "ordinary", **common))
+    train(lm_config(corpus_path, tmp_path / "layerwise", layerwise=True, **common))
+    losses = [[r["loss"] for r in read_jsonl(tmp_path / d / "metrics.jsonl") if "loss" in r]
+              for d in ("ordinary", "layerwise")]
+    assert len(losses[0]) == 4 and max(abs(a - b) for a, b in zip(*losses)) <= 1e-6
+    metrics = train(lm_config(corpus_path, tmp_path / "bf16", dtype="bf16", **common))
+    from safetensors.torch import load_file
+
+    state = load_file(tmp_path / "bf16" / "trainable.safetensors")
+    values = [v for k, v in state.items() if k.endswith((".A", ".B", ".values"))]
+    assert values and all(v.dtype == torch.bfloat16 and torch.isfinite(v).all() for v in values)
+    assert math.isfinite(metrics["val_loss"])
