@@ -10,7 +10,7 @@ learning rates stalls. Two compensations, chosen by ``--bf16-update``:
   without saving a generator. No extra memory per parameter.
 * ``kahan``: the part of the fp32 result that bf16 cannot hold is kept in a bf16 compensation buffer per parameter
   (optimizer state key ``bf16_compensation``, saved in checkpoints) and added back before the next update: the
-  weight is effectively bf16 + bf16 (~16 mantissa bits). 2 bytes per parameter.
+  weight is effectively bf16 + bf16 (~16 significant bits). 2 bytes per parameter.
 * ``plain``: the optimizer's own round-to-nearest (no wrapper).
 
 Where: :class:`CompensatedOptimizer`, one wrapper every optimizer goes through (leantrain's BlockOptimizer family

@@ -2,8 +2,8 @@
 
 Measured bounds: stochastic rounding's mean of N roundings is within 5 standard errors (ulp / (2 sqrt N)) of the
 fp32 value; 1000 updates of 1e-3 on a bf16 weight of 1.0 (each below half a bf16 ulp, 2^-8) reach 2.0 within 1 %
-of the total change with Kahan (measured: 0.2 %), on average within 1 % with stochastic rounding, and not at all
-(weight stays 1.0) with plain round-to-nearest.
+of the total change with Kahan (measured: 0.31 %), on average over 4096 weights within 1 % with stochastic rounding
+(measured: 0.04 %; one weight's spread is 0.085), and not at all (weight stays 1.0) with plain round-to-nearest.
 """
 from __future__ import annotations
 
