@@ -113,11 +113,13 @@ class TrainConfig:
     # --- precision and memory (docs/bigmodel.md) -----------------------------------------------------------------
     # `leantrain memory` spells --dtype and --layerwise with its own (shorter) help, which must contain these
     # (tests/test_cli_vocabulary.py); the full semantics are in docs/bigmodel.md.
-    dtype: str = option("fp32", "weights, gradients and states")
+    dtype: str = option("fp32", "weights, activations and gradients: fp32 | bf16 (pure bf16, no fp32 master copy; "
+                                "optimizer moments keep their own codec) | fp16 (refused: needs a loss scaler)")
     bf16_update: str = option("stochastic", "how --dtype bf16 stores an update: 'stochastic' rounding (seeded), "
                                             "'kahan' (bf16 compensation buffer per parameter) or 'plain' "
                                             "(round to nearest: small updates are lost); fp16 is refused")
-    layerwise: bool = option(False, "per-layer optimizer step (GaLore 7B recipe)")
+    layerwise: bool = option(False, "step each parameter inside backward and free its gradient, so one gradient "
+                                    "is alive at a time (GaLore's 7B recipe; --grad-clip per parameter)")
     activation_checkpointing: bool = option(False, "recompute each block's activations in backward (less "
                                                    "memory, ~1 extra forward; causal-lm only, classify ignores it)")
     # --- output -----------------------------------------------------------------------------------------------

@@ -64,9 +64,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             extra["choices"] = [None, "nf4", "int8"]
         add_field_option(p, name, *aliases, default=default, **extra,
                          help_suffix="; --seq-len is an alias" if aliases else "")
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPE_BYTES), help="weights, gradients and states")
+    add_field_option(p, "dtype", default="fp32", choices=sorted(DTYPE_BYTES))
     p.add_argument("--attention", choices=["eager", "flash"], default="eager")
-    p.add_argument("--layerwise", action="store_true", help="per-layer optimizer step (GaLore 7B recipe)")
+    add_field_option(p, "layerwise", default=False)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="sizes the optimizer step workspace")
     p.add_argument("--num-labels", type=positive_int, default=2, help="classifier head size for encoder models")
     p.add_argument("--json", action="store_true", help="print one JSON object of byte counts")
