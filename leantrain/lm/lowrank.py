@@ -77,15 +77,20 @@ class LowRankBaseline(MethodBase):
 
     def apply(self, model: nn.Module, cfg: TrainConfig, calib: Calibration | None = None) -> list[dict]:
         factorize(model, cfg.rank)
-        head = head_parameter_names(model)
-        factors, other = [], []
-        for n, p in model.named_parameters():
-            p.requires_grad_(True)
-            if n in head:
-                continue
-            (factors if n.endswith((".A", ".B")) else other).append(p)
-        groups = [{"params": factors, "name": "lowrank"}, {"params": other, "name": "other"}]
-        return [g for g in groups if g["params"]]
+        return factor_groups(model, (".A", ".B"), "lowrank")
+
+
+def factor_groups(model: nn.Module, suffixes: tuple[str, ...], name: str) -> list[dict]:
+    """Pre-training from scratch: everything trains; the factor tensors (names ending in ``suffixes``) form
+    group ``name``, the rest (embeddings, norms, biases) group "other"; the task head is the run's business."""
+    head = head_parameter_names(model)
+    factors, other = [], []
+    for n, p in model.named_parameters():
+        p.requires_grad_(True)
+        if n not in head:
+            (factors if n.endswith(suffixes) else other).append(p)
+    groups = [{"params": factors, "name": name}, {"params": other, "name": "other"}]
+    return [g for g in groups if g["params"]]
 
 
 LOWRANK = register(LowRankBaseline())

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TrainConfig
-from ..methods import Calibration, EstimatorTensor, MethodBase, head_parameter_names, register
+from ..methods import Calibration, EstimatorTensor, MethodBase, register
 from ..targets import is_head, set_submodule
+from .lowrank import factor_groups
 
 DEFAULT_DENSITY = 0.03  # the paper's delta for LLaMA 60M-7B
 
@@ -153,15 +154,7 @@ class SLTrain(MethodBase):
 
     def apply(self, model: nn.Module, cfg: TrainConfig, calib: Calibration | None = None) -> list[dict]:
         sparsify_low_rank(model, cfg.rank, cfg.alpha, density_of(cfg.extra), cfg.seed)
-        head = head_parameter_names(model)
-        factors, other = [], []
-        for n, p in model.named_parameters():
-            p.requires_grad_(True)
-            if n in head:
-                continue
-            (factors if n.endswith((".A", ".B", ".values")) else other).append(p)
-        groups = [{"params": factors, "name": "sltrain"}, {"params": other, "name": "other"}]
-        return [g for g in groups if g["params"]]
+        return factor_groups(model, (".A", ".B", ".values"), "sltrain")
 
 
 SLTRAIN = register(SLTrain())

@@ -253,10 +253,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         # FSDP2 + projection: every rank projects the *full* gradient (one all-gather) with the same seeded basis,
         # so GaLore follows the 1-process trajectory; each rank then applies only its rows of the update.
         grad = p.grad.full_tensor() if projected and hasattr(p.grad, "full_tensor") else _local(p.grad)
-        if not state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)  # never the default dtype (bf16 stops at 256)
-        state["step"] += 1
-        t = int(state["step"])
+        t = self._next_step(state)
         if projected:
             from .projector import project
             grad = project(grad, state, group, t)
@@ -298,6 +295,15 @@ class BlockOptimizer(torch.optim.Optimizer):
                 c.encode_range(e, start, b)
         if not direct:
             p.copy_(pflat.view_as(p))
+
+    @staticmethod
+    def _next_step(state: dict[str, Any]) -> int:
+        """Count one more step of a parameter (1 on its first); the counter is float32 whatever the default dtype
+        (a bf16 counter stops at 256 and freezes Adam's bias correction)."""
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["step"] += 1
+        return int(state["step"])
 
     def _projected_update(self, p, grad, state, group, t, scale, codecs, encs) -> None:
         """Contract hook: moments live in the low-rank gradient's shape; the update is mapped back to p's shape."""
@@ -431,13 +437,18 @@ class _AdamBase(BlockOptimizer):
         super().__init__(params, defaults)
 
     def _rule(self, g: Tensor, bufs: list[Tensor], group: dict[str, Any], t: int) -> tuple[Tensor, float]:
-        m, v = bufs
-        b1, b2 = group["betas"]
-        m.lerp_(g, 1.0 - b1)
-        v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
-        bc2 = math.sqrt(1.0 - b2**t)
-        denom = v.sqrt().add_(group["eps"] * bc2)  # sqrt(v)/bc2 + eps, with bc2 folded into the scale
-        return torch.div(m, denom, out=denom), bc2 / (1.0 - b1**t)
+        return adam_direction(g, bufs, group, t)
+
+
+def adam_direction(g: Tensor, bufs: list[Tensor], group: dict[str, Any], t: int) -> tuple[Tensor, float]:
+    """torch's Adam(W) rule on fp32 moments (m, v) updated in place: (m / (sqrt(v) + eps*bc2), lr scale)."""
+    m, v = bufs
+    b1, b2 = group["betas"]
+    m.lerp_(g, 1.0 - b1)
+    v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+    bc2 = math.sqrt(1.0 - b2**t)
+    denom = v.sqrt().add_(group["eps"] * bc2)  # sqrt(v)/bc2 + eps, with bc2 folded into the scale
+    return torch.div(m, denom, out=denom), bc2 / (1.0 - b1**t)
 
 
 class AdamW(_AdamBase):

@@ -114,10 +114,7 @@ class Apollo(BlockOptimizer):
             raise TypeError(f"{type(self).__name__}: FSDP2-sharded matrix of shape {tuple(p.shape)} is not "
                             "supported (channel norms need the whole gradient); use DDP")
         state = self.state[p]
-        if not state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        state["step"] += 1
-        t = int(state["step"])
+        t = self._next_step(state)
         g = p.grad.float()
         r = self._project(p, g, state, group, t)
         n = r.numel()

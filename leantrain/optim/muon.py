@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .adam import BlockOptimizer
+from .adam import BlockOptimizer, adam_direction
 from .spec import OptimizerOptions, OptimizerSpec, register
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -146,13 +146,7 @@ class Muon(BlockOptimizer):
     # ---- the two rules ----------------------------------------------------------------------------------------
     def _rule(self, g: Tensor, bufs: list[Tensor], group: dict[str, Any], t: int) -> tuple[Tensor, float]:
         """AdamW (torch's formula) for the non-matrix tensors."""
-        m, v = bufs
-        b1, b2 = group["betas"]
-        m.lerp_(g, 1.0 - b1)
-        v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
-        bc2 = math.sqrt(1.0 - b2**t)
-        denom = v.sqrt().add_(group["eps"] * bc2)
-        return torch.div(m, denom, out=denom), bc2 / (1.0 - b1**t)
+        return adam_direction(g, bufs, group, t)
 
     def _matrix_update(self, p: Tensor, group: dict[str, Any]) -> None:
         """One Muon step of a matrix: momentum (decoded whole: NS needs the full matrix), NS5, scaled update."""
@@ -160,10 +154,7 @@ class Muon(BlockOptimizer):
             raise TypeError(f"{type(self).__name__}: a sharded (FSDP2) matrix of shape {tuple(p.shape)} cannot be "
                             "orthogonalised shard by shard; use DDP or set muon=False for its group")
         state = self.state[p]
-        if not state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        state["step"] += 1
-        t = int(state["step"])
+        t = self._next_step(state)
         g = p.grad.reshape(p.shape[0], -1).float()
         n = g.numel()
         codec = self._codec(group, n, True, p)
