@@ -296,6 +296,14 @@ class BlockOptimizer(torch.optim.Optimizer):
         if not direct:
             p.copy_(pflat.view_as(p))
 
+    def _whole_matrix_step(self, p: Tensor, why: str) -> tuple[dict[str, Any], int]:
+        """State and step number of a matrix whose rule needs the whole tensor (refused when FSDP2-sharded)."""
+        if hasattr(p, "to_local"):
+            raise TypeError(f"{type(self).__name__}: an FSDP2-sharded matrix of shape {tuple(p.shape)} is not "
+                            f"supported ({why}); use DDP")
+        state = self.state[p]
+        return state, self._next_step(state)
+
     @staticmethod
     def _next_step(state: dict[str, Any]) -> int:
         """Count one more step of a parameter (1 on its first); the counter is float32 whatever the default dtype
@@ -438,6 +446,16 @@ class _AdamBase(BlockOptimizer):
 
     def _rule(self, g: Tensor, bufs: list[Tensor], group: dict[str, Any], t: int) -> tuple[Tensor, float]:
         return adam_direction(g, bufs, group, t)
+
+
+def apply_decoupled(p: Tensor, step: Tensor, lr: float, weight_decay: float, scale: float = 1.0) -> None:
+    """W <- W (1 - lr wd) - lr scale step, in fp32 and rounded once into a bf16/fp16 parameter."""
+    w = p.detach() if p.dtype == torch.float32 else p.detach().float()
+    if weight_decay:
+        w.mul_(1.0 - lr * weight_decay)
+    w.add_(step.view(p.shape), alpha=-lr * scale)
+    if p.dtype != torch.float32:
+        p.copy_(w)
 
 
 def adam_direction(g: Tensor, bufs: list[Tensor], group: dict[str, Any], t: int) -> tuple[Tensor, float]:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .adam import BlockOptimizer
+from .adam import BlockOptimizer, apply_decoupled
 from .spec import OptimizerOptions, OptimizerSpec, register
 
 PARTITIONS = ("row", "head", "tensor", "element")
@@ -114,13 +114,7 @@ class AdamMini(BlockOptimizer):
 
     @staticmethod
     def _apply(p: Tensor, step: Tensor, group: dict[str, Any]) -> None:
-        lr, wd = group["lr"], group.get("weight_decay", 0.0)
-        w = p.detach() if p.dtype == torch.float32 else p.detach().float()
-        if wd:
-            w.mul_(1.0 - lr * wd)
-        w.add_(step.view(p.shape), alpha=-lr)
-        if p.dtype != torch.float32:
-            p.copy_(w)
+        apply_decoupled(p, step, group["lr"], group.get("weight_decay", 0.0))
 
     def _check_saved(self, pid: int, p: Tensor, st: dict[str, Any], group: dict[str, Any]) -> None:
         super()._check_saved(pid, p, st, group)

@@ -110,11 +110,7 @@ class Apollo(BlockOptimizer):
 
     def _matrix_update(self, p: Tensor, group: dict[str, Any]) -> None:
         """One step of a matrix: Adam moments of the projected gradient R, then the full-rank direction."""
-        if hasattr(p, "to_local"):
-            raise TypeError(f"{type(self).__name__}: FSDP2-sharded matrix of shape {tuple(p.shape)} is not "
-                            "supported (channel norms need the whole gradient); use DDP")
-        state = self.state[p]
-        t = self._next_step(state)
+        state, t = self._whole_matrix_step(p, "channel norms need the whole gradient")
         g = p.grad.float()
         r = self._project(p, g, state, group, t)
         n = r.numel()

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .adam import BlockOptimizer, adam_direction
+from .adam import BlockOptimizer, adam_direction, apply_decoupled
 from .spec import OptimizerOptions, OptimizerSpec, register
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -150,11 +150,8 @@ class Muon(BlockOptimizer):
 
     def _matrix_update(self, p: Tensor, group: dict[str, Any]) -> None:
         """One Muon step of a matrix: momentum (decoded whole: NS needs the full matrix), NS5, scaled update."""
-        if hasattr(p, "to_local"):
-            raise TypeError(f"{type(self).__name__}: a sharded (FSDP2) matrix of shape {tuple(p.shape)} cannot be "
-                            "orthogonalised shard by shard; use DDP or set muon=False for its group")
-        state = self.state[p]
-        t = self._next_step(state)
+        state, t = self._whole_matrix_step(p, "Newton-Schulz needs the whole matrix; or set muon=False for its "
+                                                 "group")
         g = p.grad.reshape(p.shape[0], -1).float()
         n = g.numel()
         codec = self._codec(group, n, True, p)
@@ -174,13 +171,7 @@ class Muon(BlockOptimizer):
     @staticmethod
     def _apply(p: Tensor, o: Tensor, group: dict[str, Any]) -> None:
         """W <- W (1 - lr wd) - lr k O, in fp32 (one rounding for a bf16/fp16 parameter)."""
-        lr, wd = group["lr"], group.get("weight_decay", 0.0)
-        w = p.detach() if p.dtype == torch.float32 else p.detach().float()
-        if wd:
-            w.mul_(1.0 - lr * wd)
-        w.add_(o.view(p.shape), alpha=-lr * adjust_lr(p.shape, group["adjust_lr_fn"]))
-        if p.dtype != torch.float32:
-            p.copy_(w)
+        apply_decoupled(p, o, group["lr"], group.get("weight_decay", 0.0), adjust_lr(p.shape, group["adjust_lr_fn"]))
 
 
 class Muon8bit(Muon):
