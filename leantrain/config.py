@@ -141,6 +141,7 @@ class TrainConfig:
         self._check_init_weights()
         self._resolve_defaults()
         method = method_spec(self.method)  # unknown names: one line listing the registered methods
+        compilable = compilable_optimizers() if self.compile_optim else ()
         checks = [
             (self.lr is None or self.lr > 0, "lr", self.lr, "must be > 0"),
             (self.head_lr is None or self.head_lr > 0, "head_lr", self.head_lr, "must be > 0"),
@@ -154,8 +155,8 @@ class TrainConfig:
             (0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "must be in [0, 1)"),
             (self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip, "must be > 0"),
             (self.nan_policy in ("stop", "skip"), "nan_policy", self.nan_policy, "must be 'stop' or 'skip'"),
-            (not self.compile_optim or self.optim in compilable_optimizers(), "compile_optim", self.compile_optim,
-             f"applies only to --optim {'/'.join(compilable_optimizers())}, not {self.optim!r}"),
+            (not self.compile_optim or self.optim in compilable, "compile_optim", self.compile_optim,
+             f"applies only to --optim {'/'.join(compilable)}, not {self.optim!r}"),
             (self.rank > 0, "rank", self.rank, "must be > 0"),
             (self.save_every >= 0, "save_every", self.save_every, "must be >= 0"),
             (self.eval_every >= 0, "eval_every", self.eval_every, "must be >= 0"),

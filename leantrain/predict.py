@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .config import TrainConfig
-from .sources import column, read_rows
+from .sources import column, read_rows, read_utf8
 
 
 def finished_run_config(run_dir: str | Path) -> TrainConfig:
@@ -63,7 +63,7 @@ def read_texts(source: str, text_column: str = "text") -> list[str]:
     if path.suffix.lower() == ".txt":
         if not path.is_file():
             raise FileNotFoundError(f"data file {source!r} does not exist")
-        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [line for line in read_utf8(path).splitlines() if line.strip()]
     return column(read_rows(path), text_column, path)
 
 

@@ -24,10 +24,11 @@ class Registry(Generic[T]):
     def __init__(self, kind: str, modules: Sequence[str] | Callable[[], Sequence[str]]) -> None:
         self.kind, self._modules = kind, modules
         self._entries: dict[str, T] = {}
+        self._loaded = False
 
     @property
     def modules(self) -> tuple[str, ...]:
-        """The registering modules (a callable is asked each time: discovery of new files)."""
+        """The registering modules (a callable discovers them, e.g. every file of a package)."""
         return tuple(self._modules() if callable(self._modules) else self._modules)
 
     def register(self, entry: T) -> T:
@@ -38,9 +39,12 @@ class Registry(Generic[T]):
         return entry
 
     def all(self) -> dict[str, T]:
-        """Every entry, by name (imports the registering modules on first use)."""
-        for module in self.modules:
-            importlib.import_module(module)
+        """Every entry, by name (imports the registering modules on first use only: lookups sit on the path of
+        every TrainConfig validation)."""
+        if not self._loaded:
+            for module in self.modules:
+                importlib.import_module(module)
+            self._loaded = True
         return dict(self._entries)
 
     def names(self) -> list[str]:

@@ -128,30 +128,31 @@ def read_rows(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
-    check_utf8(path)
-    if path.suffix.lower() == ".jsonl":
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".csv"):
+        raise ValueError(f"data file {str(path)!r}: expected a .csv or .jsonl file")
+    text = read_utf8(path)
+    if suffix == ".jsonl":
         rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-    elif path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
     else:
-        raise ValueError(f"data file {str(path)!r}: expected a .csv or .jsonl file")
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
     if not rows:
         raise ValueError(f"data file {str(path)!r} has no rows")
     return rows
 
 
-def check_utf8(path: Path) -> None:
-    """Refuse a file that is not UTF-8 with its line and column, instead of a bare codec error."""
+def read_utf8(path: Path) -> str:
+    """The file's text (read once); a file that is not UTF-8 is refused with its line and column, instead of a
+    bare codec error."""
     data = path.read_bytes()
     try:
-        data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
