@@ -24,18 +24,6 @@ SHAPES = [(64, 96), (96, 32), (96,)]
 KW = {"lr": 1e-2, "weight_decay": 0.01, "eps": 1e-6}
 
 
-def _run(make, steps: int = 100) -> tuple[list[torch.Tensor], list[nn.Parameter]]:
-    gen = torch.Generator().manual_seed(0)
-    params = [nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
-    start = [p.detach().clone() for p in params]
-    opt = make(params)
-    for _ in range(steps):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=gen)
-        opt.step()
-    return start, params
-
-
 def _groups(params: list[nn.Parameter], **extra) -> list[dict]:
     return [{"params": params[:2], **extra}, {"params": params[2:], "rank": None}]
 
@@ -46,23 +34,24 @@ def _peer_groups(params: list[nn.Parameter], **extra) -> list[dict]:
 
 @pytest.mark.peer
 @pytest.mark.parametrize("mini", [False, True], ids=["apollo", "apollo-mini"])
-def test_matches_apollo_torch(mini):
+def test_matches_apollo_torch(mini, trajectory):
     apollo_torch = pytest.importorskip("apollo_torch")
     keys = ({"rank": 1, "scale": 128.0, "scale_type": "tensor"} if mini
             else {"rank": 4, "scale": 1.0, "scale_type": "channel"})
     cls = ApolloMini if mini else Apollo
-    _, ours = _run(lambda ps: cls(_groups(ps, update_proj_gap=25, **keys), **KW))
-    _, ref = _run(lambda ps: apollo_torch.APOLLOAdamW(_peer_groups(ps, update_proj_gap=25, **keys), **KW))
+    _, ours = trajectory(lambda ps: cls(_groups(ps, update_proj_gap=25, **keys), **KW), SHAPES)
+    _, ref = trajectory(lambda ps: apollo_torch.APOLLOAdamW(_peer_groups(ps, update_proj_gap=25, **keys), **KW),
+                        SHAPES)
     for a, b, atol in zip(ours, ref, (1e-5, 1e-5, 1e-4)):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=atol)
 
 
-def test_8bit_states_follow_fp32():
+def test_8bit_states_follow_fp32(trajectory):
     def make(codec):
         return lambda ps: Apollo(_groups(ps, rank=32, update_proj_gap=25), codec=codec, min_8bit_size=0, **KW)
 
-    start, q = _run(make("8bit"))
-    _, ref = _run(make("fp32"))
+    start, q = trajectory(make("8bit"), SHAPES)
+    _, ref = trajectory(make("fp32"), SHAPES)
     dist = math.sqrt(sum(float(((a - b) ** 2).sum().detach()) for a, b in zip(q, ref)))
     moved = math.sqrt(sum(float(((b - s) ** 2).sum().detach()) for b, s in zip(ref, start)))
     assert dist <= 0.03 * moved, dist / moved

@@ -22,24 +22,14 @@ SHAPES = [(64, 96), (96, 32), (96,)]
 KW = {"lr": 1e-2, "weight_decay": 0.01, "eps": 1e-6}
 
 
-def _run(make, steps: int = 100) -> list[nn.Parameter]:
-    gen = torch.Generator().manual_seed(0)
-    params = [nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
-    opt = make(params)
-    for _ in range(steps):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=gen)
-        opt.step()
-    return params
-
-
 @pytest.mark.peer
-def test_matches_the_reference_package():
+def test_matches_the_reference_package(trajectory):
     fira = pytest.importorskip("fira")
-    ours = _run(lambda ps: Fira([{"params": ps[:2], "rank": 4, "update_proj_gap": 25},
-                                 {"params": ps[2:], "rank": None}], **KW))
-    ref = _run(lambda ps: fira.FiraAdamW([{"params": ps[:2], "rank": 4, "update_proj_gap": 25, "alpha": 1.0,
-                                           "proj_type": "std"}, {"params": ps[2:]}], **KW))
+    _, ours = trajectory(lambda ps: Fira([{"params": ps[:2], "rank": 4, "update_proj_gap": 25},
+                                          {"params": ps[2:], "rank": None}], **KW), SHAPES)
+    _, ref = trajectory(lambda ps: fira.FiraAdamW([{"params": ps[:2], "rank": 4, "update_proj_gap": 25,
+                                                    "alpha": 1.0, "proj_type": "std"}, {"params": ps[2:]}], **KW),
+                        SHAPES)
     for a, b, atol in zip(ours, ref, (1e-5, 1e-5, 1e-4)):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=atol)
 

@@ -20,33 +20,21 @@ SHAPES = [(64, 96), (96, 32), (200, 16), (96,)]
 KW = {"lr": 1e-2, "weight_decay": 0.01, "rank": 4, "kappa": 25, "beta1": 0.9}
 
 
-def _run(make, steps: int = 100) -> tuple[list[torch.Tensor], list[nn.Parameter]]:
-    gen = torch.Generator().manual_seed(0)
-    params = [nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
-    start = [p.detach().clone() for p in params]
-    opt = make(params)
-    for _ in range(steps):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=gen)
-        opt.step()
-    return start, params
-
-
 @pytest.mark.peer
 @pytest.mark.parametrize("relative", [True, False], ids=["scale_parameter", "absolute_lr"])
-def test_matches_flora_opt(relative):
+def test_matches_flora_opt(relative, trajectory):
     pytest.importorskip("flora_opt")
     from flora_opt.optimizers.torch import Flora as Reference
 
-    _, ours = _run(lambda ps: Flora(ps, scale_parameter=relative, **KW))
-    _, ref = _run(lambda ps: Reference(ps, scale_parameter=relative, **KW))
+    _, ours = trajectory(lambda ps: Flora(ps, scale_parameter=relative, **KW), SHAPES)
+    _, ref = trajectory(lambda ps: Reference(ps, scale_parameter=relative, **KW), SHAPES)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=1e-5)
 
 
-def test_8bit_momentum_follows_fp32():
-    start, q = _run(lambda ps: Flora(ps, codec="8bit", min_8bit_size=0, scale_parameter=False, **KW))
-    _, ref = _run(lambda ps: Flora(ps, codec="fp32", scale_parameter=False, **KW))
+def test_8bit_momentum_follows_fp32(trajectory):
+    start, q = trajectory(lambda ps: Flora(ps, codec="8bit", min_8bit_size=0, scale_parameter=False, **KW), SHAPES)
+    _, ref = trajectory(lambda ps: Flora(ps, codec="fp32", scale_parameter=False, **KW), SHAPES)
     dist = math.sqrt(sum(float(((a - b) ** 2).sum().detach()) for a, b in zip(q, ref)))
     moved = math.sqrt(sum(float(((b - s) ** 2).sum().detach()) for b, s in zip(ref, start)))
     assert dist <= 0.06 * moved, dist / moved

@@ -320,26 +320,16 @@ def test_every_optimizer_has_a_reference():
     assert set(NAMES) <= set(REFERENCES), "a new registry entry adds its reference pair to REFERENCES"
 
 
-def _trajectory(make) -> tuple[list[torch.Tensor], list[nn.Parameter]]:
-    gen = torch.Generator().manual_seed(0)
-    params = [nn.Parameter(torch.randn(64, 96, generator=gen)), nn.Parameter(torch.randn(96, generator=gen))]
-    start = [p.detach().clone() for p in params]
-    opt = make(params)
-    for _ in range(10):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=gen)
-        opt.step()
-    return start, params
-
-
 @pytest.mark.parametrize("name", NAMES)
-def test_follows_its_reference(name):
+def test_follows_its_reference(name, trajectory):
     """Same parameters, same gradients, 10 steps: the registry's optimizer (as ``leantrain train`` builds it,
     defaults included) stays within the stated distance of its reference implementation."""
     make, bound = REFERENCES[name]
     cfg = TrainConfig(optim=name, weight_decay=WD, rank=4, gap=1000, svd="full")
-    start, ours = _trajectory(lambda ps: build_optimizer(name, [{"params": ps, "name": "linear"}], cfg, LR))
-    _, ref = _trajectory(make)
+    shapes = [(64, 96), (96,)]
+    start, ours = trajectory(lambda ps: build_optimizer(name, [{"params": ps, "name": "linear"}], cfg, LR), shapes,
+                             10)
+    _, ref = trajectory(make, shapes, 10)
     dist = sum(((a - b) ** 2).sum() for a, b in zip(ours, ref)).sqrt()
     moved = sum(((b - s) ** 2).sum() for b, s in zip(ref, start)).sqrt()
     assert dist <= bound * moved, f"{name}: {float(dist / moved):.3g} > {bound}"
