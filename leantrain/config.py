@@ -33,6 +33,9 @@ def method_spec(name: str) -> Any:
 # Newcomer defaults of --init-weights scratch: docs/lm.md's measured LLaMA-tiny recipe (full AdamW, lr 3e-3).
 SCRATCH_METHOD, PRETRAINED_METHOD = "full", "lora"
 SCRATCH_LR = 3e-3
+# --train-size/--val-size default: a subset of the bundled demo data sets only; a user's file is used whole.
+DEMO_SIZE, DEMO_SIZES, DEMO_DATA = "auto", (4000, 1000), ("vader", "bible")
+REPORT_TO = ("jsonl", "tensorboard", "none")
 
 
 def option(default: Any = None, help: str = "", **kwargs: Any) -> Any:
@@ -50,9 +53,16 @@ class TrainConfig:
     data: str | None = option(None, "'vader' | 'bible' | a .csv/.jsonl file (.txt too for causal-lm); "
                                     "None = vader (classify) / bible (causal-lm)")
     val_data: str | None = option(None, "optional separate validation file; else a deterministic split of --data")
-    train_size: int | None = option(4000, "subset of the training split: sentences (stratified) or LM blocks "
-                                          "(None = all of it)")
-    val_size: int | None = option(1000, "subset of the validation split: sentences or LM blocks (None = all of it)")
+    text_column: str = option("text", "column of a .csv/.jsonl --data/--val-data file that holds the text")
+    label_column: str = option("label", "column of a .csv/.jsonl --data/--val-data file that holds the label "
+                                        "(classify)")
+    train_size: int | str | None = option(DEMO_SIZE, "training examples used: sentences (stratified) or LM "
+                                                     f"blocks; {DEMO_SIZE} = {DEMO_SIZES[0]} on the bundled "
+                                                     "demo data (vader/bible), every row of a user's file; "
+                                                     "None = all of it")
+    val_size: int | str | None = option(DEMO_SIZE, "validation examples used: sentences or LM blocks; "
+                                                   f"{DEMO_SIZE} = {DEMO_SIZES[1]} on the bundled demo data, "
+                                                   "all of a user's file; None = all of it")
     max_length: int = option(64, "tokens per example: sentences are cut to it (classify); length of each packed "
                                  "block (causal-lm)")
     model_dropout: float | None = option(None, "override the model's own dropout (0 makes runs batch-split "
@@ -132,6 +142,8 @@ class TrainConfig:
                                        "--steps)")
     overwrite: bool = option(False, "replace an existing run folder instead of refusing")
     progress: bool = option(True, "show a progress bar")
+    report_to: str = option("jsonl", "per-step metrics: 'jsonl' (RUN/metrics.jsonl), 'tensorboard' (event files "
+                                     "in RUN/tensorboard/), both as 'jsonl,tensorboard', or 'none'")
     extra: dict[str, Any] = field(default_factory=dict,
                                   metadata={"help": "free-form options for third-party methods (config.json only)"})
 
@@ -246,6 +258,22 @@ class TrainConfig:
             self.method = SCRATCH_METHOD if scratch else PRETRAINED_METHOD
         if self.lr is None and scratch:
             self.lr = SCRATCH_LR
+        self._resolve_sizes()
+
+    def _resolve_sizes(self) -> None:
+        """--train-size/--val-size "auto": the demo subset on bundled data, all rows of a user's file (None);
+        --report-to is a comma-separated list of trackers."""
+        for name, demo in zip(("train_size", "val_size"), DEMO_SIZES):
+            value = getattr(self, name)
+            if value == DEMO_SIZE:
+                setattr(self, name, demo if self.data in DEMO_DATA else None)
+            elif isinstance(value, str) or isinstance(value, bool):
+                raise ValueError(f"TrainConfig.{name}={value!r} must be a number, None (all) or {DEMO_SIZE!r}")
+        trackers = [t.strip() for t in self.report_to.split(",") if t.strip()]
+        unknown = [t for t in trackers if t not in REPORT_TO]
+        if unknown or not trackers or ("none" in trackers and len(trackers) > 1):
+            raise ValueError(f"TrainConfig.report_to={self.report_to!r} must be 'none' or a comma-separated list of "
+                             f"{', '.join(t for t in REPORT_TO if t != 'none')}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
