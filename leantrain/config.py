@@ -258,11 +258,17 @@ class TrainConfig:
             self.method = SCRATCH_METHOD if scratch else PRETRAINED_METHOD
         if self.lr is None and scratch:
             self.lr = SCRATCH_LR
-        self._resolve_sizes()
+        self._resolve_data_options()
 
-    def _resolve_sizes(self) -> None:
+    def _resolve_data_options(self) -> None:
         """--train-size/--val-size "auto": the demo subset on bundled data, all rows of a user's file (None);
-        --report-to is a comma-separated list of trackers."""
+        --text-column/--label-column name columns of a classification file; --report-to lists trackers."""
+        for name, default in (("text_column", "text"), ("label_column", "label")):
+            value = getattr(self, name)
+            if value != default and (self.task != "classify" or self.data in DEMO_DATA):
+                where = f"--task {self.task}" if self.task != "classify" else f"the bundled data {self.data!r}"
+                raise ValueError(f"TrainConfig.{name}={value!r} applies to .csv/.jsonl files of --task classify, "
+                                 f"not {where}")
         for name, demo in zip(("train_size", "val_size"), DEMO_SIZES):
             value = getattr(self, name)
             if value == DEMO_SIZE:
