@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import class_metrics
 from .atomic import write_safetensors_atomic, write_text_atomic
 from .config import TrainConfig
 from .data import Batcher, ClassificationData, load_classification
@@ -27,6 +28,14 @@ def tfidf_baseline(data: ClassificationData) -> float | None:
     return float((clf.predict(vec.transform(data.val.texts)) == data.val.labels).mean())
 
 
+def check_max_length(cfg: TrainConfig, model: torch.nn.Module) -> None:
+    """--max-length beyond the encoder's position embeddings would crash mid-forward: refuse it in one line."""
+    limit = getattr(getattr(model.encoder, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and cfg.max_length > limit:
+        raise ValueError(f"--max-length {cfg.max_length} is longer than the model's {limit} positions "
+                         f"(max_position_embeddings of --model {cfg.model}); use --max-length {limit} or less")
+
+
 class ClassificationTask:
     """Owns data, tokenizer and model; the training loop only asks it for batches, losses and evaluations."""
 
@@ -37,6 +46,8 @@ class ClassificationTask:
         self.model = build_classifier(cfg.model, len(self.data.label_names), cfg.seed,
                                       cfg.model_dropout).to(device)
         self.forward_model = self.model  # the training loop swaps in the DDP wrapper under torchrun
+        check_max_length(cfg, self.model)
+        self.predictions: tuple[list[int], list[int]] | None = None  # (true, predicted) of the last evaluation
         self.train_batches = Batcher(self.data.train, self.tokenizer, cfg.max_length, cfg.batch_size, cfg.seed)
         self.val_batches = Batcher(self.data.val, self.tokenizer, cfg.max_length, cfg.batch_size, cfg.seed)
 
@@ -57,14 +68,24 @@ class ClassificationTask:
         was_training = model.training
         model.eval()
         correct, loss_sum, count = 0, 0.0, 0
+        true, pred = [], []
         for batch in self.val_batches.in_order(64):
             batch = {k: v.to(self.device) for k, v in batch.items()}
             logits = model(batch["input_ids"], batch["attention_mask"]).float()
             loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
             correct += (logits.argmax(-1) == batch["labels"]).sum().item()
             count += len(batch["labels"])
+            true += batch["labels"].tolist()
+            pred += logits.argmax(-1).tolist()
         model.train(was_training)
-        return {"loss": loss_sum / max(1, count), "accuracy": correct / max(1, count)}
+        self.predictions = (true, pred)
+        matrix = class_metrics.confusion_matrix(true, pred, len(self.data.label_names))
+        return {"loss": loss_sum / max(1, count), "accuracy": correct / max(1, count),
+                "macro_f1": class_metrics.macro_f1(matrix)}
+
+    def data_counts(self) -> dict[str, int]:
+        """Examples used (and left out) of the data; printed when the run starts."""
+        return self.data.counts()
 
     def write_run_files(self, run_dir: Path) -> None:
         """Files written when a run starts (needed to rebuild the model later, e.g. by ``leantrain merge``)."""
@@ -77,11 +98,19 @@ class ClassificationTask:
         state = {k: full_tensor(v).detach().cpu().contiguous() for k, v in self.model.classifier.state_dict().items()}
         if write:
             write_safetensors_atomic(run_dir / "head.safetensors", state)
+            if self.predictions is not None:
+                from .report import plot_confusion
+
+                matrix = class_metrics.confusion_matrix(*self.predictions, len(self.data.label_names))
+                plot_confusion(matrix, self.data.label_names, Path(run_dir) / "confusion.png",
+                               title=f"{self.cfg.method} + {self.cfg.optim} on {self.cfg.data}: validation")
 
     def summary(self) -> dict[str, Any]:
+        """Baselines, the data counts and the per-class scores of the last evaluation."""
+        scores = class_metrics.report(*self.predictions, self.data.label_names) if self.predictions else {}
         return {
             "majority_baseline_accuracy": self.data.majority_accuracy(),
             "tfidf_baseline_accuracy": tfidf_baseline(self.data),
-            "train_examples": len(self.data.train),
-            "val_examples": len(self.data.val),
+            **self.data.counts(),
+            **{k: v for k, v in scores.items() if k != "val_macro_f1"},
         }

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import TrainConfig
-from .sources import load_source, prefetch
+from .sources import BUNDLED, column, load_source, prefetch, read_rows
 
 SPLIT_SEED = 1234
 VAL_FRACTION = 0.2
@@ -34,6 +34,14 @@ class ClassificationData:
     train: Split
     val: Split
     label_names: list[str]
+    duplicates_dropped: int = 0  # repeated texts of --data removed before the split (first occurrence kept)
+    available: tuple[int, int] = (0, 0)  # (train, val) examples before --train-size/--val-size
+
+    def counts(self) -> dict[str, int]:
+        """What the run uses and what it left out: printed at the start and stored in metrics.json."""
+        return {"train_examples": len(self.train), "val_examples": len(self.val),
+                "train_examples_available": self.available[0], "val_examples_available": self.available[1],
+                "duplicates_dropped": self.duplicates_dropped}
 
     def majority_accuracy(self) -> float:
         """Accuracy of always predicting the most common training label, measured on the validation split."""
@@ -120,11 +128,31 @@ def prefetch_data(cfg: TrainConfig) -> None:
         prefetch(name)
 
 
+def require_columns(rows: list, names: dict[str, str], path: str) -> None:
+    """Every wanted column exists in the file; else one line naming the file, the option and the columns it has."""
+    found = list(dict.fromkeys(k for row in rows if isinstance(row, dict) for k in row))
+    for option, name in names.items():
+        if name not in found:
+            raise ValueError(f"data file {path!r} has no column {name!r} ({option}); its columns: "
+                             f"{', '.join(map(repr, found)) or 'none'}")
+
+
+def read_labelled(name: str, cfg: TrainConfig) -> tuple[list[str], list, list[str] | None]:
+    """(texts, labels, label_names or None): a bundled data set, or --text-column/--label-column of a user file."""
+    if name in BUNDLED:
+        return load_source(name)
+    rows = read_rows(name)
+    require_columns(rows, {"--text-column": cfg.text_column, "--label-column": cfg.label_column}, name)
+    return column(rows, cfg.text_column, name), column(rows, cfg.label_column, name), None
+
+
 def load_classification(cfg: TrainConfig) -> ClassificationData:
-    texts, labels, names = load_source(cfg.data)
+    """The train/validation splits ``cfg`` asks for, with the counts of what was used and dropped."""
+    texts, labels, names = read_labelled(cfg.data, cfg)
+    rows = len(texts)
     texts, labels = deduplicate(texts, labels)
     if cfg.val_data:
-        vt, vy, val_names = load_source(cfg.val_data)
+        vt, vy, val_names = read_labelled(cfg.val_data, cfg)
         ids, names = _encode_labels(labels, names, f"data {cfg.data!r}")
         vids = [int(y) for y in vy] if val_names is not None else _encode_validation(vy, names, cfg.val_data)
         train = Split(texts, ids)
@@ -136,7 +164,8 @@ def load_classification(cfg: TrainConfig) -> ClassificationData:
         val_idx, train_idx = stratified_indices(ids, VAL_FRACTION, SPLIT_SEED)
         train = Split([texts[i] for i in train_idx], [ids[i] for i in train_idx])
         val = Split([texts[i] for i in val_idx], [ids[i] for i in val_idx])
-    return ClassificationData(subset(train, cfg.train_size), subset(val, cfg.val_size), names)
+    return ClassificationData(subset(train, cfg.train_size), subset(val, cfg.val_size), names,
+                              duplicates_dropped=rows - len(texts), available=(len(train), len(val)))
 
 
 class Batcher:

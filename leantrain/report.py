@@ -1,4 +1,5 @@
-"""Run outputs people read: metrics.jsonl (one line per step), metrics.json (the summary) and loss.png."""
+"""Run outputs people read: per-step metrics (metrics.jsonl and/or TensorBoard events, ``--report-to``),
+metrics.json (the summary), loss.png and, for classification, confusion.png."""
 from __future__ import annotations
 
 import json
@@ -7,26 +8,61 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import write_text_atomic
+from .tfevents import EventWriter
+
+TENSORBOARD_DIR = "tensorboard"  # RUN/tensorboard/events.out.tfevents.*: `tensorboard --logdir RUN`
 
 
 class StepLog:
-    """Appends one JSON object per step; on resume, lines past the checkpoint's step are dropped first."""
+    """One record per step to every ``--report-to`` tracker: ``jsonl`` appends to metrics.jsonl (on resume, lines
+    past the checkpoint's step are dropped first), ``tensorboard`` writes every numeric entry as a scalar event.
+    The records of this invocation are also kept in memory (the summary reads them when there is no jsonl)."""
 
-    def __init__(self, path: Path, resume_step: int | None = None):
+    def __init__(self, path: Path, resume_step: int | None = None, report_to: str = "jsonl"):
         self.path = Path(path)
+        trackers = {t.strip() for t in report_to.split(",")}
+        self.records: list[dict[str, Any]] = []
+        self._handle = self._open_jsonl(resume_step) if "jsonl" in trackers else None
+        self._events = (EventWriter(self.path.parent / TENSORBOARD_DIR, resume_step)
+                        if "tensorboard" in trackers else None)
+
+    def _open_jsonl(self, resume_step: int | None):
         if resume_step is None:
             self.path.write_text("")
         elif self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
             write_text_atomic(self.path, "".join(line + "\n" for line in kept))
-        self._handle = self.path.open("a")
+        return self.path.open("a")
 
     def write(self, record: dict[str, Any]) -> None:
-        self._handle.write(json.dumps(record) + "\n")
-        self._handle.flush()
+        self.records.append(record)
+        if self._handle is not None:
+            self._handle.write(json.dumps(record) + "\n")
+            self._handle.flush()
+        if self._events is not None:
+            self._events.add_scalars(int(record.get("step", 0)), scalars(record))
+
+    def history(self) -> list[dict[str, Any]]:
+        """Every step record of the run: metrics.jsonl when it is kept, else this invocation's records."""
+        return read_jsonl(self.path) if self._handle is not None else list(self.records)
 
     def close(self) -> None:
-        self._handle.close()
+        for handle in (self._handle, self._events):
+            if handle is not None:
+                handle.close()
+
+
+def scalars(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numbers of a metrics record as TensorBoard tags (nested dicts as ``key/sub``; ``step`` is the axis)."""
+    out: dict[str, float] = {}
+    for key, value in record.items():
+        if key == "step" and not prefix:
+            continue
+        if isinstance(value, dict):
+            out.update(scalars(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"{prefix}{key}"] = float(value)
+    return out
 
 
 def _step_of(line: str) -> float:
@@ -80,6 +116,33 @@ def plot_losses(records: list[dict[str, Any]], path: Path, title: str = "") -> P
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_confusion(matrix: list[list[int]], names: list[str], path: Path, title: str = "") -> Path | None:
+    """Counts of true (rows) vs predicted (columns) labels, each cell annotated. Returns None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    size = max(4.0, 0.6 * len(names) + 2.5)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    top = max((v for row in matrix for v in row), default=0)
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            ax.text(j, i, str(count), ha="center", va="center", color="white" if count > top / 2 else "black")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted label")
+    ax.set_ylabel("true label")
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -163,6 +163,9 @@ def read_utf8(path: Path) -> str:
 def column(rows: list[dict], name: str, path: str | Path) -> list[str]:
     """Column ``name`` of every row as text; a missing or empty cell names the file, column and row."""
     missing = [i for i, row in enumerate(rows, 1) if not isinstance(row, dict) or row.get(name) in (None, "")]
+    found = list(dict.fromkeys(k for row in rows if isinstance(row, dict) for k in row))
+    if name not in found:
+        raise ValueError(f"data file {str(path)!r} has no column {name!r}; its columns: {', '.join(map(repr, found))}")
     if missing:
         raise ValueError(f"data file {str(path)!r}: column {name!r} missing or empty in row {missing[0]}")
     return [str(r[name]) for r in rows]

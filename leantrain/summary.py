@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .config import DEMO_DATA, DEMO_SIZES, TrainConfig
 from .dist_utils import local_bytes, optimizer_state_bytes_local
 from .loop import LoopResult
 from .run import Run, trainable_parameters
@@ -36,6 +37,7 @@ def memory_figures(run: Run, final_state: dict[str, torch.Tensor]) -> dict[str, 
         "grad_bytes": local_bytes(trainable),
         "optimizer_state_bytes": optimizer_state_bytes_local(run.optimizer),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        **run.memory_plan,  # the pre-flight estimate beside the measured peak
         **layerwise_figures(run),
     }
 
@@ -59,7 +61,9 @@ def run_summary(run: Run, final: dict[str, float], final_state: dict[str, torch.
         "train_loss_last": train_loss_last(records),
         "steps": span.end,
         "skipped_steps": loop.skipped,
-        "wall_time_s": time.time() - started,
+        "steps_this_invocation": span.end - span.start,
+        "wall_time_s": time.time() - started,  # this invocation, loading and the final evaluation included
+        "loop_time_s": loop.train_time,  # the training steps of this invocation (--eval-every excluded)
         "sec_per_step": loop.train_time / max(1, span.end - span.start),  # loop only, this invocation
         **memory_figures(run, final_state),
         "device": str(ctx.device),
@@ -70,3 +74,34 @@ def run_summary(run: Run, final: dict[str, float], final_state: dict[str, torch.
     if method_metrics:
         metrics.update(method_metrics(run.model))
     return metrics
+
+
+def _size_note(cfg: TrainConfig, available: tuple[int, int] | None) -> str:
+    """Where the counts come from: the demo's default subset, the user's --train-size/--val-size, or all of it."""
+    of = f" of {available[0]:,} / {available[1]:,}" if available else ""
+    if cfg.data in DEMO_DATA and (cfg.train_size, cfg.val_size) == DEMO_SIZES:
+        return f"the demo's default subset{of}; --train-size/--val-size none = all"
+    if (cfg.train_size, cfg.val_size) != (None, None):
+        return f"--train-size {cfg.train_size} / --val-size {cfg.val_size}{of}"
+    return "all of it"
+
+
+def data_line(run: Run) -> str:
+    """One line printed when a run starts: how many examples (or LM blocks) it trains and validates on, and how
+    many it left out (subsets, repeated texts); the same counts go into metrics.json."""
+    cfg, task = run.cfg, run.task
+    counts = getattr(task, "data_counts", None)
+    if counts is not None:
+        c = counts()
+        note = _size_note(cfg, (c["train_examples_available"], c["val_examples_available"]))
+        if c.get("duplicates_dropped"):
+            note += f"; {c['duplicates_dropped']:,} repeated texts dropped, first kept"
+        used = f"{c['train_examples']:,} train / {c['val_examples']:,} validation examples"
+    elif hasattr(task, "train_blocks") and hasattr(task, "val_blocks"):
+        note = _size_note(cfg, None)
+        used = (f"{len(task.train_blocks):,} train / {len(task.val_blocks):,} validation blocks of "
+                f"{cfg.max_length} tokens")
+    else:
+        return f"data                {cfg.data}"
+    where = cfg.data + (f" (validation: {cfg.val_data})" if cfg.val_data else "")
+    return f"data                {where}: {used} ({note})"

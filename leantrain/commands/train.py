@@ -192,7 +192,11 @@ def format_summary(m: dict, cfg: TrainConfig) -> str:
     train_loss = m.get("train_loss_last")
     lines.append(f"validation loss     {m['val_loss']:.4f}" +
                  (f"   train loss (last 20 steps) {train_loss:.4f}" if train_loss is not None else ""))
-    lines.append(f"steps               {m['steps']} in {m['wall_time_s']:.1f} s ({m['sec_per_step']:.3f} s/step)")
+    here = m.get("steps_this_invocation", m["steps"])  # loop vs wall time: leantrain/summary.py
+    lines.append(f"steps               {m['steps']}" + (f" ({here} in this invocation)" if here != m["steps"] else "")
+                 + f"; training loop {m.get('loop_time_s', m['sec_per_step'] * here):.1f} s "
+                 f"({m['sec_per_step']:.3f} s/step), wall clock {m['wall_time_s']:.1f} s (with loading, evaluation, "
+                 "saving)")
     lines.append(f"trainable params    {m['trainable_params']:,} of {m['total_params']:,}")
     lines.append(f"memory (MiB)        params {m['param_bytes'] / mib:.1f}  grads {m['grad_bytes'] / mib:.1f}  "
                  f"optimizer state {m['optimizer_state_bytes'] / mib:.2f}  peak RSS {m['peak_rss_bytes'] / mib:.0f}")
