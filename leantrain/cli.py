@@ -13,6 +13,7 @@ import sys
 
 SUBCOMMANDS = [
     "leantrain.commands.train",
+    "leantrain.commands.export",
     "leantrain.commands.merge",
     "leantrain.commands.predict",
     "leantrain.commands.switch",

@@ -1,4 +1,5 @@
-"""Predictions from a finished run: labels and class probabilities for new texts, for every method.
+"""Predictions from a finished run, for every method: labels and class probabilities for new texts
+(classification), or continuations of prompts (causal LM: greedy, or sampled with a temperature and a seed).
 
 The trained model is rebuilt exactly as training built it -- ``run.build_run`` on the run's own config.json (same
 task, quantized base, method, seeds) -- and the final ``trainable.safetensors`` is loaded through the method's
@@ -22,28 +23,31 @@ from .config import TrainConfig
 from .sources import column, read_rows, read_utf8
 
 
+TASKS = ("classify", "causal-lm")
+
+
 def finished_run_config(run_dir: str | Path) -> TrainConfig:
-    """The config of the finished classification run in ``run_dir``; one-line errors for anything else."""
+    """The config of the finished run in ``run_dir``; one-line errors for anything else."""
     run_dir = Path(run_dir)
     for needed in ("config.json", "metrics.json", "trainable.safetensors"):
         if not (run_dir / needed).is_file():
             raise FileNotFoundError(f"{str(run_dir / needed)!r} is missing (is {str(run_dir)!r} a finished run?)")
     cfg = TrainConfig.load(run_dir / "config.json")
-    if cfg.task != "classify":
-        raise ValueError(f"leantrain predict: {str(run_dir)!r} is a --task {cfg.task} run; predict supports "
-                         "classification runs (causal-LM generation is not built yet)")
+    if cfg.task not in TASKS:
+        raise ValueError(f"{str(run_dir)!r} is a --task {cfg.task} run; predict and export read {' and '.join(TASKS)}")
     return cfg
 
 
 def load_trained(run_dir: str | Path):
-    """The finished classification run in ``run_dir`` rebuilt with its final weights, in eval mode (a ``Run``)."""
+    """The finished run in ``run_dir`` rebuilt with its final weights, in eval mode (a ``Run``)."""
     from safetensors.torch import load_file
 
     from .checkpoint import load_trainable
     from .run import build_run
 
     cfg = finished_run_config(run_dir)
-    run = build_run(replace(cfg, resume=False, overwrite=False, progress=False))
+    extra = {k: v for k, v in cfg.extra.items() if k != "eval_before"}  # rebuilding needs no evaluation
+    run = build_run(replace(cfg, resume=False, overwrite=False, progress=False, extra=extra))
     state = load_file(str(Path(run_dir) / "trainable.safetensors"))
     hook = getattr(run.method, "load_trainable_state", None)
     if hook is not None:
@@ -96,4 +100,93 @@ def format_rows(texts: list[str], results: list[tuple[str, list[float]]], names:
     writer.writerow(["text", "label", *(f"p_{n}" for n in names)])
     for t, (label, probs) in zip(texts, results):
         writer.writerow([t, label, *(f"{p:.6f}" for p in probs)])
+    return out.getvalue()
+
+
+@torch.no_grad()
+def generate(run, prompts: list[str], max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0,
+             batch_size: int = 8, progress: bool = True) -> Iterator[str]:
+    """The continuation of each prompt (text after the prompt, special tokens dropped), batched with left padding.
+
+    Greedy when ``temperature`` is 0, else sampled from softmax(logits / temperature) with a generator seeded by
+    ``seed`` (the same seed and batch size give the same texts). Tokens as in training: no special tokens added,
+    ids mapped to the run's kept vocabulary for scratch models; a prompt longer than the context keeps its end.
+    """
+    from tqdm import tqdm
+
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} must be >= 1")
+    if temperature < 0:
+        raise ValueError(f"--temperature {temperature} must be >= 0 (0 = greedy)")
+    task, model = run.task, run.task.model
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress, file=sys.stderr)
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        ids = [_prompt_ids(task, text) for text in chunk]
+        out = _generate_batch(model, ids, max_new_tokens, temperature, generator, _compact_eos(task), task.device)
+        for row in out:
+            yield _decode(task, row)
+        bar.update(len(chunk))
+    bar.close()
+
+
+def _compact_eos(task) -> int:
+    return task.eos_id if task.vocab is None else int(task.vocab.to_compact(torch.tensor([task.eos_id]))[0])
+
+
+def _prompt_ids(task, text: str) -> list[int]:
+    ids = torch.tensor(task.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    if task.vocab is not None:
+        ids = task.vocab.to_compact(ids)
+    return ids.tolist()
+
+
+def _decode(task, ids: list[int]) -> str:
+    tensor = torch.tensor(ids, dtype=torch.long)
+    if task.vocab is not None:
+        tensor = task.vocab.to_original(tensor)
+    return task.tokenizer.decode(tensor.tolist(), skip_special_tokens=True)
+
+
+def _generate_batch(model, prompts: list[list[int]], new_tokens: int, temperature: float,
+                    generator: torch.Generator, eos: int, device) -> list[list[int]]:
+    """New token ids per prompt (up to and without the first end-of-text). Left padding with the attention mask
+    and position ids counted from each prompt's first token, so a padded prompt gives its unpadded logits."""
+    limit = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+    keep = max(1, limit - new_tokens)
+    prompts = [p[-keep:] if p else [eos] for p in prompts]
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[eos] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    new: list[torch.Tensor] = []
+    for _ in range(new_tokens):
+        window, window_mask = ids[:, -limit:], mask[:, -limit:]
+        positions = (window_mask.cumsum(-1) - 1).clamp_min(0)
+        logits = model(input_ids=window, attention_mask=window_mask, position_ids=positions).logits[:, -1].float()
+        if temperature > 0:
+            probs = torch.softmax(logits / temperature, -1).cpu()
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(device)
+        else:
+            nxt = logits.argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
+        new.append(nxt)
+        done |= nxt == eos
+        ids = torch.cat([ids, nxt[:, None]], 1)
+        mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], 1)
+        if bool(done.all()):
+            break
+    rows = torch.stack(new, 1).tolist() if new else [[] for _ in prompts]
+    return [row[:row.index(eos)] if eos in row else row for row in rows]
+
+
+def format_generations(prompts: list[str], completions: list[str], fmt: str) -> str:
+    """CSV (prompt, completion) or JSONL ({"prompt", "completion"})."""
+    if fmt == "jsonl":
+        return "".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in zip(prompts, completions))
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["prompt", "completion"])
+    writer.writerows(zip(prompts, completions))
     return out.getvalue()

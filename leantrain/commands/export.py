@@ -1,0 +1,37 @@
+"""``leantrain export RUN --out DIR [--format hf|peft|safetensors]``: a finished run as files other tools load.
+
+    leantrain export runs/main --out exported                      # AutoModelForSequenceClassification / CausalLM
+    leantrain export runs/main --out adapter --format peft         # PeftModel.from_pretrained(base, adapter)
+    leantrain export runs/main --out merged --format safetensors   # merged state dict, leantrain's key names
+
+See docs/export.md for what loads where.
+"""
+from __future__ import annotations
+
+import argparse
+
+FORMAT_HELP = ("hf (default): a transformers folder (model, tokenizer, label names); peft: the adapter in PEFT's "
+               "layout + base/ (adapter methods only); safetensors: the merged state dict")
+
+
+def add_arguments(parser: argparse.ArgumentParser, default: str = "hf") -> None:
+    parser.add_argument("run", help="run folder written by `leantrain train` (holds config.json and "
+                        "trainable.safetensors)")
+    parser.add_argument("--out", required=True, help="folder to write (must be empty or new, or use --overwrite)")
+    parser.add_argument("--format", default=default, choices=("hf", "peft", "safetensors"), help=FORMAT_HELP)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("export", help="write a finished run as a transformers / PEFT / safetensors "
+                                   "folder", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..export import export_run
+
+    out = export_run(args.run, args.out, args.format, args.overwrite)
+    print(f"{args.format} export written to {out} (see {out}/README.md)")
+    return 0
