@@ -131,10 +131,10 @@ def prefetch_data(cfg: TrainConfig) -> None:
 def require_columns(rows: list, names: dict[str, str], path: str) -> None:
     """Every wanted column exists in the file; else one line naming the file, the option and the columns it has."""
     found = list(dict.fromkeys(k for row in rows if isinstance(row, dict) for k in row))
-    for option, name in names.items():
-        if name not in found:
-            raise ValueError(f"data file {path!r} has no column {name!r} ({option}); its columns: "
-                             f"{', '.join(map(repr, found)) or 'none'}")
+    missing = [f"{name!r} ({option})" for option, name in names.items() if name not in found]
+    if missing:
+        raise ValueError(f"data file {path!r} has no column {' or '.join(missing)}; its columns: "
+                         f"{', '.join(map(repr, found)) or 'none'}")
 
 
 def read_labelled(name: str, cfg: TrainConfig) -> tuple[list[str], list, list[str] | None]:
