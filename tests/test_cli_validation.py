@@ -106,6 +106,9 @@ BAD = [
     ("dtype", ["--dtype", "fp16"], ()),
     ("bf16_update", ["--dtype", "bf16", "--bf16-update", "nearest"], ()),
     ("layerwise", ["--layerwise", "--grad-accum", "2"], ()),
+    ("text_column", ["--text-column", "review"], ()),  # the bundled vader has no columns
+    ("label_column", ["--task", "causal-lm", "--label-column", "y"], ()),
+    ("report_to", ["--report-to", "wandb"], ()),
 ]
 
 # Not validated today: (field, argv, fix for config.py / the consumer). Each runs a real (tiny) training step.
