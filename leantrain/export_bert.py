@@ -8,9 +8,9 @@ one BERT layer that computes the mean pooling (checked against leantrain's logit
   where W is the trained head (no bias) and P writes each logit twice with opposite signs (dims 2k, 2k+1):
   position 0 receives ``S P W mean(h)``, the masked mean leantrain pools;
 * the residual (position 0's own hidden state, |h| <= B) is drowned: S = 1e6 B, error |h|/S <= 1e-6;
-* both LayerNorms see a constant +C/-C pattern on the spare dims (C = 1e5 S U, U bounding the logits), so
-  their variance is a constant up to a relative 1e-10 and they act linearly on the logit dims; the +/- pairs
-  cancel the LayerNorm mean (and its float error) exactly;
+* both LayerNorms see a constant +C/-C pattern on the spare dims (C = 1e5 S U for the first, 1e5 U for the
+  second, U bounding the logits), so their variance is a constant up to a relative 1e-10 and they act linearly
+  on the logit dims; the float error of the LayerNorm mean is common to every dim, so the +/- pairs cancel it;
 * the pooler computes ``tanh(eps * logit)`` and the classifier multiplies by ``1/eps`` and adds the head bias:
   tanh(x) = x - x^3/3 + ..., so eps is chosen with eps^2 U^3 / 3 <= 1e-7.
 
@@ -44,28 +44,32 @@ def pooling_layer_weights(head: nn.Linear, bound: float, hidden: int) -> tuple[d
                          f"for the mean-pooling layer (the encoder has {hidden}); use --format safetensors")
     logit_bound = max(float(weight.norm(dim=1).max()) * bound, 1.0)
     scale = 1e6 * max(bound, 1.0)
-    const = 1e5 * scale * logit_bound
     spare = torch.arange(2 * labels, hidden)
     spare = spare[: len(spare) // 2 * 2]  # an even number of spare dims: their +C/-C pattern sums to zero
-    pattern = torch.zeros(hidden, dtype=torch.float64)
-    pattern[spare] = const * torch.tensor([1.0, -1.0]).repeat(len(spare) // 2).double()
-    # LayerNorm scale of the constant pattern: sqrt(var) of the pattern over all hidden dims.
-    sigma = math.sqrt(float((pattern**2).sum()) / hidden)
+    sign = torch.tensor([1.0, -1.0], dtype=torch.float64).repeat(len(spare) // 2)
+    # Each LayerNorm gets its own constant: large enough that its variance is constant to 1e-10, and no larger,
+    # since its mean is summed in float32 with an error ~1e-7 C common to every dim (the +/- pairs cancel it).
+    spread = math.sqrt(2 * labels / len(spare))
+    pattern1, pattern2 = torch.zeros(hidden, dtype=torch.float64), torch.zeros(hidden, dtype=torch.float64)
+    pattern1[spare] = 1e5 * scale * logit_bound * spread * sign
+    pattern2[spare] = 1e5 * logit_bound * spread * sign
+    sigma1 = math.sqrt(float((pattern1**2).sum()) / hidden)  # the LayerNorm scale of the constant pattern
+    sigma2 = math.sqrt(float((pattern2**2).sum()) / hidden)
     value = torch.zeros(hidden, weight.shape[1], dtype=torch.float64)
     value[0:2 * labels:2], value[1:2 * labels:2] = scale * weight, -scale * weight
     gamma1, gamma2 = torch.zeros(hidden, dtype=torch.float64), torch.zeros(hidden, dtype=torch.float64)
-    gamma1[: 2 * labels] = sigma / scale  # LayerNorm 1 outputs P W mean(h) on the logit dims, 0 elsewhere
-    gamma2[: 2 * labels] = sigma  # LayerNorm 2 likewise
+    gamma1[: 2 * labels] = sigma1 / scale  # LayerNorm 1 outputs P W mean(h) on the logit dims, 0 elsewhere
+    gamma2[: 2 * labels] = sigma2  # LayerNorm 2 likewise
     zeros = torch.zeros(hidden, hidden, dtype=torch.float64)
     state = {
         "attention.self.query.weight": zeros, "attention.self.query.bias": torch.zeros(hidden),
         "attention.self.key.weight": zeros, "attention.self.key.bias": torch.zeros(hidden),
         "attention.self.value.weight": value, "attention.self.value.bias": torch.zeros(hidden),
         "attention.output.dense.weight": torch.eye(hidden, dtype=torch.float64),
-        "attention.output.dense.bias": pattern,
+        "attention.output.dense.bias": pattern1,
         "attention.output.LayerNorm.weight": gamma1, "attention.output.LayerNorm.bias": torch.zeros(hidden),
         "output.LayerNorm.weight": gamma2, "output.LayerNorm.bias": torch.zeros(hidden),
-        "output.dense.bias": pattern,
+        "output.dense.bias": pattern2,
     }
     eps = math.sqrt(3e-7 / logit_bound**3)
     return {k: v.float() for k, v in state.items()}, eps

@@ -31,9 +31,9 @@ def save_classifier(run, run_dir: Path, out: Path) -> list[str]:
         hf.save_pretrained(str(out))
     save_tokenizer(run.task.tokenizer, out, run.cfg.max_length)
     layers = hf.config.num_hidden_layers
-    return [f"BertForSequenceClassification: layer {layers - 1} of {layers} is added and computes leantrain's masked "
-            "mean pooling, pooler + classifier reproduce the trained head (float32 inference; logits equal "
-            "leantrain's to ~1e-6)",
+    return [f"BertForSequenceClassification: the last encoder layer (index {layers - 1}) is added and computes "
+            "leantrain's masked mean pooling; pooler + classifier reproduce the trained head (float32 inference; "
+            "logits equal leantrain's to ~1e-6)",
             f"tokenizer truncates at {run.cfg.max_length} tokens (the run's --max-length)",
             f"labels: {', '.join(labels)}"]
 
