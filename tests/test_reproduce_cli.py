@@ -7,7 +7,7 @@ import importlib
 import pytest
 
 from leantrain.commands import reproduce
-from leantrain.reproduce import EXPERIMENTS
+from leantrain.reproduce import EXPERIMENTS, module_name
 
 
 def parser() -> argparse.ArgumentParser:
@@ -17,9 +17,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def test_every_experiment_module_has_paper_and_run():
-    assert EXPERIMENTS == ("dlrt", "miss", "shira", "blockwise8bit", "gradnormlorp", "galore")
+    assert EXPERIMENTS == ("dlrt", "miss", "shira", "blockwise8bit", "gradnormlorp", "galore", "dlrt-lenet5")
     for name in EXPERIMENTS:
-        module = importlib.import_module(f"leantrain.reproduce.{name}")
+        module = importlib.import_module(module_name(name))
         assert "arxiv.org/abs/" in module.PAPER and callable(module.run)
 
 

@@ -2,7 +2,7 @@
 
 Writes ``<out>/<name>/README.md`` (paper vs ours) and ``<out>/<name>/<name>.png``; training runs go to
 ``--work`` (one process each, through the experiment engine) and are reused across experiments and invocations
-when their config hash matches. ``all`` runs the six in order; a failed run is one line and exit code 1.
+when their config hash matches. ``all`` runs them all in order; a failed run is one line and exit code 1.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from ..reproduce import EXPERIMENTS
+from ..reproduce import EXPERIMENTS, module_name
 
 
 def register(subparsers) -> None:
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
     failed = 0
     for name in resolve(args.names):
-        module = importlib.import_module(f"leantrain.reproduce.{name}")
+        module = importlib.import_module(module_name(name))
         try:
             report = module.run(args.out, args.work, quick=args.quick, progress=args.progress)
         except RunFailed as exc:

@@ -6,6 +6,12 @@ progress) -> Path`` that trains with the library's public API, and writes ``docs
 """
 from __future__ import annotations
 
-EXPERIMENTS = ("dlrt", "miss", "shira", "blockwise8bit", "gradnormlorp", "galore")
+EXPERIMENTS = ("dlrt", "miss", "shira", "blockwise8bit", "gradnormlorp", "galore", "dlrt-lenet5")
 
-__all__ = ["EXPERIMENTS"]
+
+def module_name(name: str) -> str:
+    """The module of experiment ``name`` (a '-' in the CLI name is '_' in the module's)."""
+    return f"leantrain.reproduce.{name.replace('-', '_')}"
+
+
+__all__ = ["EXPERIMENTS", "module_name"]
