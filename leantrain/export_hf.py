@@ -56,13 +56,17 @@ def save_causal_lm(run, run_dir: Path, out: Path) -> list[str]:
         suppress = widen_vocabulary(model, task.vocab, len(task.tokenizer))
         notes.append(f"scratch model: vocabulary widened from the {len(task.vocab)} tokens seen in training to the "
                      f"tokenizer's {len(task.tokenizer)}; the others read as [UNK] and are suppressed in generate()")
-    model.config.update({"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos, "use_cache": True})
+    if task.vocab is not None:  # the compact ids of a scratch model become the tokenizer's again
+        model.config.update({"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos})
+        model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
+                                                   suppress_tokens=suppress)
+    elif model.config.pad_token_id is None:  # a pretrained model keeps its own ids; batched generate needs a pad
+        model.config.pad_token_id = eos
+    model.config.use_cache = True
     model.eval()
     with quiet_hf_loading():
         model.save_pretrained(str(out))
     save_tokenizer(task.tokenizer, out, None)
-    GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
-                     suppress_tokens=suppress or None).save_pretrained(str(out))
     notes.append("prompts are tokenized without special tokens, as in training: tokenizer(text, "
                  "add_special_tokens=False)")
     return notes
