@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+
 import torch
 from torch import nn
 

@@ -93,7 +93,7 @@ def to_bert_for_sequence_classification(classifier: nn.Module, label_names: list
     model = BertForSequenceClassification(config).eval()
     missing, unexpected = model.bert.load_state_dict(encoder.state_dict(), strict=False)
     extra = config.num_hidden_layers - 1
-    if unexpected or any(not (k.startswith(f"encoder.layer.{extra}.") or k.startswith("pooler.")) for k in missing):
+    if unexpected or any(not (k.startswith((f"encoder.layer.{extra}.", "pooler."))) for k in missing):
         raise ValueError(f"--format hf: the encoder does not fit BertModel (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
     head = classifier.classifier

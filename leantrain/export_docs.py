@@ -55,8 +55,8 @@ state = load_file("{out}/model.safetensors")  # transformers' key names; see lm.
 
 
 def readme(fmt: str, task: str, out: Path, notes: list[str]) -> str:
-    lines = [f"# leantrain export ({fmt}, {task})", "", "Written by `leantrain export`; export.json holds the same "
-             "facts as data.", "", "## How it was made", ""]
+    lines = [f"# leantrain export ({fmt}, {task})", "", ("Written by `leantrain export`; export.json holds the same "
+             "facts as data."), "", "## How it was made", ""]
     lines += [f"- {n}" for n in notes] or ["- the trained model as it was (nothing to merge)"]
     lines += ["", "## Load it", "", USAGE[(fmt, task)].format(out=out), ""]
     return "\n".join(lines)

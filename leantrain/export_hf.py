@@ -31,9 +31,9 @@ def save_classifier(run, run_dir: Path, out: Path) -> list[str]:
         hf.save_pretrained(str(out))
     save_tokenizer(run.task.tokenizer, out, run.cfg.max_length)
     layers = hf.config.num_hidden_layers
-    return [f"BertForSequenceClassification: the last encoder layer (index {layers - 1}) is added and computes "
+    return [(f"BertForSequenceClassification: the last encoder layer (index {layers - 1}) is added and computes "
             "leantrain's masked mean pooling; pooler + classifier reproduce the trained head (float32 inference; "
-            "logits equal leantrain's to ~1e-6)",
+            "logits equal leantrain's to ~1e-6)"),
             f"tokenizer truncates at {run.cfg.max_length} tokens (the run's --max-length)",
             f"labels: {', '.join(labels)}"]
 
@@ -126,8 +126,8 @@ def save_peft_adapter(run, out: Path, base_dir: Path) -> list[str]:
     body["task_type"] = None if classify else "CAUSAL_LM"
     write_safetensors_atomic(out / WEIGHTS_NAME, state, metadata={"format": "pt"})
     write_text_atomic(out / CONFIG_NAME, json.dumps(body, indent=2, sort_keys=True))
-    return [f"PEFT {config.peft_type} adapter on {len(targets)} modules, for the model in base/ "
-            f"({'AutoModelForSequenceClassification' if classify else 'AutoModelForCausalLM'})"]
+    return [(f"PEFT {config.peft_type} adapter on {len(targets)} modules, for the model in base/ "
+            f"({'AutoModelForSequenceClassification' if classify else 'AutoModelForCausalLM'})")]
 
 
 def peft_module_name(classify: bool):

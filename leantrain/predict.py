@@ -22,7 +22,6 @@ import torch
 from .config import TrainConfig
 from .sources import column, read_rows, read_utf8
 
-
 TASKS = ("classify", "causal-lm")
 
 

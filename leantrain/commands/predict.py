@@ -57,7 +57,15 @@ def _check(args: argparse.Namespace, task: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..predict import finished_run_config, format_generations, format_rows, generate, load_trained, predict, read_texts
+    from ..predict import (
+        finished_run_config,
+        format_generations,
+        format_rows,
+        generate,
+        load_trained,
+        predict,
+        read_texts,
+    )
 
     cfg = finished_run_config(args.run)  # a wrong RUN fails before stdin is read
     _check(args, cfg.task)

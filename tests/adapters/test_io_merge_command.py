@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from leantrain import adapters
 from leantrain.adapters.methods import LORA, PISSA, VERA, parse_targets
@@ -54,36 +54,23 @@ def test_lora_plus_groups_from_train_config():
     assert trainable == {id(p) for g in groups for p in g["params"]}
 
 
-def fake_run(tmp_path, method, **overrides) -> tuple[TrainConfig, torch.nn.Module]:
-    """What the lead's train loop leaves behind: config.json, labels.json, head.safetensors, adapter/."""
-    cfg = TrainConfig(model="tiny", method=method.name, rank=4, out=str(tmp_path), **overrides)
-    model = build_classifier("tiny", 3, cfg.seed)
-    method.apply(model, cfg)
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(5)
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=gen))
-        model.classifier.weight.add_(0.5)
-    (tmp_path / "config.json").write_text(cfg.to_json())
-    (tmp_path / "labels.json").write_text(json.dumps(["neg", "neu", "pos"]))
-    save_file(
-        {k: v.contiguous() for k, v in model.classifier.state_dict().items()},
-        str(tmp_path / "head.safetensors"),
-    )
-    method.save_artifacts(model, tmp_path, cfg)
-    return cfg, model.eval()
-
-
 @pytest.mark.parametrize("method", [LORA, PISSA, VERA], ids=lambda m: m.name)
 def test_merge_command_writes_equivalent_plain_model(method, tmp_path):
+    """``leantrain merge`` (an alias of ``leantrain export``) on a finished run: the merged state dict loads into
+    the plain classifier and gives the trained model's logits."""
+    from leantrain.cli import main
+    from leantrain.predict import load_trained
+
     run_dir, out = tmp_path / "run", tmp_path / "merged"
-    run_dir.mkdir()
-    cfg, trained = fake_run(run_dir, method)
-    assert merge_cmd.run(argparse.Namespace(run=str(run_dir), out=str(out))) == 0
-    assert json.loads((out / "labels.json").read_text()) == ["neg", "neu", "pos"]
-    assert TrainConfig.load(out / "config.json") == cfg
-    plain = build_classifier("tiny", 3, cfg.seed).eval()
+    assert main(["train", "--model", "tiny", "--train-size", "96", "--val-size", "48", "--max-length", "24",
+                 "--batch-size", "8", "--no-progress", "--steps", "3", "--lr", "1e-2", "--rank", "4",
+                 "--method", method.name, "--out", str(run_dir)]) == 0
+    args = argparse.Namespace(run=str(run_dir), out=str(out), format="safetensors", overwrite=False)
+    assert merge_cmd.run(args) == 0
+    labels = json.loads((out / "labels.json").read_text())
+    assert labels == json.loads((run_dir / "labels.json").read_text())
+    trained = load_trained(run_dir).task.model.eval()
+    plain = build_classifier("tiny", len(labels)).eval()
     plain.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
     torch.testing.assert_close(plain(*batch()), trained(*batch()), atol=1e-5, rtol=1e-5)
 
