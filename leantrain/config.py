@@ -273,7 +273,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value == DEMO_SIZE:
                 setattr(self, name, demo if self.data in DEMO_DATA else None)
-            elif isinstance(value, str) or isinstance(value, bool):
+            elif isinstance(value, (str, bool)):
                 raise ValueError(f"TrainConfig.{name}={value!r} must be a number, None (all) or {DEMO_SIZE!r}")
         trackers = [t.strip() for t in self.report_to.split(",") if t.strip()]
         unknown = [t for t in trackers if t not in REPORT_TO]
