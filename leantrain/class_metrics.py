@@ -18,7 +18,7 @@ def confusion_matrix(true: list[int], pred: list[int], classes: int) -> list[lis
     return matrix
 
 
-def _ratio(num: int | float, den: int | float) -> float:
+def _ratio(num: float, den: float) -> float:
     return num / den if den else 0.0
 
 

@@ -77,7 +77,9 @@ def _write_with_resume(folder):
 def test_own_reader_round_trip_and_resume(tmp_path):
     _write_with_resume(tmp_path)
     got = read_scalars(tmp_path)
-    f32 = lambda v: struct.unpack("<f", struct.pack("<f", v))[0]  # noqa: E731  simple_value is a float32
+    def f32(v):  # simple_value is a float32
+        return struct.unpack("<f", struct.pack("<f", v))[0]
+
     assert got["loss"] == [(1, 1.5), (2, 1.25), (3, 1.0)]
     assert got["lr"] == [(s, f32(1e-3 * s)) for s in (1, 2, 3)]
     assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 2
@@ -93,7 +95,7 @@ def test_tensorboard_reads_our_files(tmp_path):
     acc.Reload()
     assert sorted(acc.Tags()["scalars"]) == ["loss", "lr"]
     assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(1, 1.5), (2, 1.25), (3, 1.0)]
-    first = sorted(tmp_path.glob("events.out.tfevents.*"))[0]
+    first = min(tmp_path.glob("events.out.tfevents.*"))
     events = [event_pb2.Event.FromString(r) for r in read_records(first)]
     assert events[0].file_version == "brain.Event:2"
     assert [(v.tag, v.simple_value) for v in events[1].summary.value] == [("loss", 1.5), ("lr", pytest.approx(1e-3))]
