@@ -253,3 +253,33 @@ def test_merge_is_an_alias_and_files_follow_the_umask(trained, tmp_path):
     assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {
         p.name: 0o666 & ~mask for p in out.iterdir()}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged.")]  # no temp folder left
+
+
+def _every(task: str) -> list:
+    from leantrain.methods import specs
+
+    # --method head on a causal LM has nothing to train (no classifier head): `leantrain train` refuses it
+    return [pytest.param(name, id=name, marks=pytest.mark.slow) for name, spec in sorted(specs().items())
+            if task in spec.tasks and not (task == "causal-lm" and name == "head")]
+
+
+@pytest.mark.parametrize("method", _every("classify"))
+def test_every_classification_method_exports_to_transformers(method, trained, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    run_dir = trained("classify", method)
+    out = export(run_dir, tmp_path / "hf", "hf")
+    _, enc, want = leantrain_class_logits(run_dir)
+    with torch.no_grad():
+        got = AutoModelForSequenceClassification.from_pretrained(out).eval()(**enc).logits
+    assert (got - want).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("method", _every("causal-lm"))
+def test_every_causal_lm_method_exports_to_transformers(method, trained, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run_dir = trained("causal-lm", method, "--rank", "4")
+    out = export(run_dir, tmp_path / "hf", "hf")
+    _, pairs = lm_logits_pair(run_dir, AutoModelForCausalLM.from_pretrained(out).eval())
+    assert max((w - g).abs().max().item() for w, g in pairs) < TOL
