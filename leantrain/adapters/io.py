@@ -92,13 +92,14 @@ def _save_one(model: nn.Module, directory: Path, name: str, pissa_to_lora: bool 
     config = adapter_config(model, name)
     targets = [n for n, _ in _layers_of(model, name)]
     state = adapter_state(model, name)
-    if pissa_to_lora and getattr(config, "init", "").startswith("pissa"):
-        from .pissa_convert import pissa_to_lora_state
+    from .pissa_convert import pissa_to_lora_state, write_initial_factors
 
+    if pissa_to_lora and getattr(config, "changes_base", False):  # PiSSA, LoRA-GA, CorDA
         config, state = pissa_to_lora_state(config, state, _layers_of(model, name), name)
     body = config_to_peft_dict(config, compact_targets(model, targets))
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    write_initial_factors(directory, config, _layers_of(model, name), name)  # LoRA-GA / CorDA only
     text = json.dumps(body, indent=2, sort_keys=True)
     atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
 
@@ -184,8 +185,11 @@ def load(
     keys that fit no module raise KeyError. Returns the wrapped module names. A failed load leaves the model
     as it was: module tree, values and ``requires_grad`` flags (PiSSA's residual base aside).
     """
+    from .pissa_convert import read_initial_factors
+
     values, tensors = read_adapter_files(directory)
     config = config_from_peft_dict(values)
+    read_initial_factors(Path(directory), config)  # LoRA-GA / CorDA: rebuild the residual they trained on
     flags = {n: p.requires_grad for n, p in model.named_parameters()}  # inject() freezes everything else
     targets = inject(model, config, name)
     try:

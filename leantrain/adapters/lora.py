@@ -6,6 +6,8 @@ DoRA (Liu et al. 2024, https://arxiv.org/abs/2402.09353): y = (m / ||W + s·BA||
   the norm detached (paper §4.3); m starts at ||W||_row. Supported on Linear.
 PiSSA (Meng et al. 2024, https://arxiv.org/abs/2404.02948): A, B start as the top-r singular triplets of W
   and W is replaced by the residual, so the output is unchanged at init. "pissa_fast" uses torch.svd_lowrank.
+LoRA-GA / CorDA ("lora-ga", "corda-kpm", "corda-ipm"): A, B start from an SVD computed over calibration batches
+  (``inject(..., calib=fn)``), W becomes the residual as for PiSSA; the math is in leantrain/adapters/data_inits.py.
 Formulas, key names and defaults follow /work/shared/methods/lora_family.md (PEFT's LoRA).
 """
 
@@ -22,16 +24,20 @@ from torch import nn
 
 from .base import AdapterLayer, base_weight, layer_shape, set_base_weight
 from .config_fields import get_bool, get_dict, get_float, get_int
+from .data_inits import CORDA_KPM, DATA_INITS, GA_DIRECTIONS, GA_SCALES, LORA_GA, collect, data_factors
 from .registry import register_adapter
 
-LORA_INITS = ("default", "gaussian", "pissa", "pissa_fast", "random")
+LORA_INITS = ("default", "gaussian", "pissa", "pissa_fast", "random", *DATA_INITS)
+RESIDUAL_INITS = ("pissa", "pissa_fast", *DATA_INITS)  # inits that rewrite W into a residual
+INITIAL_NAME = "initial_adapter.safetensors"  # a data init's A0, B0 beside adapter_model.safetensors
 
 
 @dataclass
 class LoraConfig:
     """One LoRA adapter. ``init``: "default" (Kaiming-uniform A, zero B), "gaussian" (A ~ N(0, 1/r), zero B),
     "pissa" (exact SVD), "pissa_fast" (randomized SVD, ``pissa_niter`` power iterations) or "random" (B random
-    too: output differs from the base at init, used by tests)."""
+    too: output differs from the base at init, used by tests), or from calibration data: "lora-ga", "corda-kpm",
+    "corda-ipm" (``inject(..., calib=fn)``; ``lora_ga_*`` are PEFT's ``LoraGAConfig`` fields)."""
 
     peft_type: ClassVar[str] = "LORA"
 
@@ -44,6 +50,9 @@ class LoraConfig:
     use_dora: bool = False
     init: str = "default"
     pissa_niter: int = 4  # power iterations of the fast randomized SVD (PEFT's "pissa_niter_<k>")
+    lora_ga_direction: str = "ArB2r"  # which gradient singular vectors go to A and B (PEFT's LoraGAConfig)
+    lora_ga_scale: str = "stable"  # stable | weight_svd | gd_scale | unit
+    lora_ga_gamma: float = 16  # gamma of the "stable" scale
     rank_pattern: dict[str, int] = field(default_factory=dict)  # module-name regex -> r (PEFT semantics)
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # module-name regex -> alpha
 
@@ -59,6 +68,26 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.init={self.init!r}; choose one of {', '.join(LORA_INITS)}")
         if self.pissa_niter < 0:
             raise ValueError(f"LoraConfig.pissa_niter={self.pissa_niter!r} must be >= 0")
+        for key, value, allowed in [("lora_ga_direction", self.lora_ga_direction, GA_DIRECTIONS),
+                                    ("lora_ga_scale", self.lora_ga_scale, GA_SCALES)]:
+            if value not in allowed:
+                raise ValueError(f"LoraConfig.{key}={value!r}; choose one of {', '.join(allowed)}")
+        gamma = self.lora_ga_gamma
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0:
+            raise ValueError(f"LoraConfig.lora_ga_gamma={self.lora_ga_gamma!r} must be > 0")
+        self._stats: dict[str, torch.Tensor] = {}  # per-layer gradient / covariance of a data init
+        self._initial: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # from a file: initial A0, B0
+
+    @property
+    def changes_base(self) -> bool:
+        """The init rewrites W into a residual (PiSSA, LoRA-GA, CorDA): the adapter belongs to that residual."""
+        return self.init in RESIDUAL_INITS
+
+    def prepare(self, model: nn.Module, targets: list[str], calib: Any) -> None:
+        """inject() hook: a data init computes each target's gradient / input covariance before any layer changes.
+        A config read from a file (``_initial`` set) takes its initial factors from the file instead."""
+        if self.init in DATA_INITS and self._initial is None:
+            self._stats = collect(model, targets, calib, self.init)
 
     def rank_alpha(self, layer_name: str) -> tuple[int, float]:
         """r and alpha of one layer after rank_pattern / alpha_pattern (PEFT: regex matching a suffix)."""
@@ -82,8 +111,17 @@ class LoraConfig:
             "pissa": "pissa",
             "random": False,
             "pissa_fast": f"pissa_niter_{self.pissa_niter}",
-        }[self.init]
-        return {
+            LORA_GA: "lora_ga",
+        }.get(self.init, True)  # CorDA: PEFT cannot load init "corda" without preprocess_corda; corda_config says it
+        sub: dict[str, Any] = {}
+        if self.init == LORA_GA:
+            sub["lora_ga_config"] = {"direction": self.lora_ga_direction, "scale": self.lora_ga_scale,
+                                     "stable_gamma": self.lora_ga_gamma}
+        elif self.init in DATA_INITS:
+            sub["corda_config"] = {"corda_method": "kpm" if self.init == CORDA_KPM else "ipm", "cache_file": None,
+                                   "covariance_file": None, "verbose": False, "use_float16_for_covariance": False,
+                                   "prune_temporary_fields": True}
+        return sub | {
             "r": self.r,
             "lora_alpha": self.alpha,
             "lora_dropout": self.dropout,
@@ -119,23 +157,14 @@ class LoraConfig:
                 raise ValueError(
                     f"adapter_config.json: {key}={d[key]!r} is not supported by leantrain's LoRA"
                 )
-        init = d.get("init_lora_weights", True)
-        niter = 4
-        if init is True:
-            init = "default"
-        elif init is False:
-            init = "random"
-        elif isinstance(init, str) and init.startswith("pissa_niter_"):
-            init, niter = "pissa_fast", int(init.removeprefix("pissa_niter_"))
-        elif init not in ("gaussian", "pissa"):
-            raise ValueError(f"adapter_config.json: init_lora_weights={init!r} is not supported by leantrain")
+        init, niter, ga = _init_from_peft(d)
         targets = d.get("target_modules") or "all-linear"
         if isinstance(targets, str) and targets != "all-linear":
             targets = "re:" + targets.removeprefix("re:")
         exclude = d.get("exclude_modules")
         if isinstance(exclude, str):
             exclude = "re:" + exclude.removeprefix("re:")
-        return cls(
+        config = cls(
             r=get_int(d, "r", 8, "LoRA", minimum=1),
             alpha=get_float(d, "lora_alpha", 8, "LoRA"),
             target_modules=targets,
@@ -147,7 +176,37 @@ class LoraConfig:
             pissa_niter=niter,
             rank_pattern=get_dict(d, "rank_pattern", "LoRA"),
             alpha_pattern=get_dict(d, "alpha_pattern", "LoRA"),
+            **ga,
         )
+        if config.init in DATA_INITS:
+            config._initial = {}  # from a file: no calibration; initial factors only if the folder has them
+        return config
+
+
+def _init_from_peft(d: dict[str, Any]) -> tuple[str, int, dict[str, Any]]:
+    """(leantrain init, pissa_niter, LoRA-GA fields) of PEFT's ``init_lora_weights`` and its sub-config."""
+    init = d.get("init_lora_weights", True)
+    niter, ga = 4, {}
+    if init == "corda" or (init is True and get_dict(d, "corda_config", "LoRA")):
+        sub = get_dict(d, "corda_config", "LoRA")
+        method = sub.get("corda_method", "ipm")  # PEFT's CordaConfig default
+        if method not in ("ipm", "kpm"):
+            raise ValueError(f"adapter_config.json: corda_config.corda_method={method!r} must be 'ipm' or 'kpm'")
+        init = f"corda-{method}"
+    elif init is True:
+        init = "default"
+    elif init is False:
+        init = "random"
+    elif isinstance(init, str) and init.startswith("pissa_niter_"):
+        init, niter = "pissa_fast", int(init.removeprefix("pissa_niter_"))
+    elif init == "lora_ga":
+        sub = get_dict(d, "lora_ga_config", "LoRA")
+        init, ga = LORA_GA, {"lora_ga_direction": sub.get("direction", "ArB2r"),
+                             "lora_ga_scale": sub.get("scale", "stable"),
+                             "lora_ga_gamma": get_float(sub, "stable_gamma", 16, "LoRA-GA")}
+    elif init not in ("gaussian", "pissa"):
+        raise ValueError(f"adapter_config.json: init_lora_weights={init!r} is not supported by leantrain")
+    return init, niter, ga
 
 
 def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -208,6 +267,8 @@ class LoraLinear(AdapterLayer):
         with torch.no_grad():
             if config.init in ("pissa", "pissa_fast"):
                 pissa_init(self.base_layer, p, niter=None if config.init == "pissa" else config.pissa_niter)
+            elif config.init in DATA_INITS:
+                data_init(self.base_layer, p, config, where)
             else:
                 init_lora(p.lora_A, p.lora_B, config.init)
             if p.magnitude is not None:
@@ -268,9 +329,9 @@ class LoraEmbedding(AdapterLayer):
         where = getattr(self, "layer_name", "embedding")
         r, alpha = config.rank_alpha(where)
         num, dim = layer_shape(self.base_layer)
-        if config.use_dora or config.init in ("pissa", "pissa_fast"):
+        if config.use_dora or config.init in RESIDUAL_INITS:
             raise TypeError(
-                f"{where!r}: DoRA and PiSSA are implemented for Linear layers only, not nn.Embedding"
+                f"{where!r}: DoRA, PiSSA, LoRA-GA and CorDA are implemented for Linear layers only, not nn.Embedding"
             )
         weight = self.base_layer.weight
         p = LoraParams(
@@ -313,8 +374,7 @@ def init_lora(a: torch.Tensor, b: torch.Tensor, how: str) -> None:
 
 def pissa_init(base: nn.Module, p: LoraParams, niter: int | None) -> None:
     """Top-r SVD of W into A, B (scaled so s·BA is the rank-r part) and write the residual back into W."""
-    w = base_weight(base)
-    wf = w.to(torch.float32)
+    wf = base_weight(base).to(torch.float32)
     r, s = p.r, p.scaling
     if niter is None:
         v, sig, uh = torch.linalg.svd(wf, full_matrices=False)
@@ -325,14 +385,48 @@ def pissa_init(base: nn.Module, p: LoraParams, niter: int | None) -> None:
             v, sig, u = torch.svd_lowrank(wf, q=r, niter=niter)
         uh = u.T
     root = torch.sqrt(sig / s)
-    a = root[:, None] * uh
-    b = v * root[None, :]
+    start_from(base, p, root[:, None] * uh, v * root[None, :])
+
+
+def start_from(base: nn.Module, p: LoraParams, a: torch.Tensor, b: torch.Tensor) -> None:
+    """A, B := a, b and W := W - s·B A (in fp32, from A and B in the adapter's dtype, as PEFT does).
+
+    The initial factors stay as buffers ``init_A0`` / ``init_B0`` (not in the state dict): the conversion to a
+    plain LoRA against the original W (``save(..., pissa_to_lora=True)``) and a data init's saved initial
+    factors read them.
+    """
+    w = base_weight(base)
     p.lora_A.copy_(a.to(p.lora_A.dtype))
     p.lora_B.copy_(b.to(p.lora_B.dtype))
-    # kept (not saved) for the PiSSA -> plain LoRA conversion against the original W (pissa_to_lora=True)
-    p.register_buffer("pissa_A0", p.lora_A.detach().clone(), persistent=False)
-    p.register_buffer("pissa_B0", p.lora_B.detach().clone(), persistent=False)
-    set_base_weight(base, (wf - s * (b @ a)).to(w.dtype))
+    p.register_buffer("init_A0", p.lora_A.detach().clone(), persistent=False)
+    p.register_buffer("init_B0", p.lora_B.detach().clone(), persistent=False)
+    delta = p.scaling * (p.lora_B.float() @ p.lora_A.float())
+    set_base_weight(base, (w.to(torch.float32) - delta).to(w.dtype))
+
+
+def data_init(base: nn.Module, p: LoraParams, config: LoraConfig, where: str) -> None:
+    """LoRA-GA / CorDA for one layer: from the statistic ``prepare`` collected, or from a file's initial factors.
+
+    A config read from a PEFT file without initial factors leaves W alone (PEFT's convention: the model it loads
+    into already holds the residual) and starts A, B as plain LoRA; the file's tensors overwrite them.
+    """
+    if config._initial is not None:
+        if not config._initial:
+            init_lora(p.lora_A, p.lora_B, "default")
+            return
+        if where not in config._initial:
+            raise ValueError(f"{INITIAL_NAME} has no initial factors for layer {where!r}")
+        a, b = config._initial[where]
+        if tuple(a.shape) != tuple(p.lora_A.shape) or tuple(b.shape) != tuple(p.lora_B.shape):
+            raise ValueError(f"{INITIAL_NAME}: initial factors of {where!r} have shapes {tuple(a.shape)}, "
+                             f"{tuple(b.shape)}; the adapter needs {tuple(p.lora_A.shape)}, {tuple(p.lora_B.shape)}")
+        return start_from(base, p, a, b)
+    stat = config._stats.pop(where, None)
+    if stat is None:
+        raise ValueError(f"--init {config.init} for layer {where!r} needs calibration batches: "
+                         "inject(..., calib=fn) where fn(model) yields scalar losses")
+    a, b = data_factors(base, stat, config.init, p.r, p.scaling, config, where)
+    start_from(base, p, a, b)
 
 
 # LoraConv2d builds on this file, so it is named, not imported: the registry imports lora_conv on first use.

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..config import TrainConfig
 from ..methods import EstimatorTensor, MethodBase, register
+from .data_inits import DATA_INITS, LORA_GA
 from .inject import inject, trainable_adapter_parameters
 from .io import save
 from .lora import LoraConfig
@@ -71,17 +72,26 @@ class AdapterMethod(MethodBase):
         default_lr: float = 5e-4,
         lora_plus: bool = False,
         loftq: bool = False,
+        data_inits: bool = False,
         extras: Callable[[list[tuple[str, int, int]], Any], dict[str, int]] = lambda targets, opts: {},
         options: tuple[str, ...] = ("rank", "targets"),
     ) -> None:
         self.name, self.build, self.summary, self.default_lr = name, build, summary, default_lr
-        self.lora_plus, self.loftq = lora_plus, loftq
+        self.lora_plus, self.loftq, self.data_inits = lora_plus, loftq, data_inits
         self._tensors, self._act, self._extras = tensors, act_per_token, extras
         self.options = options  # the TrainConfig fields its adapter config reads (unread ones draw a CLI warning)
 
     def validate(self, cfg: TrainConfig) -> None:
         if cfg.init == "loftq" and not self.loftq:
             raise ValueError(f"TrainConfig.init='loftq' works with --method lora or rslora, not {self.name!r}")
+        if cfg.init in DATA_INITS:
+            if not self.data_inits:
+                raise ValueError(f"TrainConfig.init={cfg.init!r} works with --method lora, rslora or dora, "
+                                 f"not {self.name!r}")
+            if cfg.init == LORA_GA and cfg.quantize:
+                raise ValueError(f"TrainConfig.init='lora-ga' takes the gradient of full-precision weights; "
+                                 f"drop --quantize {cfg.quantize}")
+            LoraConfig(**lora_ga_options(cfg.extra))  # a bad --extra lora_ga_* value fails before the run starts
 
     def estimator_tensors(self, module: str, out_f: int, in_f: int, cfg: Any) -> list[EstimatorTensor]:
         return self._tensors(module, out_f, in_f, cfg)
@@ -104,6 +114,11 @@ class AdapterMethod(MethodBase):
         save(model, Path(run_dir) / "adapter", name=ADAPTER_NAME)
 
 
+def lora_ga_options(extra: dict[str, Any]) -> dict[str, Any]:
+    """LoRA-GA's PEFT sub-options from TrainConfig.extra (``--extra lora_ga_scale=unit``), for LoraConfig."""
+    return {k: extra[k] for k in ("lora_ga_direction", "lora_ga_scale", "lora_ga_gamma") if k in extra}
+
+
 def _lora(**flags: Any) -> Callable[[TrainConfig], LoraConfig]:
     def build(cfg: TrainConfig) -> LoraConfig:
         init = cfg.init
@@ -117,6 +132,7 @@ def _lora(**flags: Any) -> Callable[[TrainConfig], LoraConfig]:
             init=init,
             use_rslora=flags.get("use_rslora", False),
             use_dora=flags.get("use_dora", False),
+            **(lora_ga_options(cfg.extra) if init == LORA_GA else {}),
         )
 
     return build
@@ -197,12 +213,13 @@ def _shira_tensors(module: str, out_f: int, in_f: int, cfg: Any) -> list[Estimat
 
 LORA = register(AdapterMethod("lora", _lora(), "LoRA: trainable low-rank A, B beside each frozen Linear",
                               _lora_tensors, lambda o, i, r: r, lora_plus=True, loftq=True,
-                              options=LORA_OPTIONS))
+                              data_inits=True, options=LORA_OPTIONS))
 RSLORA = register(AdapterMethod("rslora", _lora(use_rslora=True), "rsLoRA: LoRA scaled by alpha/sqrt(r)",
                                 _lora_tensors, lambda o, i, r: r, lora_plus=True, loftq=True,
-                                options=LORA_OPTIONS))
+                                data_inits=True, options=LORA_OPTIONS))
 DORA = register(AdapterMethod("dora", _lora(use_dora=True), "DoRA: LoRA direction + trainable magnitude",
-                              _dora_tensors, lambda o, i, r: r + 2 * o, lora_plus=True, options=LORA_OPTIONS))
+                              _dora_tensors, lambda o, i, r: r + 2 * o, lora_plus=True, data_inits=True,
+                              options=LORA_OPTIONS))
 PISSA = register(AdapterMethod("pissa", _lora(pissa=True), "PiSSA: LoRA initialised from the top singular vectors",
                                _lora_tensors, lambda o, i, r: r, default_lr=2e-4, lora_plus=True,
                                options=LORA_OPTIONS))
