@@ -97,7 +97,8 @@ class TrainConfig:
     dropout: float = option(0.0, "dropout on the adapter input")
     targets: str = option("all-linear", "adapted layers: 'all-linear' (every Linear but the head), "
                                         "comma-separated module names, or a regex with prefix 're:'")
-    init: str = option("default", "LoRA init: default | gaussian | pissa | pissa_fast | loftq (needs --quantize)")
+    init: str = option("default", "LoRA init: default | gaussian | pissa | pissa_fast | loftq (needs --quantize) | "
+                                  "lora-ga | corda-kpm | corda-ipm (from the first training batches)")
     lora_plus_ratio: float | None = option(None, "LoRA+: lr of B = ratio * lr of A (e.g. 16); None = plain LoRA")
     mask: str = option("random", "SHiRA mask: random | magnitude | gradient | snip")
     fraction: float | None = option(None, "SHiRA: share of each matrix that trains (overrides the r-based count)")
