@@ -165,7 +165,7 @@ def column(rows: list[dict], name: str, path: str | Path) -> list[str]:
     missing = [i for i, row in enumerate(rows, 1) if not isinstance(row, dict) or row.get(name) in (None, "")]
     found = list(dict.fromkeys(k for row in rows if isinstance(row, dict) for k in row))
     if name not in found:
-        raise ValueError(f"data file {str(path)!r} has no column {name!r}; its columns: {', '.join(map(repr, found))}")
+        raise ValueError(f"data file {str(path)!r}: column {name!r} missing; its columns: {', '.join(map(repr, found))}")
     if missing:
         raise ValueError(f"data file {str(path)!r}: column {name!r} missing or empty in row {missing[0]}")
     return [str(r[name]) for r in rows]
