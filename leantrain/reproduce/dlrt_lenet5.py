@@ -101,14 +101,15 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
         color = "k" if tau is None else f"C{i}"
         for r in group:
             ax1.plot([c["epoch"] for c in r["curve"]], [100 * c["test_accuracy"] for c in r["curve"]], color=color,
-                     alpha=0.7, label=_label(tau) if r is group[0] else None)
+                     alpha=0.7, marker="o", markersize=3, label=_label(tau) if r is group[0] else None)
         acc, _, paper_cr, _ = PAPER_ROWS[tau]
         ax2.scatter([100 * r["reference_compression"] for r in group], [100 * r["accuracy"] for r in group],
                     color=color, marker="o", label=f"ours {_label(tau)}")
         ax2.scatter([paper_cr], [acc], color=color, marker="*", s=120, edgecolors="w")
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("test accuracy (%)")
-    ax1.set_ylim(bottom=max(90.0, ax1.get_ylim()[0]))
+    low, high = ax1.get_ylim()
+    ax1.set_ylim(max(90.0, low) if high > 91.0 else low, high)  # zoom on the last points unless all are below 91 %
     ax1.legend(fontsize=7)
     ax2.set_xlabel("compression, reference count (%)  [★ = paper]")
     ax2.set_ylabel("final test accuracy (%)")
