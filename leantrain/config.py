@@ -38,6 +38,15 @@ DEMO_SIZE, DEMO_SIZES, DEMO_DATA = "auto", (4000, 1000), ("vader", "bible")
 REPORT_TO = ("jsonl", "tensorboard", "none")
 
 
+def _is_size(text: str) -> bool:
+    from .units import parse_size
+
+    try:
+        return parse_size(text) > 0
+    except ValueError:
+        return False
+
+
 def option(default: Any = None, help: str = "", **kwargs: Any) -> Any:
     """A dataclass field whose ``help`` metadata is the CLI help of its ``leantrain train`` option."""
     return field(default=default, metadata={"help": help}, **kwargs)
@@ -129,10 +138,13 @@ class TrainConfig:
     bf16_update: str = option("stochastic", "how --dtype bf16 stores an update: 'stochastic' rounding (seeded), "
                                             "'kahan' (bf16 compensation buffer per parameter) or 'plain' "
                                             "(round to nearest: small updates are lost); fp16 is refused")
+    memory_budget: str | None = option(None, "refuse the run before allocating if the estimated peak (docs/memory.md) "
+                                             "exceeds SIZE (8GiB, 22G, 500MiB) or 'auto' (available RAM, or "
+                                             "free GPU memory on CUDA); None = estimate and record only")
     layerwise: bool = option(False, "step each parameter inside backward and free its gradient, so one gradient "
                                     "is alive at a time (GaLore's 7B recipe; --grad-clip per parameter)")
     activation_checkpointing: bool = option(False, "recompute each block's activations in backward (less "
-                                                   "memory, ~1 extra forward; causal-lm only, classify ignores it)")
+                                                   "memory, ~1 extra forward; every task)")
     # --- output -----------------------------------------------------------------------------------------------
     out: str = option("runs/latest", "run folder (config.json, metrics, artifacts, checkpoints/)")
     save_every: int = option(0, "write a resumable checkpoint every N steps; 0 = none (the final trainable "
@@ -223,6 +235,8 @@ class TrainConfig:
              "pure fp16 training needs a loss scaler, which is not implemented; use --dtype bf16"),
             (self.bf16_update in ("stochastic", "kahan", "plain"), "bf16_update", self.bf16_update,
              "must be stochastic, kahan or plain"),
+            (self.memory_budget in (None, "auto") or _is_size(self.memory_budget), "memory_budget",
+             self.memory_budget, "must be a size like 8GiB, 22G, 500MiB, or 'auto'"),
             (self.dtype == "fp32" or self.strategy != "fsdp", "dtype", self.dtype,
              "runs on one process or under --strategy ddp, not fsdp (yet)"),
             (not self.layerwise or self.grad_accum == 1, "layerwise", self.layerwise,

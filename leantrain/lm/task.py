@@ -33,7 +33,9 @@ from .data import (
     split_documents,
     tokenize_documents,
 )
-from .models import PRESETS, build_scratch_lm, context_length, load_lm_tokenizer, load_pretrained_lm
+from ..precision import torch_dtype
+from .models import build_scratch_lm, context_length, load_lm_tokenizer, load_pretrained_lm
+from .presets import PRESETS, preset_key
 
 SAMPLE_PROMPT_TOKENS = 8
 SAMPLE_NEW_TOKENS = 32
@@ -62,13 +64,10 @@ class CausalLMTask:
             raise ValueError(f"--arch {cfg.arch!r} / --preset {cfg.preset!r} build a model from scratch: "
                              "add --init-weights scratch")
         if self.scratch:
-            preset = cfg.preset or "tiny"
-            if preset not in PRESETS:
-                raise ValueError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
-            self._check_context(PRESETS[preset][4])
+            self._check_context(PRESETS[preset_key(cfg.preset)][4])
         self.tokenizer = load_lm_tokenizer(cfg.model)
         self.eos_id = end_of_text_id(self.tokenizer)
-        model = None if self.scratch else load_pretrained_lm(cfg.model)
+        model = None if self.scratch else load_pretrained_lm(cfg.model, torch_dtype(cfg.dtype))
         if model is not None:
             self._check_context(context_length(model))
 
@@ -83,16 +82,11 @@ class CausalLMTask:
             train = Blocks(self.vocab.to_compact(train.ids), train.mask)
             val = Blocks(self.vocab.to_compact(val.ids), val.mask)
             eos = int(self.vocab.to_compact(torch.tensor([self.eos_id]))[0])
-            model = build_scratch_lm(cfg.arch, cfg.preset, len(self.vocab), cfg.seed,
+            model = build_scratch_lm(cfg.arch, cfg.preset, len(self.vocab), cfg.seed, torch_dtype(cfg.dtype),
                                      bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
         train, val = train.subset(cfg.train_size), val.subset(cfg.val_size)
         self.train_blocks, self.val_blocks = train, val
         model.config.use_cache = False
-        if cfg.activation_checkpointing:
-            if not hasattr(model, "gradient_checkpointing_enable"):
-                raise ValueError(f"--activation-checkpointing: {type(model).__name__} has no "
-                                 "gradient_checkpointing_enable()")
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = model.to(device)
         self._forward_model: torch.nn.Module | None = None
         self.train_batches = BlockBatcher(train, cfg.batch_size, cfg.seed)

@@ -372,13 +372,29 @@ def _workspace(trainables: list[_Trainable], n_states: int, elt: int, rank: int,
     return ws
 
 
-def estimate_config(cfg: Any, num_labels: int = 2, **overrides: Any) -> MemoryReport:
-    """Estimate for a ``TrainConfig`` (one micro-batch of ``batch_size × max_length``); keywords override."""
-    model = cfg.preset if (cfg.preset and cfg.init_weights == "scratch") else cfg.model
+def estimate_config(cfg: Any, num_labels: int = 2, vocab_size: int | None = None, **overrides: Any) -> MemoryReport:
+    """Estimate for a ``TrainConfig`` (one micro-batch of ``batch_size × max_length``); keywords override.
+
+    A scratch preset is estimated with ``vocab_size`` (the corpus vocabulary, known once the data is read) or
+    else GaLore's 32000, an upper bound for the corpora leantrain ships."""
     kwargs: dict[str, Any] = {"method": cfg.method, "optim": cfg.optim, "batch_size": cfg.batch_size,
-                                  "seq_len": cfg.max_length, "activation_checkpointing": cfg.activation_checkpointing,
-                                  "rank": cfg.rank, "quantize": cfg.quantize, "targets": cfg.targets, "fraction": cfg.fraction,
-                                  "block_size": cfg.block_size, "num_labels": num_labels,
-                                  "dlrt_freeze_other": bool(cfg.extra.get("dlrt_freeze_other", False))}
+                              "seq_len": cfg.max_length, "activation_checkpointing": cfg.activation_checkpointing,
+                              "rank": cfg.rank, "quantize": cfg.quantize, "targets": cfg.targets,
+                              "fraction": cfg.fraction, "block_size": cfg.block_size, "num_labels": num_labels,
+                              "dtype": cfg.dtype, "layerwise": cfg.layerwise,
+                              "dlrt_freeze_other": bool(cfg.extra.get("dlrt_freeze_other", False))}
     kwargs.update(overrides)
-    return estimate(model, **kwargs)
+    return estimate(config_model_spec(cfg, num_labels, vocab_size), **kwargs)
+
+
+def config_model_spec(cfg: Any, num_labels: int = 2, vocab_size: int | None = None) -> ModelSpec:
+    """The ModelSpec a run builds: a scratch preset, SmolLM2's cached folder, or ``--model`` itself."""
+    if cfg.init_weights == "scratch":
+        from ..lm.presets import PREFIX, preset_key
+
+        return model_spec(PREFIX + preset_key(cfg.preset), num_labels, vocab_size)
+    if cfg.model == "smollm2":
+        from ..lm.models import smollm2_dir  # the converted cache; absent until the first SmolLM2 run
+
+        return model_spec(str(smollm2_dir()), num_labels)
+    return model_spec(cfg.model, num_labels)

@@ -19,19 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..lm.presets import PREFIX, PRESETS, hf_config_dict, preset_key
 from ..targets import Targets, is_head, select
 
 if TYPE_CHECKING:  # torch is imported only where a module is walked, so the estimator CLI starts fast
     from torch import nn
 
-# jiaweizzhao/GaLore configs/llama_{60m,130m,350m,1b,7b}.json (vocab 32000, SiLU, RMSNorm eps 1e-6, untied head).
+# jiaweizzhao/GaLore configs/llama_{60m,130m,350m,1b,7b}.json (vocab 32000, SiLU, RMSNorm eps 1e-6, untied head);
+# the one table is leantrain/lm/presets.py (the trainer builds the same models).
+PAPER_SIZES = ("60m", "130m", "350m", "1b", "7b")
 LLAMA_PRESETS: dict[str, dict[str, int]] = {
-    "llama-60m": {"hidden_size": 512, "intermediate_size": 1376, "num_attention_heads": 8, "num_hidden_layers": 8},
-    "llama-130m": {"hidden_size": 768, "intermediate_size": 2048, "num_attention_heads": 12, "num_hidden_layers": 12},
-    "llama-350m": {"hidden_size": 1024, "intermediate_size": 2736, "num_attention_heads": 16, "num_hidden_layers": 24},
-    "llama-1b": {"hidden_size": 2048, "intermediate_size": 5461, "num_attention_heads": 32, "num_hidden_layers": 24},
-    "llama-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "num_hidden_layers": 32},
-}
+    f"{PREFIX}{k}": {"hidden_size": PRESETS[k][0], "intermediate_size": PRESETS[k][1],
+                     "num_attention_heads": PRESETS[k][3], "num_hidden_layers": PRESETS[k][2]} for k in PAPER_SIZES}
 # leantrain.models.load_encoder("tiny"): a random 2-layer BERT with MiniLM's vocabulary.
 TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
                  "max_position_embeddings": 128, "type_vocab_size": 2}
@@ -228,11 +227,12 @@ def _read_config(path: Path) -> dict[str, Any]:
     return json.loads((path / "config.json").read_text())
 
 
-def model_spec(name: str, num_labels: int = 2) -> ModelSpec:
-    """Resolve ``llama-<size>``, ``minilm``, ``tiny`` or a folder with config.json to a ModelSpec."""
-    if name in LLAMA_PRESETS:
-        cfg = dict(model_type="llama", vocab_size=32000, tie_word_embeddings=False, **LLAMA_PRESETS[name])
-        return from_hf_config(cfg, name)
+def model_spec(name: str, num_labels: int = 2, vocab_size: int | None = None) -> ModelSpec:
+    """Resolve ``llama-<size>`` (``vocab_size``: a scratch run's corpus vocabulary, else GaLore's 32000),
+    ``minilm``, ``tiny`` or a folder with config.json to a ModelSpec."""
+    if name.startswith(PREFIX) and name.removeprefix(PREFIX) in PRESETS:
+        key = preset_key(name)
+        return from_hf_config(hf_config_dict(key, vocab_size or 32000), PREFIX + key)
     if name in ("minilm", "tiny"):
         from ..models import resolve_model_dir
 
