@@ -129,17 +129,24 @@ class EventWriter:
 
 
 # --- reading (tests, and anyone without tensorboard) ---------------------------------------------------------------
-def read_records(path: str | Path) -> list[bytes]:
-    """The data of every TFRecord in ``path``; a bad checksum or a torn record names the file and offset."""
+def read_records(path: str | Path, torn_tail_ok: bool = False) -> list[bytes]:
+    """The data of every TFRecord in ``path``; a bad checksum or a torn record names the file and offset.
+    ``torn_tail_ok``: a last record cut short (the writer was killed mid-write) ends the file, as in TensorBoard."""
     raw, out, pos = Path(path).read_bytes(), [], 0
     while pos < len(raw):
-        if pos + 12 > len(raw):
-            raise ValueError(f"{path}: torn record header at byte {pos}")
+        if len(raw) - pos < 12:
+            if torn_tail_ok:
+                break
+            raise ValueError(f"{path}: torn record at byte {pos}")
         header = raw[pos:pos + 8]
         (length,), (header_crc,) = struct.unpack("<Q", header), struct.unpack("<I", raw[pos + 8:pos + 12])
+        if header_crc != masked_crc(header):
+            raise ValueError(f"{path}: bad record header checksum at byte {pos}")
+        if pos + 16 + length > len(raw):
+            if torn_tail_ok:
+                break
+            raise ValueError(f"{path}: torn record at byte {pos}")
         data = raw[pos + 12:pos + 12 + length]
-        if header_crc != masked_crc(header) or len(data) < length or pos + 16 + length > len(raw):
-            raise ValueError(f"{path}: bad or torn record at byte {pos}")
         (data_crc,) = struct.unpack("<I", raw[pos + 12 + length:pos + 16 + length])
         if data_crc != masked_crc(data):
             raise ValueError(f"{path}: data checksum mismatch in the record at byte {pos}")
@@ -203,10 +210,11 @@ def decode_event(data: bytes) -> dict[str, Any]:
 
 def read_scalars(folder: str | Path) -> dict[str, list[tuple[int, float]]]:
     """tag -> [(step, value)] over every event file of ``folder`` in name order; a SessionLog START at step s
-    drops the values logged earlier at steps >= s, as TensorBoard's EventAccumulator does."""
+    drops the values logged earlier at steps >= s, and a torn last record is ignored, as TensorBoard's
+    EventAccumulator does."""
     series: dict[str, list[tuple[int, float]]] = {}
     for path in sorted(Path(folder).glob("events.out.tfevents.*")):
-        for data in read_records(path):
+        for data in read_records(path, torn_tail_ok=True):
             event = decode_event(data)
             if event.get("session_start"):
                 series = {tag: [(s, v) for s, v in points if s < event["step"]] for tag, points in series.items()}

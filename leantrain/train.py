@@ -57,7 +57,8 @@ def resume_config(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
     runtime = {k: getattr(cfg, k) for k in RUNTIME_FIELDS
                if k in PER_INVOCATION or getattr(cfg, k) != defaults[k]}
     if "steps" in runtime and runtime["steps"] != old.steps:
-        print(f"resume: --steps {runtime['steps']} replaces the run's {old.steps} (the lr schedule is planned "
+        before = old.steps if old.steps is not None else f"{old.epochs or 1:g} epoch(s)"
+        print(f"resume: --steps {runtime['steps']} replaces the run's {before} (the lr schedule is planned "
               f"over {runtime['steps']} steps from the checkpoint on)")
     return replace(old, **runtime)
 
