@@ -21,11 +21,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .atomic import write_safetensors_atomic, write_text_atomic
+
+if TYPE_CHECKING:
+    from .run import Run
 
 FORMATS = ("hf", "peft", "safetensors")
 PEFT_TYPES = ("LORA", "VERA", "MISS", "SHIRA")  # adapter types PEFT 0.21.2 loads (peft.PeftType)
@@ -107,6 +111,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "hf", overwr
     cfg = finished_run_config(run_dir)
     if fmt == "peft":
         refuse_peft(cfg.method)
+    inside = out_dir.resolve() == run_dir.resolve() or out_dir.resolve() in run_dir.resolve().parents
+    if inside:
+        raise ValueError(f"--out {str(out_dir)!r} would replace the run folder {str(run_dir)!r}; choose another folder")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise FileExistsError(f"--out {str(out_dir)!r} exists and is not empty; pass --overwrite to replace it")
     run = load_trained(run_dir)
@@ -150,7 +157,7 @@ def refuse_peft(method: str) -> None:
                          f"{', '.join(PEFT_METHODS)}); use --format hf or --format safetensors")
 
 
-def write_safetensors(run, run_dir: Path, tmp: Path, out_dir: Path) -> list[str]:
+def write_safetensors(run: Run, run_dir: Path, tmp: Path, out_dir: Path) -> list[str]:
     """model.safetensors: the plain model's state dict under leantrain's module names."""
     model = run.task.model
     notes = densify(model)
@@ -170,7 +177,7 @@ def write_safetensors(run, run_dir: Path, tmp: Path, out_dir: Path) -> list[str]
     return notes
 
 
-def write_hf(run, run_dir: Path, tmp: Path, out_dir: Path) -> list[str]:
+def write_hf(run: Run, run_dir: Path, tmp: Path, out_dir: Path) -> list[str]:
     """A transformers folder: model (config.json + model.safetensors) and tokenizer."""
     from .export_hf import save_causal_lm, save_classifier
 
@@ -179,7 +186,7 @@ def write_hf(run, run_dir: Path, tmp: Path, out_dir: Path) -> list[str]:
     return notes + save(run, run_dir, tmp)
 
 
-def write_peft(run, run_dir: Path, tmp: Path, out_dir: Path) -> list[str]:
+def write_peft(run: Run, run_dir: Path, tmp: Path, out_dir: Path) -> list[str]:
     """The adapter in PEFT's layout at the root, the base it applies to (an ``hf`` export) in ``base/``."""
     from .export_hf import save_causal_lm, save_classifier, save_peft_adapter
 

@@ -9,7 +9,9 @@ suppresses them, since the trained model cannot emit them.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -17,10 +19,14 @@ from torch import nn
 from .atomic import write_safetensors_atomic, write_text_atomic
 from .models import quiet_hf_loading
 
+if TYPE_CHECKING:
+    from .lm.data import VocabMap
+    from .run import Run
+
 CLASSIFY_RENAME = ("encoder.", "bert.")  # leantrain SequenceClassifier path -> BertForSequenceClassification path
 
 
-def save_classifier(run, run_dir: Path, out: Path) -> list[str]:
+def save_classifier(run: Run, run_dir: Path, out: Path) -> list[str]:
     """BertForSequenceClassification (mean pooling as an appended layer) + tokenizer + label names."""
     from .export_bert import to_bert_for_sequence_classification
 
@@ -38,13 +44,13 @@ def save_classifier(run, run_dir: Path, out: Path) -> list[str]:
             f"labels: {', '.join(labels)}"]
 
 
-def save_tokenizer(tokenizer, out: Path, max_length: int | None) -> None:
+def save_tokenizer(tokenizer: Any, out: Path, max_length: int | None) -> None:
     if max_length:
         tokenizer.model_max_length = max_length
     tokenizer.save_pretrained(str(out))
 
 
-def save_causal_lm(run, run_dir: Path, out: Path) -> list[str]:
+def save_causal_lm(run: Run, run_dir: Path, out: Path) -> list[str]:
     """The causal LM (vocabulary widened for a scratch run) + tokenizer + generation_config.json."""
     from transformers import GenerationConfig
 
@@ -73,7 +79,7 @@ def save_causal_lm(run, run_dir: Path, out: Path) -> list[str]:
 
 
 @torch.no_grad()
-def widen_vocabulary(model: nn.Module, vocab, size: int) -> list[int]:
+def widen_vocabulary(model: nn.Module, vocab: VocabMap, size: int) -> list[int]:
     """Input/output embeddings from the kept ids to ``size`` rows (see the module docstring); returns the ids
     that were not kept."""
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
@@ -98,7 +104,7 @@ def widen_vocabulary(model: nn.Module, vocab, size: int) -> list[int]:
     return torch.nonzero(dropped).flatten().tolist()
 
 
-def save_peft_adapter(run, out: Path, base_dir: Path) -> list[str]:
+def save_peft_adapter(run: Run, out: Path, base_dir: Path) -> list[str]:
     """The run's adapter as PEFT files at ``out``, with module names of the ``hf`` export in ``base_dir``."""
     from .adapters.inject import adapter_config, adapter_layers, adapter_names
     from .adapters.io import CONFIG_NAME, LAYER_PREFIX, WEIGHTS_NAME, adapter_state, config_to_peft_dict
@@ -130,7 +136,7 @@ def save_peft_adapter(run, out: Path, base_dir: Path) -> list[str]:
             f"({'AutoModelForSequenceClassification' if classify else 'AutoModelForCausalLM'})")]
 
 
-def peft_module_name(classify: bool):
+def peft_module_name(classify: bool) -> Callable[[str], str]:
     """Module path in the leantrain model -> module path in the exported transformers model."""
     if not classify:
         return lambda name: name
@@ -138,7 +144,7 @@ def peft_module_name(classify: bool):
     return lambda name: new + name.removeprefix(old)
 
 
-def refuse_peft_targets(targets: list[str], classify: bool, task) -> None:
+def refuse_peft_targets(targets: list[str], classify: bool, task: Any) -> None:
     """Adapters on modules the ``hf`` export rebuilds (the head; a widened vocabulary) cannot be kept apart."""
     rebuilt = ("classifier",) if classify else (("embed_tokens", "lm_head") if task.vocab is not None else ())
     hit = [t for t in targets if t.rsplit(".", 1)[-1] in rebuilt or t in rebuilt]

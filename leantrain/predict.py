@@ -16,11 +16,15 @@ import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .config import TrainConfig
 from .sources import column, read_rows, read_utf8
+
+if TYPE_CHECKING:
+    from .run import Run
 
 TASKS = ("classify", "causal-lm")
 
@@ -37,7 +41,7 @@ def finished_run_config(run_dir: str | Path) -> TrainConfig:
     return cfg
 
 
-def load_trained(run_dir: str | Path):
+def load_trained(run_dir: str | Path) -> Run:
     """The finished run in ``run_dir`` rebuilt with its final weights, in eval mode (a ``Run``)."""
     from safetensors.torch import load_file
 
@@ -103,7 +107,7 @@ def format_rows(texts: list[str], results: list[tuple[str, list[float]]], names:
 
 
 @torch.no_grad()
-def generate(run, prompts: list[str], max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0,
+def generate(run: Run, prompts: list[str], max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0,
              batch_size: int = 8, progress: bool = True) -> Iterator[str]:
     """The continuation of each prompt (text after the prompt, special tokens dropped), batched with left padding.
 

@@ -223,6 +223,7 @@ def test_too_many_labels_for_the_pooling_layer_is_one_error():
     (["export", "{lora}", "--out", "{tmp}/busy"], "exists and is not empty; pass --overwrite"),
     (["export", "{tmp}/nope", "--out", "{tmp}/x"], "is missing (is"),
     (["export", "{lora}", "--out", "{tmp}/x", "--format", "onnx"], "invalid choice: 'onnx'"),
+    (["export", "{lora}", "--out", "{lora}", "--overwrite"], "would replace the run folder"),
 ])
 def test_bad_export_is_one_line(argv, needle, trained, tmp_path, capsys):
     (tmp_path / "busy").mkdir()
@@ -238,6 +239,7 @@ def test_bad_export_is_one_line(argv, needle, trained, tmp_path, capsys):
     err = [line for line in capsys.readouterr().err.strip().splitlines() if "error" in line]  # not argparse's usage
     assert len(err) == 1 and needle in err[0], err
     assert (tmp_path / "busy" / "keep.txt").is_file() and not (tmp_path / "x").exists()
+    assert (lora / "trainable.safetensors").is_file()
 
 
 def test_merge_is_an_alias_and_files_follow_the_umask(trained, tmp_path):
