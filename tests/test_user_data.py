@@ -102,6 +102,18 @@ def test_missing_column_names_file_option_and_columns(tmp_path, capsys):
     _one_line_error(code, capsys.readouterr().err, "'text' (--text-column) or 'label' (--label-column)")
 
 
+def test_predict_reads_the_runs_text_column(tmp_path, capsys):
+    rows = [(f"review {i}", "good" if i % 2 else "bad") for i in range(40)]
+    data = _csv(tmp_path / "reviews.csv", rows, header="review,stars")
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--data", data, "--text-column", "review", "--label-column", "stars", "--steps", "2",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(out), "--data", data, "--no-progress"]) == 0  # no --text-column: the run's
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "text,label,p_bad,p_good" and len(lines) == 41 and lines[1].startswith("review 0,")
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--text-column", "review"], "not the bundled data 'vader'"),
     (["--task", "causal-lm", "--data", "corpus.jsonl", "--label-column", "y"], "not --task causal-lm"),

@@ -25,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True,
                    help="a .csv/.jsonl file (its --text-column), a .txt file or - for stdin (one text per line); "
                         "for a causal-LM run each text is a prompt")
-    p.add_argument("--text-column", default="text", help="column of --data that holds the texts (default: text)")
+    p.add_argument("--text-column", default=None,
+                   help="column of --data that holds the texts (default: the run's --text-column, usually text)")
     p.add_argument("--out", type=Path, default=None,
                    help="write predictions here (.jsonl for JSON lines, else CSV); default: CSV on stdout")
     p.add_argument("--batch-size", type=int, default=None,
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = finished_run_config(args.run)  # a wrong RUN fails before stdin is read
     _check(args, cfg.task)
-    texts = read_texts(args.data, args.text_column)
+    texts = read_texts(args.data, args.text_column or cfg.text_column)
     if not texts:
         raise ValueError(f"--data {args.data!r} holds no text to {'continue' if cfg.task == 'causal-lm' else 'classify'}")
     trained = load_trained(args.run)
