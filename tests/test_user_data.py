@@ -41,6 +41,16 @@ def test_size_defaults_are_the_demos_only():
         TrainConfig(train_size="many")
 
 
+@pytest.mark.parametrize("value, data, expected", [("auto", "vader", 4000), ("auto", "mine.csv", None),
+                                                   ("none", "vader", None), ("250", "mine.csv", 250)])
+def test_size_flag_spellings(value, data, expected):
+    from leantrain.cli import build_parser
+    from leantrain.commands.train import config_from_args
+
+    args = build_parser().parse_args(["train", "--data", data, "--train-size", value])
+    assert config_from_args(args).train_size == expected
+
+
 def test_a_user_file_is_used_whole(tmp_path):
     # 6,000 distinct rows, 3 balanced classes: the stratified split holds out round(2000 * 0.2) = 400 per class
     rows = [(f"sentence number {i}", "abc"[i % 3]) for i in range(6000)]

@@ -24,9 +24,18 @@ def flag_of(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _parse_optional(kind):
+def _parse_optional(kind, words: bool = False):
+    """``none``/``null`` -> None, else ``kind``; with ``words`` (an ``int | str | None`` field such as
+    --train-size auto) text that is not a ``kind`` is passed on for TrainConfig to check."""
     def parse(text: str):
-        return None if text.lower() in ("none", "null") else kind(text)
+        if text.lower() in ("none", "null"):
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            if words:
+                return text
+            raise
 
     parse.__name__ = kind.__name__
     return parse
@@ -51,7 +60,7 @@ def add_field_option(parser: argparse.ArgumentParser, name: str, *aliases: str, 
     else:
         args = typing.get_args(kind)
         base = next((a for a in args if a is not type(None)), kind) if args else kind
-        kwargs["type"] = _parse_optional(base) if type(None) in args else base
+        kwargs["type"] = _parse_optional(base, str in args) if type(None) in args else base
     kwargs.update(overrides)
     parser.add_argument(flag_of(name), *ALIASES.get(name, []), *aliases, **kwargs)
 
