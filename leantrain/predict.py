@@ -154,34 +154,41 @@ def _decode(task, ids: list[int]) -> str:
 
 def _generate_batch(model, prompts: list[list[int]], new_tokens: int, temperature: float,
                     generator: torch.Generator, eos: int, device) -> list[list[int]]:
-    """New token ids per prompt (up to and without the first end-of-text). Left padding with the attention mask
-    and position ids counted from each prompt's first token, so a padded prompt gives its unpadded logits."""
+    """New token ids per prompt (up to and without the first end-of-text), with a KV cache. Left padding with the
+    attention mask and position ids counted from each prompt's first token, so a padded prompt gives its unpadded
+    logits."""
     limit = getattr(model.config, "max_position_embeddings", None) or 1 << 30
-    keep = max(1, limit - new_tokens)
-    prompts = [p[-keep:] if p else [eos] for p in prompts]
+    if new_tokens >= limit:
+        raise ValueError(f"--max-new-tokens {new_tokens} must be smaller than the model's context of {limit} tokens")
+    prompts = [p[-(limit - new_tokens):] if p else [eos] for p in prompts]
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[eos] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     new: list[torch.Tensor] = []
-    for _ in range(new_tokens):
-        window, window_mask = ids[:, -limit:], mask[:, -limit:]
-        positions = (window_mask.cumsum(-1) - 1).clamp_min(0)
-        logits = model(input_ids=window, attention_mask=window_mask, position_ids=positions).logits[:, -1].float()
-        if temperature > 0:
-            probs = torch.softmax(logits / temperature, -1).cpu()
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(device)
-        else:
-            nxt = logits.argmax(-1)
+    for step in range(new_tokens):
+        nxt = _next_token(out.logits[:, -1].float(), temperature, generator)
         nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
         new.append(nxt)
         done |= nxt == eos
-        ids = torch.cat([ids, nxt[:, None]], 1)
-        mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], 1)
-        if bool(done.all()):
+        if bool(done.all()) or step == new_tokens - 1:
             break
-    rows = torch.stack(new, 1).tolist() if new else [[] for _ in prompts]
+        mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], 1)
+        positions = positions[:, -1:] + 1
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions, cache=out.cache,
+                    use_cache=True)
+    rows = torch.stack(new, 1).tolist()
     return [row[:row.index(eos)] if eos in row else row for row in rows]
+
+
+def _next_token(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
+    """Greedy (temperature 0) or one draw from softmax(logits / temperature) per row."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, -1).cpu()
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
 
 
 def format_generations(prompts: list[str], completions: list[str], fmt: str) -> str:

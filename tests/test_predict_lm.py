@@ -31,11 +31,11 @@ def lm_run(tmp_path_factory):
 
 
 @torch.no_grad()
-def greedy_reference(run, text: str, new_tokens: int) -> str:
-    """Greedy decoding of one unpadded prompt, one full forward pass per token."""
+def greedy_reference(run, text: str, new_tokens: int, keep: int | None = None) -> str:
+    """Greedy decoding of one unpadded prompt (its last ``keep`` tokens), one full forward pass per token."""
     task = run.task
     ids = torch.tensor([task.tokenizer(text, add_special_tokens=False)["input_ids"]])
-    ids = task.vocab.to_compact(ids)
+    ids = task.vocab.to_compact(ids)[:, -keep if keep else 0:]
     eos = int(task.vocab.to_compact(torch.tensor([task.eos_id]))[0])
     new = []
     for _ in range(new_tokens):
@@ -54,6 +54,13 @@ def test_batched_greedy_generation_equals_the_unbatched_loop(lm_run):
     assert any(batched)  # the trained model says something
     near_zero = list(generate(run, PROMPTS, max_new_tokens=12, temperature=1e-6, batch_size=4, progress=False))
     assert near_zero == batched  # T -> 0 samples the argmax
+
+
+def test_a_prompt_longer_than_the_context_keeps_its_end(lm_run):
+    run = load_trained(lm_run)  # the nano preset's context is 256 tokens
+    long_prompt = "and moses said unto ruth , " * 60 + "behold the"  # 362 tokens
+    assert list(generate(run, [long_prompt], max_new_tokens=4, progress=False)) == [
+        greedy_reference(run, long_prompt, 4, keep=256 - 4)]
 
 
 def test_sampling_is_seeded(lm_run):
@@ -84,10 +91,12 @@ def test_cli_writes_jsonl_and_csv_and_progress_follows_the_flag(lm_run, tmp_path
     (["--max-new-tokens", "0"], "--max-new-tokens 0 must be >= 1"),
     (["--temperature", "-1"], "--temperature -1.0 must be >= 0"),
     (["--batch-size", "0"], "--batch-size 0 must be >= 1"),
+    (["--max-new-tokens", "256"], "--max-new-tokens 256 must be smaller than the model's context of 256 tokens"),
 ])
 def test_bad_generation_options_are_one_line(lm_run, tmp_path, capsys, argv, needle):
+    (tmp_path / "p.txt").write_text("and moses said\n")
     capsys.readouterr()
-    assert main(["predict", str(lm_run), "--data", "-", *argv]) == 2
+    assert main(["predict", str(lm_run), "--data", str(tmp_path / "p.txt"), "--no-progress", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
 
