@@ -285,3 +285,26 @@ def test_every_causal_lm_method_exports_to_transformers(method, trained, tmp_pat
     out = export(run_dir, tmp_path / "hf", "hf")
     _, pairs = lm_logits_pair(run_dir, AutoModelForCausalLM.from_pretrained(out).eval())
     assert max((w - g).abs().max().item() for w, g in pairs) < TOL
+
+
+MERGE_LINES = [pytest.param(("classify", "lora"), id="classify-lora"),
+               pytest.param(("causal-lm", "lora"), id="lm-lora"),
+               pytest.param(("classify", "full"), id="full", marks=pytest.mark.slow),
+               pytest.param(("classify", "dlrt"), id="dlrt", marks=pytest.mark.slow),
+               pytest.param(("classify", "lora", "--quantize", "nf4"), id="qlora", marks=pytest.mark.slow),
+               pytest.param(("causal-lm", "full", "--optim", "galore-adamw", "--rank", "4"), id="lm-galore",
+                            marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("case", MERGE_LINES)
+def test_issue_25_merge_lines_now_load_in_transformers(case, trained, tmp_path):
+    """Issue 25's trial: `leantrain merge RUN --out merged` wrote leantrain's TrainConfig as config.json (no
+    model_type), refused LM LoRA runs (no labels.json) and full / DLRT / QLoRA / LM-GaLore runs (no adapter)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    task, *method = case
+    run_dir = trained(task, *method)
+    assert main(["merge", str(run_dir), "--out", str(tmp_path / "merged")]) == 0
+    auto = AutoModelForSequenceClassification if task == "classify" else AutoModelForCausalLM
+    model = auto.from_pretrained(tmp_path / "merged")
+    assert type(model).__name__ == ("BertForSequenceClassification" if task == "classify" else "LlamaForCausalLM")
