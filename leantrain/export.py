@@ -96,8 +96,8 @@ def refuse_leftovers(model: nn.Module) -> None:
         cls = type(module)
         if cls.__module__.startswith(PLAIN_PACKAGES) or cls.__name__ == "SequenceClassifier":
             continue
-        raise ValueError(f"export: module {name!r} is a {cls.__name__} with no dense form; "
-                         "--format safetensors is not possible for this run")
+        raise ValueError(f"export: module {name!r} is a {cls.__name__}, which has no dense form yet; "
+                         "this run cannot be exported as a plain model")
 
 
 # --- the formats -----------------------------------------------------------------------------------------------

@@ -308,3 +308,44 @@ def test_issue_25_merge_lines_now_load_in_transformers(case, trained, tmp_path):
     auto = AutoModelForSequenceClassification if task == "classify" else AutoModelForCausalLM
     model = auto.from_pretrained(tmp_path / "merged")
     assert type(model).__name__ == ("BertForSequenceClassification" if task == "classify" else "LlamaForCausalLM")
+
+
+def test_a_layer_without_a_dense_form_is_refused_by_name():
+    from torch import nn
+
+    from leantrain.export import densify
+
+    class Odd(nn.Module):
+        def forward(self, x):
+            return x
+
+    model = nn.Sequential(nn.Linear(2, 2), Odd())
+    with pytest.raises(ValueError, match="module '1' is a Odd, which has no dense form yet"):
+        densify(model)
+
+
+def test_densify_turns_every_factorised_layer_into_the_linear_it_applies():
+    """DLRT's U S Vᵀ, the low-rank baseline's B A, SLTrain's s B A + S and GradNormLoRP's g V/|V| become plain
+    nn.Linear layers that give the same outputs."""
+    from torch import nn
+
+    from leantrain.export import densify
+    from leantrain.lm.lowrank import FactorizedLinear
+    from leantrain.lm.sltrain import SparseLowRankLinear
+    from leantrain.lowrank.layers import LowRankLinear
+    from leantrain.optim.gradnorm import WeightNormLinear
+
+    torch.manual_seed(0)
+    sparse = SparseLowRankLinear(nn.Linear(8, 6), 2, 4.0, 0.2, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        sparse.B.normal_()
+    model = nn.ModuleDict({"dlrt": LowRankLinear(8, 6, 3), "lowrank": FactorizedLinear(nn.Linear(8, 6), 2),
+                           "sltrain": sparse, "gradnorm": WeightNormLinear.from_linear(nn.Linear(8, 6))})
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        want = {k: m(x) for k, m in model.items()}
+    notes = densify(model)
+    assert all(type(m) is nn.Linear for m in model.values()) and "4 layers" in notes[-1]
+    with torch.no_grad():
+        for k, m in model.items():
+            torch.testing.assert_close(m(x), want[k], atol=1e-5, rtol=1e-5)
