@@ -260,6 +260,8 @@ def save_run(run: Run, run_dir: Path, step: int, started: float) -> None:
     if ctx.is_main:
         trainer = {"wall_time": time.time() - started, "world_size": ctx.world,
                    "optimizer_format": "fqn" if run.fsdp else "index"}
+        if run.scaler is not None:  # fp16 mixed precision: the loss scale and its growth counter
+            trainer["loss_scaler"] = run.scaler.state_dict()
         save_checkpoint(run_dir, step, model_state, opt_state, trainer, rng_state())
     if ctx.enabled:
         torch.distributed.barrier()
@@ -283,6 +285,8 @@ def restore_run(run: Run, run_dir: Path) -> int:
     else:
         run.optimizer.load_state_dict(opt_state)
     set_rng_state(rng)
+    if run.scaler is not None and "loss_scaler" in trainer:
+        run.scaler.load_state_dict(trainer["loss_scaler"])
     return trainer["step"]
 
 

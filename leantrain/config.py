@@ -138,6 +138,9 @@ class TrainConfig:
     bf16_update: str = option("stochastic", "how --dtype bf16 stores an update: 'stochastic' rounding (seeded), "
                                             "'kahan' (bf16 compensation buffer per parameter) or 'plain' "
                                             "(round to nearest: small updates are lost); fp16 is refused")
+    master_weights: str | None = option(None, "'fp32': mixed precision: fp32 weights, gradients and optimizer, "
+                                              "forward/backward under autocast to --dtype (fp16 adds a dynamic "
+                                              "loss scaler); None = pure --dtype")
     memory_budget: str | None = option(None, "refuse the run before allocating if the estimated peak (docs/memory.md) "
                                              "exceeds SIZE (8GiB, 22G, 500MiB) or 'auto' (available RAM, or "
                                              "free GPU memory on CUDA); None = estimate and record only")
@@ -231,8 +234,15 @@ class TrainConfig:
         """--dtype, --bf16-update and --layerwise: what they cannot do yet is refused in one line."""
         checks = [
             (self.dtype in ("fp32", "bf16", "fp16"), "dtype", self.dtype, "must be fp32, bf16 or fp16"),
-            (self.dtype != "fp16", "dtype", self.dtype,
-             "pure fp16 training needs a loss scaler, which is not implemented; use --dtype bf16"),
+            (self.dtype != "fp16" or self.master_weights == "fp32", "dtype", self.dtype,
+             "pure fp16 training underflows without fp32 master weights: add --master-weights fp32 (mixed "
+             "precision with a loss scaler) or use --dtype bf16"),
+            (self.master_weights in (None, "fp32"), "master_weights", self.master_weights, "must be fp32 or None"),
+            (self.master_weights is None or self.dtype != "fp32", "master_weights", self.master_weights,
+             "needs a low --dtype to compute in (bf16 or fp16)"),
+            (not (self.dtype == "fp16" and (self.layerwise or getattr(method, "changes_parameter_shapes", False))),
+             "dtype", self.dtype, "with its loss scaler cannot run --layerwise or a multi-pass method "
+             f"(--method {self.method}); use --dtype bf16"),
             (self.bf16_update in ("stochastic", "kahan", "plain"), "bf16_update", self.bf16_update,
              "must be stochastic, kahan or plain"),
             (self.memory_budget in (None, "auto") or _is_size(self.memory_budget), "memory_budget",

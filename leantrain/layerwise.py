@@ -20,6 +20,7 @@ Semantics that differ from the ordinary step, by necessity (the global gradient 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,12 @@ class LayerwiseStep:
     skipped_updates: int = 0  # parameter updates dropped by --nan-policy skip
     handles: list[Any] = field(default_factory=list)
     peak_grad_bytes: int = 0  # most gradient bytes alive at a hook (the measured point of --layerwise)
+    stepped: int = 0  # parameters stepped in the current backward
+    on_update: Callable[[int, int], None] | None = None  # (stepped, total): progress inside a long backward
+
+    def start_step(self, step: int) -> None:
+        """Called by the loop before each backward."""
+        self.step, self.stepped = step, 0
 
     def register(self) -> LayerwiseStep:
         """Hook every parameter the optimizer holds; returns self."""
@@ -68,6 +75,9 @@ class LayerwiseStep:
             clip_parameter_grad_(grad, self.grad_clip)
         self.optimizer.step()
         p.grad = None
+        self.stepped += 1
+        if self.on_update is not None:
+            self.on_update(self.stepped, len(self.handles))
 
     def _non_finite(self, p: Tensor) -> None:
         """stop: raise naming the parameter; skip: drop this parameter's update."""

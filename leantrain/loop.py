@@ -22,10 +22,12 @@ from . import dist
 from .config import TrainConfig
 from .dist_utils import average_gradients
 from .layerwise import LayerwiseStep
+from .mixed import unscale_and_check
 from .report import StepLog
 from .run import Run, Task, trainable_parameters
 
 EMA_KEEP, EMA_NEW = 0.95, 0.05  # smoothing of the loss shown on the progress bar
+PROGRESS_EVERY_S = 2.0  # how often a long --layerwise backward refreshes the bar
 
 
 def lr_factor(step: int, total: int, warmup_ratio: float) -> float:
@@ -65,11 +67,14 @@ class Closure:
     manual_sync: bool = False
     step: int = 0
     layerwise: LayerwiseStep | None = None  # --layerwise: backward steps the optimizer (leantrain/layerwise.py)
+    scaler: torch.amp.GradScaler | None = None  # fp16 mixed precision (leantrain/mixed.py)
+    overflowed: bool = False  # the last call's scaled gradients overflowed: no update, the scale backs off
 
     @classmethod
     def for_run(cls, run: Run) -> Closure:
         """The closure of ``leantrain train``: gradients synced by hand when the run's method needs it."""
-        return cls(run.task, run.optimizer, run.cfg, run.ctx, run.manual_sync, layerwise=run.layerwise)
+        return cls(run.task, run.optimizer, run.cfg, run.ctx, run.manual_sync, layerwise=run.layerwise,
+                   scaler=run.scaler)
 
     def __call__(self) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
@@ -79,6 +84,10 @@ class Closure:
         if self.manual_sync:
             average_gradients(self.task.model.parameters(), self.ctx.world)
         total = dist.mean_across(total, self.ctx)
+        self.overflowed = self.scaler is not None and unscale_and_check(self.scaler, self.optimizer)
+        if self.overflowed:
+            self.optimizer.zero_grad(set_to_none=True)
+            return total
         trainable = trainable_parameters(self.task.model)
         norm = self._clip(trainable)
         if not (torch.isfinite(total) and torch.isfinite(norm)):
@@ -95,7 +104,7 @@ class Closure:
     def _layerwise(self) -> torch.Tensor:
         """--layerwise: the hooks clip, check and step each parameter during backward; a non-finite loss is caught
         before backward (no update at all), like the ordinary step's check."""
-        self.layerwise.step = self.step
+        self.layerwise.start_step(self.step)
         batch = dist.shard_batch(self.task.batch(self.step), self.ctx)
         loss = self.task.loss(batch)
         if not torch.isfinite(loss):
@@ -113,7 +122,7 @@ class Closure:
         for micro in range(accum):
             batch = dist.shard_batch(self.task.batch(self.step * accum + micro), self.ctx)
             loss = self.task.loss(batch) / accum
-            loss.backward()
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             total += loss.detach()
         return total
 
@@ -156,7 +165,16 @@ class Progress:
         self.bar = tqdm(total=span.end, initial=span.start, disable=not (cfg.progress and run.ctx.is_main),
                         desc=f"{cfg.method}/{cfg.optim}", unit="step", dynamic_ncols=True)
         self.ema: float | None = None
-        self.tick = time.time()
+        self.tick = self.shown = time.time()
+        if run.layerwise is not None and not self.bar.disable:
+            run.layerwise.on_update = self.inside_step
+
+    def inside_step(self, done: int, total: int) -> None:
+        """--layerwise: parameters stepped so far in this backward (a 7B step with projector refreshes is long)."""
+        now = time.time()
+        if now - self.shown >= PROGRESS_EVERY_S or done == total:
+            self.bar.set_postfix_str(f"updated {done}/{total} tensors", refresh=True)
+            self.shown = now
 
     def advance(self, loss: float) -> None:
         if math.isfinite(loss):
@@ -202,9 +220,12 @@ def train_steps(run: Run, span: StepSpan, log: StepLog | None, save: Callable[[i
         closure.step = step
         set_learning_rates(optimizer, step, span.total, cfg.warmup_ratio)
         value = float(closure() if run.layerwise is not None else optimizer.step(closure))
-        if not math.isfinite(value):  # --nan-policy skip dropped this step's update
+        if not math.isfinite(value) or closure.overflowed:  # --nan-policy skip or an fp16 overflow: no update
             skipped += 1
         record: dict[str, Any] = {"step": step + 1, "loss": value, "lr": optimizer.param_groups[0]["lr"]}
+        if run.scaler is not None:
+            record.update(loss_scale=run.scaler.get_scale(), overflow=closure.overflowed)
+            run.scaler.update()
         if method_metrics:
             record.update(method_metrics(run.model))
         eval_time += evaluate_if_due(run, step, span, record)

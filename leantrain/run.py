@@ -24,6 +24,7 @@ from . import dist, preflight
 from .config import TrainConfig
 from .data import prefetch_data
 from .layerwise import LayerwiseStep
+from .mixed import autocast_calls, new_scaler, weight_dtype
 from .models import enable_activation_checkpointing
 from .methods import Calibration, Method, get_method, head_module
 from .optim.registry import build_optimizer
@@ -61,6 +62,7 @@ class Run:
     ctx: dist.DistContext = field(default_factory=dist.DistContext)
     layerwise: LayerwiseStep | None = None  # --layerwise: the hooks that step inside backward
     memory_plan: dict[str, Any] = field(default_factory=dict)  # pre-flight estimate (preflight.plan)
+    scaler: torch.amp.GradScaler | None = None  # fp16 mixed precision's loss scaler (leantrain/mixed.py)
 
     @property
     def model(self) -> nn.Module:
@@ -169,7 +171,8 @@ def build_optimizer_for(cfg: TrainConfig, groups: list[dict], lr: float, method:
 
     Every group remembers its ``initial_lr``: the schedule scales that, so it is a pure function of the step.
     """
-    optimizer = wrap_for_dtype(build_optimizer(cfg.optim, groups, cfg, lr), cfg.dtype, cfg.bf16_update, cfg.seed)
+    optimizer = wrap_for_dtype(build_optimizer(cfg.optim, groups, cfg, lr), weight_dtype(cfg), cfg.bf16_update,
+                               cfg.seed)
     wrap = getattr(method, "wrap_optimizer", None)
     if wrap is not None:
         optimizer = wrap(optimizer, model, cfg)
@@ -204,7 +207,8 @@ def build_run(cfg: TrainConfig, ctx: dist.DistContext | None = None, task: Task 
     memory_plan = preflight.plan(cfg, str(ctx.device)) if task is None else {}  # before anything big exists
     task = task if task is not None else new_task(cfg, ctx)
     memory_plan.update(exact_estimate(cfg, task, ctx, memory_plan.get("estimated_peak_bytes")))
-    cast_model(task.model, cfg.dtype)  # a no-op where the task built the model in the dtype (scratch LMs)
+    cast_model(task.model, weight_dtype(cfg))  # a no-op where the task built the model in the dtype
+    autocast_calls(task, cfg, ctx.device)  # --master-weights fp32: mixed precision
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(task.model)
     groups = shape_model(task.model, cfg, method, calibration(task))
@@ -216,7 +220,8 @@ def build_run(cfg: TrainConfig, ctx: dist.DistContext | None = None, task: Task 
     if ctx.enabled and not changes_parameter_shapes(method):  # shape-changing methods sync gradients by hand
         groups = wrap_for_distributed(task, groups, ctx)
     optimizer = build_optimizer_for(cfg, groups, lr, method, task.model)
-    return Run(cfg, task, method, optimizer, ctx, layerwise_hooks(cfg, task.model, optimizer, ctx), memory_plan)
+    return Run(cfg, task, method, optimizer, ctx, layerwise_hooks(cfg, task.model, optimizer, ctx), memory_plan,
+               new_scaler(cfg, ctx.device))
 
 
 def exact_estimate(cfg: TrainConfig, task: Task, ctx: dist.DistContext, before: int | None) -> dict[str, Any]:

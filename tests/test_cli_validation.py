@@ -105,6 +105,7 @@ BAD = [
     ("compile_optim", ["--compile-optim", "--optim", "adamw"], ()),
     ("dtype", ["--dtype", "fp16"], ()),
     ("memory_budget", ["--memory-budget", "eight"], ()),
+    ("master_weights", ["--master-weights", "fp32"], ()),
     ("bf16_update", ["--dtype", "bf16", "--bf16-update", "nearest"], ()),
     ("layerwise", ["--layerwise", "--grad-accum", "2"], ()),
     ("text_column", ["--text-column", "review"], ()),  # the bundled vader has no columns
