@@ -89,12 +89,10 @@ def _check_written(module: nn.Module) -> None:
 
 
 def _cast_own(module: nn.Module, dtype: torch.dtype) -> None:
-    """Cast this module's own floating tensors (as ``model.to(dtype)`` would) once they hold their fp32 values."""
+    """Cast this module's own floating parameters once they hold their fp32 values; buffers (rotary frequencies)
+    stay fp32, as transformers keeps them in a model loaded in bf16 (``precision.cast_model`` does the same)."""
     if dtype == torch.float32:
         return
     for name, param in module.named_parameters(recurse=False):
         if param.is_floating_point():
             module._parameters[name] = nn.Parameter(param.detach().to(dtype), requires_grad=param.requires_grad)
-    for name, buf in module.named_buffers(recurse=False):
-        if buf is not None and buf.is_floating_point():
-            module._buffers[name] = buf.to(dtype)

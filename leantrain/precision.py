@@ -47,11 +47,16 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def cast_model(model: nn.Module, name: str) -> nn.Module:
-    """Cast floating parameters and buffers to ``--dtype`` (fp32: untouched, so default runs stay bit-identical).
+    """Cast floating parameters to ``--dtype`` (fp32: untouched, so default runs stay bit-identical).
 
-    Cast after building; building directly in the dtype (meta device) is a later change."""
+    Buffers keep their dtype: rotary inverse frequencies stay fp32, as transformers keeps them when it loads a
+    model in bf16 (rounding them to bf16 would shift every position's angle). Scratch LMs arrive already in the
+    dtype (leantrain/meta_init.py); this casts loaded encoders and any fresh head."""
     if name != "fp32":
-        model.to(DTYPES[name])
+        dtype = DTYPES[name]
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
     return model
 
 

@@ -35,7 +35,8 @@ KNOWN_OFF = {
 
 
 def _paper_memory(method: str, size: str) -> float:
-    r = estimate(size, method=method, optim="adamw", dtype="bf16", rank=RANKS[size], batch_size=1, seq_len=1)
+    r = estimate(size, method=method, optim="adamw", dtype="bf16", rank=RANKS[size], batch_size=1, seq_len=1,
+                 moments="param")  # the paper counts Adam's moments in bf16
     return (r.weights + r.optimizer_states) / GIB  # the table's convention: no gradients, no activations
 
 
@@ -83,11 +84,19 @@ def test_table1_formulas_for_one_matrix() -> None:
     spec = ModelSpec("one", [ParamSpec("lin.weight", (m, n), "lin", "linear")], hidden=m, layers=1, heads=1,
                      intermediate=m)
     e = 2
-    full = estimate(spec, "full", "adamw", "bf16", rank=r)
-    gal = estimate(spec, "galore", "adamw", "bf16", rank=r)
-    lora = estimate(spec, "lora", "adamw", "bf16", rank=r)
+    full = estimate(spec, "full", "adamw", "bf16", rank=r, moments="param")
+    gal = estimate(spec, "galore", "adamw", "bf16", rank=r, moments="param")
+    lora = estimate(spec, "lora", "adamw", "bf16", rank=r, moments="param")
     step = 4  # one fp32 step counter per optimized tensor
     assert full.optimizer_states == 2 * m * n * e + step
     assert gal.optimizer_states == (m * r + 2 * n * r) * e + step
     assert lora.weights == (m * n + m * r + n * r) * e
     assert lora.optimizer_states == (2 * m * r + 2 * n * r) * e + 2 * step
+
+
+def test_trainer_moments_are_fp32_for_bf16_weights() -> None:
+    """leantrain's AdamW keeps fp32 moments for bf16 parameters (the trainer), the paper counts them in bf16."""
+    trainer = estimate("llama-60m", "full", "adamw", "bf16")
+    paper = estimate("llama-60m", "full", "adamw", "bf16", moments="param")
+    n = model_spec("llama-60m").num_params
+    assert trainer.optimizer_states - paper.optimizer_states == 2 * n * (4 - 2)

@@ -45,7 +45,8 @@ REFERENCE_OPTIMIZERS: dict[str, tuple[int, str, bool]] = {
 
 def optimizer_table() -> dict[str, tuple[int, str, bool]]:
     """name -> (states per element, codec, projected): every registered ``--optim`` spec plus the reference
-    optimizers. fp32 moments count as "native" (the parameter's dtype), as in the GaLore paper's tables."""
+    optimizers. Plain moments are "native"; ``estimate(moments=...)`` decides their width: fp32 (what leantrain's
+    optimizers keep, for bf16 parameters too) or the parameter's dtype (the GaLore paper's tables)."""
     from ..optim.registry import specs
 
     table = {name: (s.states, "native" if s.codec in ("native", "fp32") else s.codec, s.projected)
@@ -263,14 +264,16 @@ def _method_weights(ledger: _Ledger, method: Any, targets: list[ParamSpec], opts
     return added
 
 
-def _states(ledger: _Ledger, n_states: int, codec: str, elt: int, rank: int, block_size: int) -> int:
-    """Optimizer states (+ a step counter per tensor) and projector bases of every trainable tensor."""
+def _states(ledger: _Ledger, n_states: int, codec: str, elt: int, rank: int, block_size: int,
+            basis_elt: int) -> int:
+    """Optimizer states (+ a step counter per tensor) and projector bases (in the gradient's dtype, ``basis_elt``)
+    of every trainable tensor; ``elt`` is the width of plain ("native") moments."""
     states = proj_bytes = 0
     for t in ledger.trainables:
         if t.projected:
             m, n = t.shape
             states += state_bytes(max(m, n) * rank, n_states, codec, elt, block_size)
-            proj_bytes += min(m, n) * rank * elt
+            proj_bytes += min(m, n) * rank * basis_elt
         else:
             states += state_bytes(t.numel, n_states, codec, elt, block_size)
         states += 4 if n_states else 0
@@ -301,7 +304,7 @@ def estimate(model: str | ModelSpec, method: str = "full", optim: str = "adamw",
              quantize: str | None = None, targets: str = "all-linear", fraction: float | None = None,
              block_size: int = 256, attention: str = "eager", layerwise: bool = False, device: str = "cpu",
              shira_layout: str = "leantrain", num_labels: int = 2, dlrt_ranks: dict[str, int] | None = None,
-             dlrt_freeze_other: bool = False) -> MemoryReport:
+             dlrt_freeze_other: bool = False, moments: str = "fp32") -> MemoryReport:
     """Estimate training memory in bytes; see the module docstring and docs/memory.md for every formula. What a
     method adds is declared by the method itself (``estimator_tensors`` / ``estimator_extras`` /
     ``activation_bytes_per_token`` in leantrain/methods.py), so this function names no method."""
@@ -313,6 +316,9 @@ def estimate(model: str | ModelSpec, method: str = "full", optim: str = "adamw",
         raise ValueError(f"--method {method} supports --task {'/'.join(m.tasks)}; {spec.name} is a {task} model")
     n_states, codec, projected = OPTIMIZERS[optim]
     elt = DTYPE_BYTES[dtype]
+    if moments not in ("fp32", "param"):
+        raise ValueError(f"moments={moments!r}: 'fp32' (leantrain's optimizers) or 'param' (the paper's tables)")
+    state_elt = 4 if moments == "fp32" and optim not in REFERENCE_OPTIMIZERS else elt
     opts = EstimatorOptions(rank, elt, n_states, fraction, shira_layout, dlrt_ranks, dlrt_freeze_other)
     targets_l = select_targets(spec, targets) if m.uses_targets else []
     ledger = _Ledger(details={"weights.buffers": sum(n * b for n, b in spec.buffers.values())})
@@ -323,7 +329,7 @@ def estimate(model: str | ModelSpec, method: str = "full", optim: str = "adamw",
     step_extra = sum(v for k, v in d.items() if k.startswith("gradients."))
     grad_sizes = [t.numel * elt for t in ledger.trainables]
     gradients = (max(grad_sizes, default=0) if layerwise else sum(grad_sizes)) + step_extra
-    states = _states(ledger, n_states, codec, elt, rank, block_size)
+    states = _states(ledger, n_states, codec, state_elt, rank, block_size, elt)
     per_token = sum(m.activation_bytes_per_token(p.shape[0], p.shape[1], rank, elt) for p in targets_l)
     act = activation_bytes(spec, batch_size, seq_len, elt, activation_checkpointing, attention,
                            trainable_encoder=m.trains_base or m.uses_targets, adapter_bytes_per_token=per_token,

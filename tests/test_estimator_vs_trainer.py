@@ -1,0 +1,26 @@
+"""Issue 19 item 6 at test scale: the estimator's optimizer-state and weight bytes equal what the trainer
+allocates for the same flags (nano LLaMA, corpus vocabulary), in fp32 and bf16."""
+from __future__ import annotations
+
+import pytest
+
+from leantrain.config import TrainConfig
+from leantrain.dist_utils import local_bytes, optimizer_state_bytes_local
+from leantrain.loop import Closure
+from leantrain.memory import estimate_config
+from leantrain.run import build_run
+
+NANO = {"task": "causal-lm", "init_weights": "scratch", "preset": "small", "method": "full", "train_size": 8,
+        "val_size": 4, "batch_size": 2, "max_length": 64, "progress": False, "rank": 16}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("optim", ["adamw", "adamw8bit", "adamw4bit", "galore-adamw", "galore-adamw8bit"])
+def test_estimated_states_and_weights_match_the_trainer(optim: str, dtype: str) -> None:
+    cfg = TrainConfig(optim=optim, dtype=dtype, bf16_update="plain", **NANO)
+    run = build_run(cfg)
+    run.optimizer.step(Closure.for_run(run))  # states are created on the first step
+    report = estimate_config(cfg, vocab_size=int(run.model.config.vocab_size))
+    weights = local_bytes(run.model.parameters()) + local_bytes(run.model.buffers())
+    assert report.weights == weights
+    assert report.optimizer_states == pytest.approx(optimizer_state_bytes_local(run.optimizer), rel=0.01)
