@@ -6,7 +6,8 @@ Reads the run folders ``OUT/<init>-s<seed>`` written by (one process per run, OM
 
 and prints, per init: final validation accuracy and loss (mean ± std over the seeds found), validation accuracy
 at steps 25 and 50, and "steps to LoRA": the first evaluated step at which the run reaches the final accuracy of
-the default-init LoRA run with the same seed (``-`` if it never does).
+the default-init LoRA run with the same seed (``-`` if it never does); then the mean validation accuracy at every
+evaluated step.
 
     .venv/bin/python benchmarks/init_compare.py [--out runs/initcmp]
 """
@@ -67,10 +68,25 @@ def table(root: Path) -> str:
     return "\n".join(rows)
 
 
+def curves(root: Path) -> str:
+    """Mean validation accuracy over the finished seeds at every evaluated step, one row per init."""
+    data = {init: complete_runs(root, init) for init in INITS}
+    steps = sorted({step for runs in data.values() for ev in runs.values() for step in ev})
+    rows = ["| init \\ step | " + " | ".join(map(str, steps)) + " |", "|---" * (len(steps) + 1) + "|"]
+    for init, runs in data.items():
+        if runs:
+            cells = [statistics.mean(ev[s][0] for ev in runs.values() if s in ev) for s in steps]
+            rows.append(f"| {init} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/initcmp", help="folder holding the <init>-s<seed> run folders")
-    print(table(Path(parser.parse_args().out)))
+    root = Path(parser.parse_args().out)
+    print(table(root))
+    print()
+    print(curves(root))
 
 
 if __name__ == "__main__":
