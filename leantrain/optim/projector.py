@@ -135,8 +135,26 @@ def randomized_svd(matrix: Tensor, rank: int, *, oversample: int = 8, power_iter
         z = torch.linalg.qr(a.mT @ q).Q
         q = torch.linalg.qr(a @ z).Q
     b = q.mT @ a  # k x n
-    ub, s, vh = torch.linalg.svd(b, full_matrices=False)
-    return (q @ ub[:, :rank]), s[:rank], vh[:rank]
+    ub, s, vh = top_singular_of_wide(b, rank)
+    return q @ ub.to(dtype), s.to(dtype), vh.to(dtype)
+
+
+def top_singular_of_wide(b: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-``rank`` (U, S, Vh) of a wide k x n sketch (k << n) from the eigen-decomposition of its k x k Gram
+    matrix, in float64.
+
+    LAPACK's SVD of the whole k x n sketch dominated a projector refresh (4.3x the Gram route for 520 x 5461 on
+    this machine; at LLaMA-7B's 1032 x 11008 it made the first refresh of 224 matrices take an hour). The Gram
+    matrix squares the condition number, which float64 absorbs for the top singular directions GaLore keeps; Vh
+    comes from U^T b re-orthonormalised by QR, so a rank-deficient gradient (rank <= tokens per step) still gets
+    orthonormal rows, as an SVD would return for its zero singular values."""
+    b64 = b.double()
+    lam, vecs = torch.linalg.eigh(b64 @ b64.mT)  # ascending
+    ub = vecs.flip(-1)[:, :rank]
+    s = lam.flip(-1)[:rank].clamp_min(0).sqrt()
+    q, r = torch.linalg.qr((ub.mT @ b64).mT)  # n x rank, columns span the top right singular vectors
+    signs = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q.dtype)  # keep Vh's rows aligned with U's columns
+    return ub, s, (q * signs).mT
 
 
 def _full_svd(matrix: Tensor, rank: int, seed: int) -> tuple[Tensor, Tensor]:

@@ -258,3 +258,27 @@ def test_randomized_same_on_cpu_and_cuda():
     a, _ = pj.compute_basis(grad, 8, pj.RIGHT, svd="randomized", seed=3)
     b, _ = pj.compute_basis(grad.cuda(), 8, pj.RIGHT, svd="randomized", seed=3)
     torch.testing.assert_close(a.T @ a, (b.T @ b).cpu(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("k,n,rank", [(40, 300, 10), (64, 500, 64), (30, 90, 25)])
+def test_top_singular_of_wide_matches_lapack_svd(k: int, n: int, rank: int) -> None:
+    """The Gram/eigh route of the randomized refresh against LAPACK's SVD, on a decaying and rank-deficient
+    spectrum (a gradient has rank <= tokens per step)."""
+    from leantrain.optim.projector import top_singular_of_wide
+
+    gen = torch.Generator().manual_seed(k + n)
+    u0 = torch.linalg.qr(torch.randn(k, k, generator=gen, dtype=torch.float64)).Q
+    v0 = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64)).Q
+    sv = torch.logspace(0, -3, k, dtype=torch.float64)
+    sv[2 * k // 3:] = 0.0
+    b = ((u0 * sv) @ v0.mT).float()
+    u, s, vh = top_singular_of_wide(b, rank)
+    ref_u, ref_s, ref_vh = torch.linalg.svd(b.double(), full_matrices=False)
+    torch.testing.assert_close(s, ref_s[:rank], rtol=0, atol=1e-6)
+    eye = torch.eye(rank, dtype=torch.float64)
+    torch.testing.assert_close(u.mT @ u, eye, rtol=0, atol=1e-10)
+    torch.testing.assert_close(vh @ vh.mT, eye, rtol=0, atol=1e-10)
+    kept = int((ref_s[:rank] > 1e-6).sum())  # directions with a nonzero singular value are unique up to sign
+    torch.testing.assert_close(u[:, :kept] @ u[:, :kept].mT, ref_u[:, :kept] @ ref_u[:, :kept].mT, rtol=0, atol=1e-6)
+    torch.testing.assert_close(vh[:kept].mT @ vh[:kept], ref_vh[:kept].mT @ ref_vh[:kept], rtol=0, atol=1e-6)
+    torch.testing.assert_close((u * s) @ vh, (ref_u[:, :rank] * ref_s[:rank]) @ ref_vh[:rank], rtol=0, atol=1e-6)
