@@ -32,6 +32,14 @@ def _umask() -> int:
     return mask
 
 
+def temp_dir(parent: str | Path, prefix: str) -> Path:
+    """A fresh directory in ``parent`` to fill and rename into place; mkdtemp makes it 0700, the user's umask
+    decides instead (a checkpoint folder should read like the run folder around it)."""
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))

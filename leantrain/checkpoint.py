@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import dist
-from .atomic import atomic_write, write_text_atomic
+from .atomic import atomic_write, temp_dir, write_text_atomic
 from .dist_utils import holds_rank_local_state
 from .methods import default_trainable_state
 
@@ -130,7 +129,7 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tenso
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step-{step:07d}-"))
+    tmp = temp_dir(root, f".tmp-step-{step:07d}-")
     try:
         save_file(_contiguous(model_state), tmp / "model.safetensors")
         opt_tensors, opt_tree = split_state_dict(optimizer_state)

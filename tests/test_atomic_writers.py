@@ -47,3 +47,19 @@ def test_files_follow_the_umask(tmp_path, umask, mode):
     finally:
         os.umask(old)
     assert (tmp_path / "config.json").stat().st_mode & 0o777 == mode
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o755), (0o077, 0o700), (0o002, 0o775)])
+def test_checkpoint_folders_follow_the_umask(tmp_path, umask, mode):
+    """mkdtemp creates 0700 folders: every checkpoint folder was private inside a 0755 run folder."""
+    import torch
+
+    from leantrain.checkpoint import save_checkpoint
+
+    old = os.umask(umask)
+    try:
+        path = save_checkpoint(tmp_path, 1, {"w": torch.zeros(2)}, {"state": {}, "param_groups": []},
+                               {}, {"cpu": torch.get_rng_state()})
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == mode

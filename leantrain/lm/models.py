@@ -15,12 +15,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..atomic import temp_dir
 from ..meta_init import build_materialised
 from ..models import local_model_folder, quiet_hf_loading
 from .presets import GALORE_VOCAB, PRESETS, preset_key
@@ -67,7 +67,7 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     fresh = AutoModelForCausalLM.from_config(config)
     fresh.load_state_dict(loaded.state_dict())
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    tmp = temp_dir(out.parent, f".{out.name}.")
     try:
         fresh.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
