@@ -173,6 +173,7 @@ class HeadOnly(MethodBase):
     default_lr = 2e-3
     summary = "linear probing: frozen model, only the task head trains"
     uses_targets = False
+    tasks = ("classify",)  # a causal LM has no fresh head: nothing would train
 
     def apply(self, model: nn.Module, cfg: TrainConfig, calib: Calibration | None = None) -> list[dict]:
         for p in model.parameters():

@@ -106,6 +106,8 @@ BAD = [
     ("dtype", ["--dtype", "fp16"], ()),
     ("memory_budget", ["--memory-budget", "eight"], ()),
     ("master_weights", ["--master-weights", "fp32"], ()),
+    ("method", ["--task", "causal-lm", "--init-weights", "scratch", "--method", "head", "--lr", "1e-3"],
+     ("classify",)),  # a causal LM has no fresh head
     ("bf16_update", ["--dtype", "bf16", "--bf16-update", "nearest"], ()),
     ("layerwise", ["--layerwise", "--grad-accum", "2"], ()),
     ("text_column", ["--text-column", "review"], ()),  # the bundled vader has no columns
