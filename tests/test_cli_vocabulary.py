@@ -169,7 +169,7 @@ def test_pretrained_runs_keep_lora_at_the_methods_lr():
     assert TrainConfig(task="causal-lm", model="smollm2").method == "lora"
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "miss", "head"])
+@pytest.mark.parametrize("method", ["lora", "dora", "miss"])  # head on causal-lm: refused, no fresh head
 def test_adapters_on_scratch_weights_are_refused_unless_deliberate(method):
     with pytest.raises(ValueError, match=f"method='{method}'.*--method {SCRATCH_METHOD}.*--lr"):
         TrainConfig(task="causal-lm", init_weights="scratch", method=method)

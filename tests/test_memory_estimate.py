@@ -113,10 +113,13 @@ def test_adapter_parameter_counts() -> None:
 def test_galore_8bit_states_use_lowrank_size() -> None:
     m, n, r = 256, 1024, 32  # low-rank moments (n×r... = max(m,n)·r = 32768 elements) ≥ 4096 -> 8-bit
     spec = one_linear(m, n)
-    rep = estimate(spec, "galore-8bit", dtype="bf16", rank=r)
+    rep = estimate(spec, "galore-8bit", dtype="bf16", rank=r, bf16_update="plain")  # bf16 projector
     lowrank = n * r
     bias_states = 2 * m * 4  # bias (256 elements) keeps fp32 states
     assert rep.optimizer_states == 2 * (lowrank + lowrank // 256 * 4) + m * r * 2 + bias_states + 2 * 4
+    # the compensated bf16 update steps fp32 copies, so its projector is fp32 (4 bytes)
+    stochastic = estimate(spec, "galore-8bit", dtype="bf16", rank=r)
+    assert stochastic.optimizer_states - rep.optimizer_states == m * r * 2
 
 
 def test_gradnormlorp_states_match_spec_check_4() -> None:

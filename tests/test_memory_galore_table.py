@@ -69,8 +69,8 @@ def test_parameter_counts_of_galore_configs() -> None:
 
 def test_llama7b_8bit_recalled_numbers() -> None:
     # Spec A.5 (recalled from the paper, weights + states in GiB-like "GB"): 8-bit Adam ~26, 8-bit GaLore ~18.
-    adam8 = estimate("llama-7b", method="full", optim="adamw8bit", dtype="bf16")
-    gal8 = estimate("llama-7b", method="galore-8bit", optim="adamw8bit", dtype="bf16", rank=1024)
+    adam8 = estimate("llama-7b", method="full", optim="adamw8bit", dtype="bf16", moments="param")
+    gal8 = estimate("llama-7b", method="galore-8bit", optim="adamw8bit", dtype="bf16", rank=1024, moments="param")
     assert (adam8.weights + adam8.optimizer_states) / GIB == pytest.approx(26, rel=0.05)
     assert (gal8.weights + gal8.optimizer_states) / GIB == pytest.approx(18, rel=0.05)
 

@@ -304,7 +304,7 @@ def estimate(model: str | ModelSpec, method: str = "full", optim: str = "adamw",
              quantize: str | None = None, targets: str = "all-linear", fraction: float | None = None,
              block_size: int = 256, attention: str = "eager", layerwise: bool = False, device: str = "cpu",
              shira_layout: str = "leantrain", num_labels: int = 2, dlrt_ranks: dict[str, int] | None = None,
-             dlrt_freeze_other: bool = False, moments: str = "fp32") -> MemoryReport:
+             dlrt_freeze_other: bool = False, moments: str = "fp32", bf16_update: str = "stochastic") -> MemoryReport:
     """Estimate training memory in bytes; see the module docstring and docs/memory.md for every formula. What a
     method adds is declared by the method itself (``estimator_tensors`` / ``estimator_extras`` /
     ``activation_bytes_per_token`` in leantrain/methods.py), so this function names no method."""
@@ -319,6 +319,10 @@ def estimate(model: str | ModelSpec, method: str = "full", optim: str = "adamw",
     if moments not in ("fp32", "param"):
         raise ValueError(f"moments={moments!r}: 'fp32' (leantrain's optimizers) or 'param' (the paper's tables)")
     state_elt = 4 if moments == "fp32" and optim not in REFERENCE_OPTIMIZERS else elt
+    # The trainer's bf16 compensation steps fp32 copies of each weight and gradient, so projector bases come out
+    # fp32, and Kahan keeps a bf16 buffer per trained weight (leantrain/precision.py); the paper counts neither.
+    compensated = moments == "fp32" and dtype in ("bf16", "bfloat16") and bf16_update != "plain"
+    basis_elt = 4 if compensated else elt
     opts = EstimatorOptions(rank, elt, n_states, fraction, shira_layout, dlrt_ranks, dlrt_freeze_other)
     targets_l = select_targets(spec, targets) if m.uses_targets else []
     ledger = _Ledger(details={"weights.buffers": sum(n * b for n, b in spec.buffers.values())})
@@ -329,7 +333,9 @@ def estimate(model: str | ModelSpec, method: str = "full", optim: str = "adamw",
     step_extra = sum(v for k, v in d.items() if k.startswith("gradients."))
     grad_sizes = [t.numel * elt for t in ledger.trainables]
     gradients = (max(grad_sizes, default=0) if layerwise else sum(grad_sizes)) + step_extra
-    states = _states(ledger, n_states, codec, state_elt, rank, block_size, elt)
+    states = _states(ledger, n_states, codec, state_elt, rank, block_size, basis_elt)
+    if compensated and bf16_update == "kahan":
+        states += 2 * sum(t.numel for t in ledger.trainables)
     per_token = sum(m.activation_bytes_per_token(p.shape[0], p.shape[1], rank, elt) for p in targets_l)
     act = activation_bytes(spec, batch_size, seq_len, elt, activation_checkpointing, attention,
                            trainable_encoder=m.trains_base or m.uses_targets, adapter_bytes_per_token=per_token,
@@ -387,7 +393,8 @@ def estimate_config(cfg: Any, num_labels: int = 2, vocab_size: int | None = None
                               "seq_len": cfg.max_length, "activation_checkpointing": cfg.activation_checkpointing,
                               "rank": cfg.rank, "quantize": cfg.quantize, "targets": cfg.targets,
                               "fraction": cfg.fraction, "block_size": cfg.block_size, "num_labels": num_labels,
-                              "dtype": cfg.dtype, "layerwise": cfg.layerwise,
+                              "dtype": "fp32" if getattr(cfg, "master_weights", None) else cfg.dtype,
+                              "layerwise": cfg.layerwise, "bf16_update": cfg.bf16_update,
                               "dlrt_freeze_other": bool(cfg.extra.get("dlrt_freeze_other", False))}
     kwargs.update(overrides)
     return estimate(config_model_spec(cfg, num_labels, vocab_size), **kwargs)
