@@ -129,15 +129,16 @@ class TrainConfig:
                                              "model; causal-lm only; changes the --method and --lr defaults)")
     arch: str | None = option(None, "architecture for --init-weights scratch: 'llama' (None = llama)")
     preset: str | None = option(None, "model size for --init-weights scratch: nano | tiny | small | 60m | 130m | "
-                                      "350m | 1b | 7b (None = tiny)")
+                                      "350m | 1b | 7b, also spelled llama-7b etc. (None = tiny)")
     # --- precision and memory (docs/bigmodel.md) -----------------------------------------------------------------
     # `leantrain memory` spells --dtype and --layerwise with its own (shorter) help, which must contain these
     # (tests/test_cli_vocabulary.py); the full semantics are in docs/bigmodel.md.
     dtype: str = option("fp32", "weights, activations and gradients: fp32 | bf16 (pure bf16, no fp32 master copy; "
-                                "optimizer moments keep their own codec) | fp16 (refused: needs a loss scaler)")
+                                "optimizer moments keep their own codec) | fp16 (only with --master-weights fp32: "
+                                "mixed precision with a loss scaler)")
     bf16_update: str = option("stochastic", "how --dtype bf16 stores an update: 'stochastic' rounding (seeded), "
                                             "'kahan' (bf16 compensation buffer per parameter) or 'plain' "
-                                            "(round to nearest: small updates are lost); fp16 is refused")
+                                            "(round to nearest: small updates are lost); not used with --master-weights")
     master_weights: str | None = option(None, "'fp32': mixed precision: fp32 weights, gradients and optimizer, "
                                               "forward/backward under autocast to --dtype (fp16 adds a dynamic "
                                               "loss scaler); None = pure --dtype")

@@ -21,9 +21,9 @@ place would be BlockOptimizer's write-back (``p.copy_(pflat)`` / ``project_back_
 already exists; a ``_store(p, fp32_value, state)`` hook there would save the copy. State stays in the inner
 optimizer's ``state`` dict (same ``state_dict`` format, extra keys only).
 
-fp16 pure training needs a loss scaler (gradients underflow), which is not implemented: ``--dtype fp16`` is
-refused in the config. The model is cast after it is built (:func:`cast_model`); a later change should build it
-directly in the target dtype, so no full-size fp32 copy exists while building.
+Pure fp16 underflows without fp32 master weights: ``--dtype fp16`` is refused unless ``--master-weights fp32``
+(leantrain/mixed.py: autocast with a loss scaler). Scratch LMs are built directly in the dtype
+(leantrain/meta_init.py); :func:`cast_model` casts what arrives in fp32 (loaded encoders, a fresh head).
 """
 from __future__ import annotations
 
