@@ -16,7 +16,7 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; the user's umask decides, as for open()
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600 files; the user's umask decides, as for open()
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -25,7 +25,7 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
         raise
 
 
-def _umask() -> int:
+def umask() -> int:
     """The process umask (reading it means setting it; restored at once)."""
     mask = os.umask(0o022)
     os.umask(mask)
@@ -36,7 +36,7 @@ def temp_dir(parent: str | Path, prefix: str) -> Path:
     """A fresh directory in ``parent`` to fill and rename into place; mkdtemp makes it 0700, the user's umask
     decides instead (a checkpoint folder should read like the run folder around it)."""
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
-    os.chmod(tmp, 0o777 & ~_umask())
+    os.chmod(tmp, 0o777 & ~umask())
     return tmp
 
 

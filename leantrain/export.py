@@ -19,14 +19,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .atomic import write_safetensors_atomic, write_text_atomic
+from .atomic import temp_dir, umask, write_safetensors_atomic, write_text_atomic
 
 if TYPE_CHECKING:
     from .run import Run
@@ -118,9 +117,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "hf", overwr
         raise FileExistsError(f"--out {str(out_dir)!r} exists and is not empty; pass --overwrite to replace it")
     run = load_trained(run_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    tmp = temp_dir(out_dir.parent, f".{out_dir.name}.")
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
         writer = {"hf": write_hf, "peft": write_peft, "safetensors": write_safetensors}[fmt]
         notes = writer(run, run_dir, tmp, out_dir)
         meta = {"format": fmt, "run": str(run_dir.resolve()), "task": cfg.task, "method": cfg.method,
@@ -131,7 +129,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "hf", overwr
 
         write_text_atomic(tmp / "README.md", readme(fmt, cfg.task, out_dir, notes))
         for path in tmp.rglob("*"):  # transformers writes some files 0600: the user's umask decides, as for open()
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask())
         if out_dir.exists():
             shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
         os.replace(tmp, out_dir)
@@ -139,12 +137,6 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "hf", overwr
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 PEFT_METHODS = ("lora", "rslora", "dora", "pissa", "lora-fa", "relora", "vera", "miss", "shira")

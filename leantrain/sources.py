@@ -49,18 +49,23 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def pip_download(requirement: str, path: Path, binary: bool) -> None:
+    """``pip download --no-deps`` of one pinned file into ``path``'s folder (nothing installed), unless cached."""
+    if path.is_file():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+           "--only-binary" if binary else "--no-binary", ":all:", requirement, "-d", str(path.parent)]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    if proc.returncode != 0 or not path.is_file():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"could not download {path.name} with pip: {tail[0]}")
+
+
 def fetch_sdist(sdist: Sdist) -> Path:
     """Return the verified sdist archive, downloading it with pip on first use."""
-    folder = cache_dir() / "sdists"
-    path = folder / sdist.filename
-    if not path.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-               f"{sdist.name}=={sdist.version}", "-d", str(folder)]
-        proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
-        if proc.returncode != 0 or not path.is_file():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise RuntimeError(f"could not download {sdist.filename} with pip: {tail[0]}")
+    path = cache_dir() / "sdists" / sdist.filename
+    pip_download(f"{sdist.name}=={sdist.version}", path, binary=False)
     digest = _sha256(path)
     if digest != sdist.sha256:
         raise RuntimeError(f"{path} has sha256 {digest}, expected {sdist.sha256}; delete it and retry")
