@@ -13,6 +13,7 @@ from leantrain.lm.data import BlockBatcher, Blocks
 from leantrain.lm.task import CausalLMTask
 from leantrain.methods import get_method
 from leantrain.optim.registry import build_optimizer
+from leantrain.models import enable_activation_checkpointing
 
 STEPS = 20
 
@@ -120,6 +121,8 @@ def test_activation_checkpointing_gives_the_same_gradients(corpus_path, tmp_path
     grads = []
     for flag in (False, True):
         t = CausalLMTask(lm_config(corpus_path, tmp_path, activation_checkpointing=flag), torch.device("cpu"))
+        if flag:  # the run assembly enables it for every task (run.build_run)
+            enable_activation_checkpointing(t.model)
         t.model.train()
         t.loss(t.batch(0)).backward()
         assert t.model.model.gradient_checkpointing == flag
