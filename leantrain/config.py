@@ -38,6 +38,14 @@ DEMO_SIZE, DEMO_SIZES, DEMO_DATA = "auto", (4000, 1000), ("vader", "bible")
 REPORT_TO = ("jsonl", "tensorboard", "none")
 
 
+def _plain_moments(optim: str) -> bool:
+    """Whether --optim keeps uncompressed moments that --state-dtype may store in bf16 (its spec says)."""
+    from .optim.registry import specs
+
+    spec = specs().get(optim)
+    return spec is not None and spec.codec in ("native", "fp32")
+
+
 def _is_size(text: str) -> bool:
     from .units import parse_size
 
@@ -139,6 +147,8 @@ class TrainConfig:
     bf16_update: str = option("stochastic", "how --dtype bf16 stores an update: 'stochastic' rounding (seeded), "
                                             "'kahan' (bf16 compensation buffer per parameter) or 'plain' "
                                             "(round to nearest: small updates are lost); not used with --master-weights")
+    state_dtype: str = option("fp32", "plain optimizer moments (adamw, galore-adamw, muon): fp32 | bf16 (half the "
+                                      "bytes); 8/4-bit optimizers keep their codes")
     master_weights: str | None = option(None, "'fp32': mixed precision: fp32 weights, gradients and optimizer, "
                                               "forward/backward under autocast to --dtype (fp16 adds a dynamic "
                                               "loss scaler); None = pure --dtype")
@@ -239,6 +249,9 @@ class TrainConfig:
              "pure fp16 training underflows without fp32 master weights: add --master-weights fp32 (mixed "
              "precision with a loss scaler) or use --dtype bf16"),
             (self.master_weights in (None, "fp32"), "master_weights", self.master_weights, "must be fp32 or None"),
+            (self.state_dtype in ("fp32", "bf16"), "state_dtype", self.state_dtype, "must be fp32 or bf16"),
+            (self.state_dtype == "fp32" or _plain_moments(self.optim), "state_dtype", self.state_dtype,
+             f"applies to plain moments; --optim {self.optim} keeps its own codes"),
             (self.master_weights is None or self.dtype != "fp32", "master_weights", self.master_weights,
              "needs a low --dtype to compute in (bf16 or fp16)"),
             (not (self.dtype == "fp16" and (self.layerwise or getattr(method, "changes_parameter_shapes", False))),

@@ -171,6 +171,8 @@ def build_optimizer_for(cfg: TrainConfig, groups: list[dict], lr: float, method:
 
     Every group remembers its ``initial_lr``: the schedule scales that, so it is a pure function of the step.
     """
+    if cfg.state_dtype != "fp32":  # --state-dtype bf16: every group's plain moments in that codec
+        groups = [{**g, "codec": g.get("codec") or cfg.state_dtype} for g in groups]
     optimizer = wrap_for_dtype(build_optimizer(cfg.optim, groups, cfg, lr), weight_dtype(cfg), cfg.bf16_update,
                                cfg.seed)
     wrap = getattr(method, "wrap_optimizer", None)

@@ -106,6 +106,8 @@ BAD = [
     ("dtype", ["--dtype", "fp16"], ()),
     ("memory_budget", ["--memory-budget", "eight"], ()),
     ("master_weights", ["--master-weights", "fp32"], ()),
+    ("state_dtype", ["--state-dtype", "bf16", "--optim", "adamw8bit"], ("adamw8bit",)),
+    ("state_dtype", ["--state-dtype", "fp8"], ()),
     ("method", ["--task", "causal-lm", "--init-weights", "scratch", "--method", "head", "--lr", "1e-3"],
      ("classify",)),  # a causal LM has no fresh head
     ("bf16_update", ["--dtype", "bf16", "--bf16-update", "nearest"], ()),

@@ -3,6 +3,7 @@ allocates for the same flags (nano LLaMA, corpus vocabulary), in fp32 and bf16."
 from __future__ import annotations
 
 import pytest
+import torch
 
 from leantrain.config import TrainConfig
 from leantrain.dist_utils import local_bytes, optimizer_state_bytes_local
@@ -25,4 +26,16 @@ def test_estimated_states_and_weights_match_the_trainer(optim: str, dtype: str, 
     report = estimate_config(cfg, vocab_size=int(run.model.config.vocab_size))
     weights = local_bytes(run.model.parameters()) + local_bytes(run.model.buffers())
     assert report.weights == weights
+    assert report.optimizer_states == pytest.approx(optimizer_state_bytes_local(run.optimizer), rel=0.01)
+
+
+@pytest.mark.parametrize("optim", ["adamw", "galore-adamw"])  # muon: the estimator lacks its AdamW-side terms
+def test_state_dtype_bf16_halves_plain_moments_as_estimated(optim: str) -> None:
+    """--state-dtype bf16: the moments are bf16 tensors, and the estimator counts 2 bytes for them."""
+    cfg = TrainConfig(optim=optim, state_dtype="bf16", **NANO)
+    run = build_run(cfg)
+    run.optimizer.step(Closure.for_run(run))
+    moments = [t for s in run.optimizer.state.values() for k, t in s.items() if k in ("exp_avg", "exp_avg_sq")]
+    assert moments and {t.dtype for t in moments} == {torch.bfloat16}
+    report = estimate_config(cfg, vocab_size=int(run.model.config.vocab_size))
     assert report.optimizer_states == pytest.approx(optimizer_state_bytes_local(run.optimizer), rel=0.01)

@@ -304,7 +304,8 @@ def estimate(model: str | ModelSpec, method: str = "full", optim: str = "adamw",
              quantize: str | None = None, targets: str = "all-linear", fraction: float | None = None,
              block_size: int = 256, attention: str = "eager", layerwise: bool = False, device: str = "cpu",
              shira_layout: str = "leantrain", num_labels: int = 2, dlrt_ranks: dict[str, int] | None = None,
-             dlrt_freeze_other: bool = False, moments: str = "fp32", bf16_update: str = "stochastic") -> MemoryReport:
+             dlrt_freeze_other: bool = False, moments: str = "fp32", bf16_update: str = "stochastic",
+             state_dtype: str = "fp32") -> MemoryReport:
     """Estimate training memory in bytes; see the module docstring and docs/memory.md for every formula. What a
     method adds is declared by the method itself (``estimator_tensors`` / ``estimator_extras`` /
     ``activation_bytes_per_token`` in leantrain/methods.py), so this function names no method."""
@@ -319,6 +320,7 @@ def estimate(model: str | ModelSpec, method: str = "full", optim: str = "adamw",
     if moments not in ("fp32", "param"):
         raise ValueError(f"moments={moments!r}: 'fp32' (leantrain's optimizers) or 'param' (the paper's tables)")
     state_elt = 4 if moments == "fp32" and optim not in REFERENCE_OPTIMIZERS else elt
+    state_elt = DTYPE_BYTES[state_dtype] if moments == "fp32" and state_dtype != "fp32" else state_elt
     # The trainer's bf16 compensation steps fp32 copies of each weight and gradient, so projector bases come out
     # fp32, and Kahan keeps a bf16 buffer per trained weight (leantrain/precision.py); the paper counts neither.
     compensated = moments == "fp32" and dtype in ("bf16", "bfloat16") and bf16_update != "plain"
@@ -395,6 +397,7 @@ def estimate_config(cfg: Any, num_labels: int = 2, vocab_size: int | None = None
                               "fraction": cfg.fraction, "block_size": cfg.block_size, "num_labels": num_labels,
                               "dtype": "fp32" if getattr(cfg, "master_weights", None) else cfg.dtype,
                               "layerwise": cfg.layerwise, "bf16_update": cfg.bf16_update,
+                              "state_dtype": getattr(cfg, "state_dtype", "fp32"),
                               "dlrt_freeze_other": bool(cfg.extra.get("dlrt_freeze_other", False))}
     kwargs.update(overrides)
     return estimate(config_model_spec(cfg, num_labels, vocab_size), **kwargs)

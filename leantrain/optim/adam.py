@@ -514,10 +514,11 @@ def _low_precision(groups: list[dict]) -> bool:
 
 
 def build_adamw(groups: list[dict], opts: OptimizerOptions, lr: float) -> torch.optim.Optimizer:
-    """torch's AdamW, unless a group asks for gradient projection or a parameter is fp16/bf16: then leantrain's
+    """torch's AdamW, unless a group asks for gradient projection or a state codec, or a parameter is fp16/bf16:
+    then leantrain's
     AdamW, whose moments stay fp32 (torch keeps them in the parameter's dtype, where an fp16 second moment
     underflows to 0 and the step becomes NaN)."""
-    if any(g.get("rank") is not None for g in groups) or _low_precision(groups):
+    if any(g.get("rank") is not None or g.get("codec") for g in groups) or _low_precision(groups):
         return AdamW(groups, lr=lr, betas=opts.betas, weight_decay=opts.weight_decay)
     return torch.optim.AdamW(groups, lr=lr, betas=opts.betas, weight_decay=opts.weight_decay)
 
