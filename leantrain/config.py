@@ -320,6 +320,16 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.report_to={self.report_to!r} must be 'none' or a comma-separated list of "
                              f"{', '.join(t for t in REPORT_TO if t != 'none')}")
 
+    @property
+    def is_mixed(self) -> bool:
+        """--master-weights fp32 with a low --dtype: fp32 weights, autocast compute (leantrain/mixed.py)."""
+        return self.master_weights == "fp32" and self.dtype != "fp32"
+
+    @property
+    def weight_dtype(self) -> str:
+        """The dtype the weights are built and kept in: fp32 under mixed precision, else --dtype."""
+        return "fp32" if self.is_mixed else self.dtype
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 

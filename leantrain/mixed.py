@@ -20,19 +20,10 @@ from .config import TrainConfig
 from .precision import torch_dtype
 
 
-def is_mixed(cfg: TrainConfig) -> bool:
-    return cfg.master_weights == "fp32" and cfg.dtype != "fp32"
-
-
-def weight_dtype(cfg: TrainConfig) -> str:
-    """The dtype the weights are built and kept in: fp32 under mixed precision, else ``--dtype``."""
-    return "fp32" if is_mixed(cfg) else cfg.dtype
-
-
 def autocast_calls(task: Any, cfg: TrainConfig, device: torch.device) -> None:
     """Run the task's forward passes (loss, evaluation) under autocast to ``--dtype`` (instance attributes, so the
     loop, checkpoints and method integrators see the same task object)."""
-    if not is_mixed(cfg):
+    if not cfg.is_mixed:
         return
     for name in ("loss", "evaluate"):
         setattr(task, name, _under_autocast(getattr(task, name), device.type, torch_dtype(cfg.dtype)))
@@ -51,7 +42,7 @@ def _under_autocast(fn: Callable[..., Any], device_type: str, dtype: torch.dtype
 def new_scaler(cfg: TrainConfig, device: torch.device) -> torch.amp.GradScaler | None:
     """fp16 mixed precision's dynamic loss scaler (torch's defaults: 2^16, x2 every 2000 clean steps, /2 on
     overflow); None otherwise."""
-    if not (is_mixed(cfg) and cfg.dtype == "fp16"):
+    if not (cfg.is_mixed and cfg.dtype == "fp16"):
         return None
     return torch.amp.GradScaler(device.type)
 

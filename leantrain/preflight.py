@@ -90,18 +90,17 @@ def refusal(cfg: TrainConfig, device: str, report: Any, total: int, budget: int)
             f"term: {largest} {human_bytes(terms[largest])}; docs/memory.md)")
     missing = [(flag, o) for flag, o in REMEDIES
                if not all(getattr(cfg, k) == v for k, v in o.items() if k != "grad_accum")]
-    for flag, overrides in missing:
-        after = _try_predict(cfg, device, overrides)
-        if after is not None and after <= budget:
-            return f"{head}; {flag} saves {human_bytes(total - after)} and fits ({human_bytes(after)})"
-    for size in range(2, len(missing) + 1):  # the smallest set of changes that fits, cheapest first
+    for size in range(1, len(missing) + 1):  # the smallest set of changes that fits, cheapest first
         for combo in itertools.combinations(missing, size):
             if sum("optim" in o for _, o in combo) > 1:
                 continue
             after = _try_predict(cfg, device, {k: v for _, o in combo for k, v in o.items()})
-            if after is not None and after <= budget:
-                flags = " ".join(f for f, _ in combo)
-                return f"{head}; no single change fits, together {flags} fit ({human_bytes(after)})"
+            if after is None or after > budget:
+                continue
+            if size == 1:
+                return f"{head}; {combo[0][0]} saves {human_bytes(total - after)} and fits ({human_bytes(after)})"
+            flags = " ".join(f for f, _ in combo)
+            return f"{head}; no single change fits, together {flags} fit ({human_bytes(after)})"
     return f"{head}; no combination of {', '.join(f for f, _ in missing)} fits: use a smaller model or batch"
 
 

@@ -24,9 +24,9 @@ from . import dist, preflight
 from .config import TrainConfig
 from .data import prefetch_data
 from .layerwise import LayerwiseStep
-from .mixed import autocast_calls, new_scaler, weight_dtype
-from .models import enable_activation_checkpointing
 from .methods import Calibration, Method, get_method, head_module
+from .mixed import autocast_calls, new_scaler
+from .models import enable_activation_checkpointing
 from .optim.registry import build_optimizer
 from .precision import cast_model, wrap_for_dtype
 
@@ -173,8 +173,7 @@ def build_optimizer_for(cfg: TrainConfig, groups: list[dict], lr: float, method:
     """
     if cfg.state_dtype != "fp32":  # --state-dtype bf16: every group's plain moments in that codec
         groups = [{**g, "codec": g.get("codec") or cfg.state_dtype} for g in groups]
-    optimizer = wrap_for_dtype(build_optimizer(cfg.optim, groups, cfg, lr), weight_dtype(cfg), cfg.bf16_update,
-                               cfg.seed)
+    optimizer = wrap_for_dtype(build_optimizer(cfg.optim, groups, cfg, lr), cfg.weight_dtype, cfg.bf16_update, cfg.seed)
     wrap = getattr(method, "wrap_optimizer", None)
     if wrap is not None:
         optimizer = wrap(optimizer, model, cfg)
@@ -209,7 +208,7 @@ def build_run(cfg: TrainConfig, ctx: dist.DistContext | None = None, task: Task 
     memory_plan = preflight.plan(cfg, str(ctx.device)) if task is None else {}  # before anything big exists
     task = task if task is not None else new_task(cfg, ctx)
     memory_plan.update(exact_estimate(cfg, task, ctx, memory_plan.get("estimated_peak_bytes")))
-    cast_model(task.model, weight_dtype(cfg))  # a no-op where the task built the model in the dtype
+    cast_model(task.model, cfg.weight_dtype)  # a no-op where the task built the model in the dtype
     autocast_calls(task, cfg, ctx.device)  # --master-weights fp32: mixed precision
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(task.model)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import write_text_atomic
 from ..config import TrainConfig
+from ..precision import torch_dtype
 from .data import (
     BlockBatcher,
     Blocks,
@@ -33,8 +34,6 @@ from .data import (
     split_documents,
     tokenize_documents,
 )
-from ..mixed import weight_dtype
-from ..precision import torch_dtype
 from .models import build_scratch_lm, context_length, load_lm_tokenizer, load_pretrained_lm
 from .presets import PRESETS, preset_key
 
@@ -68,7 +67,7 @@ class CausalLMTask:
             self._check_context(PRESETS[preset_key(cfg.preset)][4])
         self.tokenizer = load_lm_tokenizer(cfg.model)
         self.eos_id = end_of_text_id(self.tokenizer)
-        model = None if self.scratch else load_pretrained_lm(cfg.model, torch_dtype(weight_dtype(cfg)))
+        model = None if self.scratch else load_pretrained_lm(cfg.model, torch_dtype(cfg.weight_dtype))
         if model is not None:
             self._check_context(context_length(model))
 
@@ -83,7 +82,7 @@ class CausalLMTask:
             train = Blocks(self.vocab.to_compact(train.ids), train.mask)
             val = Blocks(self.vocab.to_compact(val.ids), val.mask)
             eos = int(self.vocab.to_compact(torch.tensor([self.eos_id]))[0])
-            model = build_scratch_lm(cfg.arch, cfg.preset, len(self.vocab), cfg.seed, torch_dtype(weight_dtype(cfg)),
+            model = build_scratch_lm(cfg.arch, cfg.preset, len(self.vocab), cfg.seed, torch_dtype(cfg.weight_dtype),
                                      bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
         train, val = train.subset(cfg.train_size), val.subset(cfg.val_size)
         self.train_blocks, self.val_blocks = train, val

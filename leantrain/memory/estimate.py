@@ -319,8 +319,9 @@ def estimate(model: str | ModelSpec, method: str = "full", optim: str = "adamw",
     elt = DTYPE_BYTES[dtype]
     if moments not in ("fp32", "param"):
         raise ValueError(f"moments={moments!r}: 'fp32' (leantrain's optimizers) or 'param' (the paper's tables)")
-    state_elt = 4 if moments == "fp32" and optim not in REFERENCE_OPTIMIZERS else elt
-    state_elt = DTYPE_BYTES[state_dtype] if moments == "fp32" and state_dtype != "fp32" else state_elt
+    # plain moments: leantrain keeps them in --state-dtype (fp32 by default, bf16 weights too); the paper's
+    # tables and torch's reference optimizers keep them in the parameter's dtype
+    state_elt = DTYPE_BYTES[state_dtype] if moments == "fp32" and optim not in REFERENCE_OPTIMIZERS else elt
     # The trainer's bf16 compensation steps fp32 copies of each weight and gradient, so projector bases come out
     # fp32, and Kahan keeps a bf16 buffer per trained weight (leantrain/precision.py); the paper counts neither.
     compensated = moments == "fp32" and dtype in ("bf16", "bfloat16") and bf16_update != "plain"
@@ -395,9 +396,9 @@ def estimate_config(cfg: Any, num_labels: int = 2, vocab_size: int | None = None
                               "seq_len": cfg.max_length, "activation_checkpointing": cfg.activation_checkpointing,
                               "rank": cfg.rank, "quantize": cfg.quantize, "targets": cfg.targets,
                               "fraction": cfg.fraction, "block_size": cfg.block_size, "num_labels": num_labels,
-                              "dtype": "fp32" if getattr(cfg, "master_weights", None) else cfg.dtype,
+                              "dtype": cfg.weight_dtype,
                               "layerwise": cfg.layerwise, "bf16_update": cfg.bf16_update,
-                              "state_dtype": getattr(cfg, "state_dtype", "fp32"),
+                              "state_dtype": cfg.state_dtype,
                               "dlrt_freeze_other": bool(cfg.extra.get("dlrt_freeze_other", False))}
     kwargs.update(overrides)
     return estimate(config_model_spec(cfg, num_labels, vocab_size), **kwargs)
