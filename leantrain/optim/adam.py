@@ -15,6 +15,7 @@ Group keys (per-parameter overrides): ``codec`` ("fp32" | "bf16" | "8bit" | "4bi
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -22,7 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .codecs import CODECS, Codec, get_codec
+from . import shards
+from .codecs import CODECS, BlockwiseCodec, Codec, get_codec
 from .spec import Builder, OptimizerOptions, OptimizerSpec, register
 
 _BITS = {32: "fp32", 16: "bf16", 8: "8bit", 4: "4bit"}
@@ -42,6 +44,13 @@ def _rows_of_rank(full: Tensor, p: Tensor) -> Tensor:
     chunks = torch.chunk(full, mesh.size(), dim=0)
     rank = mesh.get_local_rank()
     return chunks[rank] if rank < len(chunks) else full[:0]
+
+
+def _encode_piece(codec: Codec, enc: dict[str, Tensor], start: int, x: Tensor, absmax: float, offset: int) -> None:
+    if isinstance(codec, BlockwiseCodec):
+        codec.encode_piece(enc, start, x, absmax, offset)
+    else:
+        codec.encode_range(enc, start, x, offset)
 
 
 class BlockOptimizer(torch.optim.Optimizer):
@@ -145,15 +154,20 @@ class BlockOptimizer(torch.optim.Optimizer):
         return p.numel()
 
     # ---- state ------------------------------------------------------------------------------------------------
-    def _init_state(self, state: dict[str, Any], group: dict[str, Any], numel: int, p: Tensor) -> None:
+    def _init_state(self, state: dict[str, Any], group: dict[str, Any], numel: int, p: Tensor,
+                    local_numel: int | None = None, offset: int = 0) -> None:
+        """Zero state for moments of ``numel`` values (the codec's choice); under FSDP2 the rank holds
+        ``local_numel`` of them starting at global value ``offset``."""
+        local = numel if local_numel is None else local_numel
         for name, signed in self.moments:
-            for sfx, t in self._codec(group, numel, signed, p).init(numel, p.device).items():
+            for sfx, t in self._codec(group, numel, signed, p).init(local, p.device, offset).items():
                 state[name + sfx] = t
         if group["percentile_clipping"] < 100:
             state["gnorm_vec"] = torch.zeros(100, dtype=torch.float32, device=p.device)
 
-    def _enc(self, state: dict[str, Any], name: str, codec: Codec, numel: int) -> dict[str, Tensor]:
-        return {sfx: state[name + sfx] for sfx in codec.layout(numel)}
+    def _enc(self, state: dict[str, Any], name: str, codec: Codec, numel: int, offset: int = 0
+             ) -> dict[str, Tensor]:
+        return {sfx: state[name + sfx] for sfx in codec.layout(numel, offset)}
 
     def _group_of(self, p: Tensor) -> dict[str, Any]:
         for group in self.param_groups:
@@ -242,10 +256,17 @@ class BlockOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _finite(grads: list[Tensor]) -> list[bool]:
         """One host sync for all gradients: a sum is finite unless some element is NaN/inf (or it overflows)."""
+        sharded = [g for g in grads if hasattr(g, "to_local")]
         grads = [_local(g) for g in grads]
         sums = torch.stack([g.sum(dtype=torch.float32).to(grads[0].device) for g in grads])
         quick = torch.isfinite(sums).tolist()
-        return [ok or bool(torch.isfinite(g).all()) for ok, g in zip(quick, grads)]
+        finite = [ok or bool(torch.isfinite(g).all()) for ok, g in zip(quick, grads)]
+        if sharded:  # FSDP2: a tensor is finite only if every rank's shard is (all ranks must take one decision)
+            import torch.distributed as dist
+            flags = torch.tensor(finite, dtype=torch.float32)
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=sharded[0].device_mesh.get_group())
+            finite = [bool(f) for f in flags.tolist()]
+        return finite
 
     def _update(self, p: Tensor, group: dict[str, Any]) -> None:
         state = self.state[p]
@@ -257,44 +278,72 @@ class BlockOptimizer(torch.optim.Optimizer):
         if projected:
             from .projector import project
             grad = project(grad, state, group, t)
-        n = grad.numel()
-        if self.moments and self.moments[0][0] + ("" if self.codec_name(group, n, p) in ("fp32", "bf16")
+        n = grad.numel()  # this rank's values; the codec is chosen from the global size (mesh-independent)
+        n_codec = n if projected else p.numel()
+        geom = None if projected else shards.geometry(p)
+        offset = geom.offset if geom is not None else 0
+        if self.moments and self.moments[0][0] + ("" if self.codec_name(group, n_codec, p) in ("fp32", "bf16")
                                                   else "_codes") not in state:
-            self._init_state(state, group, n, p)
-        scale = self._gnorm_scale(grad, state, group, t)
-        codecs = [(name, self._codec(group, n, signed, p)) for name, signed in self.moments]
-        encs = [self._enc(state, name, c, n) for name, c in codecs]
+            self._init_state(state, group, n_codec, p, n, offset)
+        scale = self._gnorm_scale(grad, state, group, t, geom)
+        codecs = [(name, self._codec(group, n_codec, signed, p)) for name, signed in self.moments]
+        encs = [self._enc(state, name, c, n, offset) for name, c in codecs]
         if projected:
             self._projected_update(p, grad, state, group, t, scale, codecs, encs)
             return
+        blockwise = any(isinstance(c, BlockwiseCodec) for _, c in codecs)
+        head, tail = geom.pieces(group["block_size"]) if geom is not None and blockwise else (0, n)
         gflat = grad.reshape(-1)
         p = _local(p)
         direct = p.dtype == torch.float32 and p.is_contiguous()
         pflat = p.view(-1) if direct else p.detach().reshape(-1).float()
-        lr, wd = group["lr"], group.get("weight_decay", 0.0)
-        decoupled = group.get("decoupled", True)
+        run = functools.partial(self._step_range, pflat, gflat, codecs, encs, group, t, scale, offset)
         chunk = max(group["block_size"], group["chunk_size"] // group["block_size"] * group["block_size"])
-        done = 0  # the compiled kernel may do all (or, if compilation fails, none) of the values first
-        if group.get("compile") and all(getattr(c, "bits", 0) in (4, 8) for _, c in codecs):
+        done = head  # the compiled kernel may do all (or, if compilation fails, none) of the values first
+        if group.get("compile") and geom is None and all(getattr(c, "bits", 0) in (4, 8) for _, c in codecs):
             from . import compiled
             done = compiled.update(pflat, gflat, codecs, encs, group, t, scale, chunk)
-        for start in range(done, n, chunk):
-            stop = min(n, start + chunk)
-            g = gflat[start:stop].float()
-            pc = pflat[start:stop]
-            if scale != 1.0:
-                g = g * scale
-            if wd and not decoupled:
-                g = g.add(pc, alpha=wd)
-            bufs = [c.decode_range(e, start, stop) for (_, c), e in zip(codecs, encs)]
-            u, s = self._rule(g, bufs, group, t)
-            if wd and decoupled:
-                pc.mul_(1.0 - lr * wd)
-            pc.add_(u, alpha=-lr * s)
-            for (_, c), e, b in zip(codecs, encs, bufs):
-                c.encode_range(e, start, b)
+        for start in range(done, tail, chunk):
+            bufs = run(start, min(tail, start + chunk))
+            for (_, c), e, buf in zip(codecs, encs, bufs):
+                c.encode_range(e, start, buf, offset)
+        if geom is not None and blockwise and shards.any_shared(geom, group["block_size"]):  # a global absmax
+            self._step_shared_blocks(run, geom, group, codecs, encs, head, tail, n, offset)
         if not direct:
             p.copy_(pflat.view_as(p))
+
+    def _step_range(self, pflat: Tensor, gflat: Tensor, codecs: list, encs: list, group: dict[str, Any], t: int,
+                    scale: float, offset: int, start: int, stop: int) -> list[Tensor]:
+        """Update values [start, stop) of the parameter; return the new fp32 moments of that range (not yet
+        encoded: the caller encodes them once their blocks' absmax is known)."""
+        lr, wd = group["lr"], group.get("weight_decay", 0.0)
+        decoupled = group.get("decoupled", True)
+        g = gflat[start:stop].float()
+        pc = pflat[start:stop]
+        if scale != 1.0:
+            g = g * scale
+        if wd and not decoupled:
+            g = g.add(pc, alpha=wd)
+        bufs = [c.decode_range(e, start, stop, offset) for (_, c), e in zip(codecs, encs)]
+        u, s = self._rule(g, bufs, group, t)
+        if wd and decoupled:
+            pc.mul_(1.0 - lr * wd)
+        pc.add_(u, alpha=-lr * s)
+        return bufs
+
+    @staticmethod
+    def _step_shared_blocks(run, geom, group, codecs, encs, head: int, tail: int, n: int, offset: int) -> None:
+        """Update the values in blocks this shard shares with its neighbours, then encode them with the block's
+        absmax over all ranks (``shards.shared_block_absmax``: every rank calls it for this tensor)."""
+        first = run(0, head) if head else [torch.empty(0)] * len(codecs)
+        last = run(tail, n) if tail < n else [torch.empty(0)] * len(codecs)
+        first_max, last_max = shards.shared_block_absmax(geom, group["block_size"], first, last)
+        for (_, c), e, x, a in zip(codecs, encs, first, first_max):
+            if x.numel():
+                _encode_piece(c, e, 0, x, a, offset)
+        for (_, c), e, x, a in zip(codecs, encs, last, last_max):
+            if x.numel():
+                _encode_piece(c, e, tail, x, a, offset)
 
     def _whole_matrix_step(self, p: Tensor, why: str) -> tuple[dict[str, Any], int]:
         """State and step number of a matrix whose rule needs the whole tensor (refused when FSDP2-sharded)."""
@@ -346,14 +395,19 @@ class BlockOptimizer(torch.optim.Optimizer):
         for (_, c), e, b in zip(codecs, encs, bufs):
             c.encode_range(e, 0, b.reshape(-1))
 
-    def _gnorm_scale(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], t: int) -> float:
+    def _gnorm_scale(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any], t: int,
+                     geom: shards.ShardGeometry | None = None) -> float:
         """Percentile clipping (paper sec. 2.3 / bnb ``percentile_clipping``): scale g down to the p-th percentile
-        of the last 100 gradient norms of this tensor."""
+        of the last 100 gradient norms of this tensor (of the whole tensor: under FSDP2 the shards' squared norms
+        are summed over ranks)."""
         pc = group["percentile_clipping"]
         if pc >= 100:
             return 1.0
         vec = state.setdefault("gnorm_vec", torch.zeros(100, dtype=torch.float32, device=grad.device))
         gn2 = torch.linalg.vector_norm(grad.float()).square()
+        if geom is not None:
+            import torch.distributed as dist
+            dist.all_reduce(gn2, group=geom.group)
         i = t % 100
         if t == 1:
             vec.fill_(gn2)

@@ -31,8 +31,9 @@ class Codec:
 
     name = "fp32"
 
-    def init(self, numel: int, device: torch.device) -> dict[str, Tensor]:
-        """Encoded all-zeros state of ``numel`` values."""
+    def init(self, numel: int, device: torch.device, offset: int = 0) -> dict[str, Tensor]:
+        """Encoded all-zeros state of ``numel`` values (``offset``: where they start in the global tensor, for a
+        shard of an FSDP2 parameter; only block-wise codecs care)."""
         return self.encode(torch.zeros(numel, dtype=torch.float32, device=device))
 
     def encode(self, x: Tensor) -> dict[str, Tensor]:
@@ -42,17 +43,18 @@ class Codec:
         n = _numel(shape)
         return self.decode_range(state, 0, n).reshape(tuple(shape)).clone()
 
-    def decode_range(self, state: dict[str, Tensor], start: int, stop: int) -> Tensor:
+    def decode_range(self, state: dict[str, Tensor], start: int, stop: int, offset: int = 0) -> Tensor:
         """fp32 values [start, stop) of the flat moment (may be a view into the state for fp32)."""
         return state[""][start:stop]
 
-    def encode_range(self, state: dict[str, Tensor], start: int, x: Tensor) -> None:
-        """Store flat fp32 ``x`` as values [start, start + len(x)) (``start`` is a multiple of the block size)."""
+    def encode_range(self, state: dict[str, Tensor], start: int, x: Tensor, offset: int = 0) -> None:
+        """Store flat fp32 ``x`` as values [start, start + len(x)); ``offset + start`` is a multiple of the block
+        size and every block the range touches lies inside it (a block-wise codec computes the blocks' absmax)."""
         dst = state[""][start:start + x.numel()]
         if dst.data_ptr() != x.data_ptr():
             dst.copy_(x)
 
-    def layout(self, numel: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    def layout(self, numel: int, offset: int = 0) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Expected (shape, dtype) of each encoded tensor, for checking a loaded state_dict."""
         return {"": ((numel,), torch.float32)}
 
@@ -66,13 +68,13 @@ class BF16Codec(Codec):
     def encode(self, x: Tensor) -> dict[str, Tensor]:
         return {"": x.detach().reshape(-1).to(torch.bfloat16)}
 
-    def decode_range(self, state: dict[str, Tensor], start: int, stop: int) -> Tensor:
+    def decode_range(self, state: dict[str, Tensor], start: int, stop: int, offset: int = 0) -> Tensor:
         return state[""][start:stop].float()
 
-    def encode_range(self, state: dict[str, Tensor], start: int, x: Tensor) -> None:
+    def encode_range(self, state: dict[str, Tensor], start: int, x: Tensor, offset: int = 0) -> None:
         state[""][start:start + x.numel()].copy_(x)
 
-    def layout(self, numel: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    def layout(self, numel: int, offset: int = 0) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return {"": ((numel,), torch.bfloat16)}
 
 
@@ -90,13 +92,13 @@ class BlockwiseCodec(Codec):
         self.name = f"{bits}bit"
         self.table = quant.code_table(code, positive_floor=not signed)
 
-    def init(self, numel: int, device: torch.device) -> dict[str, Tensor]:
+    def init(self, numel: int, device: torch.device, offset: int = 0) -> dict[str, Tensor]:
         zero = int(self.table.nearest(torch.zeros(1, dtype=torch.float32))[0])  # code nearest 0 (absmax is 0)
-        nb = quant.n_blocks(numel, self.block_size)
         codes = torch.full((numel,), zero, dtype=torch.uint8, device=device)
         if self.bits == 4:
-            codes = quant.pack_4bit(codes)
-        return {"_codes": codes, "_absmax": torch.zeros(nb, dtype=torch.float32, device=device)}
+            codes = quant.pack_4bit(torch.cat([codes.new_full((offset % 2,), zero), codes]))
+        absmax = torch.zeros(self._local_blocks(numel, offset), dtype=torch.float32, device=device)
+        return {"_codes": codes, "_absmax": absmax}
 
     def encode(self, x: Tensor) -> dict[str, Tensor]:
         flat = x.detach().reshape(-1).float().contiguous()
@@ -105,35 +107,71 @@ class BlockwiseCodec(Codec):
             self.encode_range(state, 0, flat)
         return state
 
-    def _blocks(self, start: int, stop: int) -> slice:
+    # A shard of a global tensor starts at global value ``offset``: its blocks are the *global* blocks it overlaps
+    # (so 1, 2 or 4 FSDP2 processes store identical codes and scales), and a 4-bit shard packs its codes in global
+    # pairs (a leading pad nibble when ``offset`` is odd). offset=0 is the ordinary whole-tensor layout.
+    def _local_blocks(self, numel: int, offset: int) -> int:
         b = self.block_size
-        if start % b:
-            raise ValueError(f"range start {start} is not a multiple of block_size={b}")
-        return slice(start // b, -(-stop // b))
+        return (offset + numel - 1) // b - offset // b + 1 if numel else 0
 
-    def decode_range(self, state: dict[str, Tensor], start: int, stop: int) -> Tensor:
+    def _blocks(self, start: int, stop: int, offset: int = 0) -> slice:
+        b, first = self.block_size, offset // self.block_size
+        return slice((offset + start) // b - first, -(-(offset + stop) // b) - first)
+
+    def _read_codes(self, state: dict[str, Tensor], start: int, stop: int, offset: int) -> Tensor:
         codes = state["_codes"]
-        codes = quant.unpack_4bit(codes[start // 2:(stop + 1) // 2], stop - start) if self.bits == 4 \
-            else codes[start:stop]
-        out = torch.empty(stop - start, dtype=torch.float32, device=codes.device)
-        return quant.dequantize_into(codes, state["_absmax"][self._blocks(start, stop)], self.table,
-                                     self.block_size, out)
+        if self.bits == 8:
+            return codes[start:stop]
+        lo, hi = start + offset % 2, stop + offset % 2
+        return quant.unpack_4bit(codes[lo // 2:(hi + 1) // 2], hi - lo // 2 * 2)[lo % 2:]
 
-    def encode_range(self, state: dict[str, Tensor], start: int, x: Tensor) -> None:
+    def _write_codes(self, state: dict[str, Tensor], start: int, codes: Tensor, offset: int) -> None:
+        stop = start + codes.numel()
+        if self.bits == 8:
+            state["_codes"][start:stop].copy_(codes)
+            return
+        lo, hi = start + offset % 2, stop + offset % 2
+        dst = state["_codes"][lo // 2:(hi + 1) // 2]
+        if lo % 2 or (hi % 2 and (hi + 1) // 2 < state["_codes"].numel()):  # a byte shared with a neighbour
+            both = quant.unpack_4bit(dst, 2 * dst.numel()).clone()
+            both[lo % 2:lo % 2 + codes.numel()] = codes
+            codes = both
+        dst.copy_(quant.pack_4bit(codes))
+
+    def decode_range(self, state: dict[str, Tensor], start: int, stop: int, offset: int = 0) -> Tensor:
+        codes = self._read_codes(state, start, stop, offset)
+        out = torch.empty(stop - start, dtype=torch.float32, device=codes.device)
+        return quant.dequantize_into(codes, state["_absmax"][self._blocks(start, stop, offset)], self.table,
+                                     self.block_size, out, phase=(offset + start) % self.block_size)
+
+    def encode_range(self, state: dict[str, Tensor], start: int, x: Tensor, offset: int = 0) -> None:
+        if (offset + start) % self.block_size:
+            raise ValueError(f"range start {offset + start} is not a multiple of block_size={self.block_size}")
         stop = start + x.numel()
-        absmax = state["_absmax"][self._blocks(start, stop)]
+        absmax = state["_absmax"][self._blocks(start, stop, offset)]
         x = x.reshape(-1)
         if self.bits == 8:
             quant.quantize_into(x, self.table, self.block_size, state["_codes"][start:stop], absmax, self.signed)
-        else:
-            codes = torch.empty(x.numel(), dtype=torch.uint8, device=x.device)
-            quant.quantize_into(x, self.table, self.block_size, codes, absmax, self.signed)
-            state["_codes"][start // 2:(stop + 1) // 2].copy_(quant.pack_4bit(codes))
+            return
+        codes = torch.empty(x.numel(), dtype=torch.uint8, device=x.device)
+        quant.quantize_into(x, self.table, self.block_size, codes, absmax, self.signed)
+        self._write_codes(state, start, codes, offset)
 
-    def layout(self, numel: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        ncodes = numel if self.bits == 8 else (numel + 1) // 2
+    def encode_piece(self, state: dict[str, Tensor], start: int, x: Tensor, absmax: float, offset: int = 0) -> None:
+        """Store values [start, start + len(x)) that lie in one block whose absmax (taken over the whole block,
+        values on other processes included) is given: the block that straddles two FSDP2 shards."""
+        block = self._blocks(start, start + x.numel(), offset)
+        if block.stop - block.start != 1:
+            raise ValueError(f"encode_piece: values {offset + start}..{offset + start + x.numel()} span "
+                             f"{block.stop - block.start} blocks of {self.block_size}")
+        state["_absmax"][block.start] = absmax
+        scaled = x.reshape(-1).float() / (absmax if absmax > 0 else 1.0)
+        self._write_codes(state, start, self.table.nearest(scaled.contiguous()), offset)
+
+    def layout(self, numel: int, offset: int = 0) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        ncodes = numel if self.bits == 8 else (offset % 2 + numel + 1) // 2
         return {"_codes": ((ncodes,), torch.uint8),
-                "_absmax": ((quant.n_blocks(numel, self.block_size),), torch.float32)}
+                "_absmax": ((self._local_blocks(numel, offset),), torch.float32)}
 
 
 _MAPS: dict[tuple[str, bool], Tensor] = {}

@@ -229,11 +229,19 @@ def quantize_into(x: Tensor, table: CodeTable, block_size: int, codes_out: Tenso
         codes_out[full:].copy_(table.nearest(x[full:] / div[-1]))
 
 
-def dequantize_into(codes: Tensor, absmax: Tensor, table: CodeTable, block_size: int, out: Tensor) -> Tensor:
-    """Write code[codes] * absmax(block) into the flat float32 tensor ``out`` and return it."""
+def dequantize_into(codes: Tensor, absmax: Tensor, table: CodeTable, block_size: int, out: Tensor,
+                    phase: int = 0) -> Tensor:
+    """Write code[codes] * absmax(block) into the flat float32 tensor ``out`` and return it. ``phase``: how many
+    values of the first block precede ``codes[0]`` (a range that starts inside a block)."""
     code = table.on(codes.device)[0]
     n = codes.numel()
     torch.index_select(code, 0, _scratch("idx", n, torch.int32, codes.device).copy_(codes.reshape(-1)), out=out)
+    if phase and n:
+        head = min(n, block_size - phase)
+        out[:head].mul_(absmax[0])
+        if head < n:
+            dequantize_into(codes.reshape(-1)[head:], absmax[1:], table, block_size, out[head:])
+        return out
     full = n // block_size * block_size
     if full:
         out[:full].view(-1, block_size).mul_(absmax[: full // block_size, None])

@@ -81,4 +81,14 @@ def test_bad_codec():
         get_codec("4bit", True, block_size=3)
     codec = get_codec("8bit", True, 64)
     with pytest.raises(ValueError, match="multiple of block_size"):
-        codec.decode_range(codec.init(200, torch.device("cpu")), 10, 100)
+        codec.encode_range(codec.init(200, torch.device("cpu")), 10, torch.zeros(90))
+
+
+@pytest.mark.parametrize("name", ["8bit", "4bit"])
+def test_decode_range_inside_a_block_is_a_slice_of_the_whole(name):
+    codec = get_codec(name, True, 64)
+    x = torch.randn(200, generator=torch.Generator().manual_seed(0))
+    state = codec.encode(x)
+    whole = codec.decode(state, (200,))
+    for start, stop in [(10, 100), (63, 64), (65, 199), (1, 2)]:
+        assert torch.equal(codec.decode_range(state, start, stop), whole[start:stop])
