@@ -27,7 +27,6 @@ from safetensors.torch import load_file, save_file
 
 from . import dist
 from .atomic import atomic_write, temp_dir, write_text_atomic
-from .dist_utils import holds_rank_local_state
 from .methods import default_trainable_state
 
 if TYPE_CHECKING:
@@ -36,6 +35,7 @@ if TYPE_CHECKING:
 KEEP = 2  # complete checkpoints kept on disk
 REQUIRED_FILES = ("model.safetensors", "optimizer.safetensors", "optimizer.json", "trainer.safetensors",
                   "trainer.json")
+DCP_REQUIRED_FILES = ("dcp/.metadata", "optimizer.json", "trainer.safetensors", "trainer.json")
 
 
 class CheckpointError(RuntimeError):
@@ -128,22 +128,40 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tenso
     """Write ``step-N`` atomically, point ``latest`` at it, and prune older complete checkpoints."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
     tmp = temp_dir(root, f".tmp-step-{step:07d}-")
-    try:
+
+    def write() -> None:
         save_file(_contiguous(model_state), tmp / "model.safetensors")
         opt_tensors, opt_tree = split_state_dict(optimizer_state)
         save_file(_contiguous(opt_tensors), tmp / "optimizer.safetensors")
         (tmp / "optimizer.json").write_text(json.dumps(opt_tree))
-        save_file(_contiguous(rng), tmp / "trainer.safetensors")
-        (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
-        files = sorted(p.name for p in tmp.iterdir())
-        manifest = {"step": step, "files": {name: _digest(tmp / name) for name in files}}
+        write_trainer_files(tmp, step, trainer_state, rng)
+
+    return finalize(run_dir, tmp, step, write)
+
+
+def write_trainer_files(folder: Path, step: int, trainer_state: dict[str, Any], rng: dict[str, torch.Tensor]) -> None:
+    save_file(_contiguous(rng), folder / "trainer.safetensors")
+    (folder / "trainer.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
+
+
+def finalize(run_dir: Path, tmp: Path, step: int, write: Any, fmt: str | None = None) -> Path:
+    """Run ``write()`` (fills ``tmp``), then add the manifest, fsync, rename ``tmp`` to ``step-N``, point
+    ``latest`` at it and prune; on failure ``tmp`` is removed and the previous checkpoint stays."""
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step-{step:07d}"
+    try:
+        write()
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {"step": step, "files": {p.relative_to(tmp).as_posix(): _digest(p) for p in files}}
+        if fmt:
+            manifest["format"] = fmt
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        for p in tmp.iterdir():
+        for p in [*files, tmp / "manifest.json"]:
             with p.open("rb") as handle:
                 os.fsync(handle.fileno())
-        _fsync_dir(tmp)
+        for folder in {p.parent for p in files} | {tmp}:
+            _fsync_dir(folder)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -180,8 +198,10 @@ def verify_checkpoint(path: Path) -> dict:
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"checkpoint {path}: manifest.json is corrupt ({exc.msg})") from exc
     files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or not set(REQUIRED_FILES) <= set(files):
-        raise CheckpointError(f"checkpoint {path}: manifest.json does not list {', '.join(REQUIRED_FILES)}")
+    required = DCP_REQUIRED_FILES if isinstance(manifest, dict) and manifest.get("format") == "dcp" \
+        else REQUIRED_FILES
+    if not isinstance(files, dict) or not set(required) <= set(files):
+        raise CheckpointError(f"checkpoint {path}: manifest.json does not list {', '.join(required)}")
     for name, digest in files.items():
         file = path / name
         if not file.is_file():
@@ -243,35 +263,55 @@ def trainable_state(run: Run) -> dict[str, torch.Tensor]:
 
 
 def optimizer_state(run: Run) -> dict:
-    """``index`` format (``state_dict()``), or under FSDP the gathered full state keyed by parameter names."""
-    if not run.fsdp:
-        return run.optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(run.model, run.optimizer,
-                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    """The ``index`` format: ``optimizer.state_dict()`` (one process or DDP; FSDP2 runs save with DCP)."""
+    return run.optimizer.state_dict()
 
 
 def refuse_unsaveable(run: Run) -> None:
-    """Fail before the run starts if it would have to save optimizer state that cannot be saved yet."""
+    """Fail before the run starts if it would have to save optimizer state that cannot be saved."""
     cfg = run.cfg
-    if run.fsdp and (cfg.save_every or cfg.stop_at or cfg.resume) and holds_rank_local_state(run.optimizer):
-        raise ValueError(f"--strategy fsdp with --optim {cfg.optim}: its block-wise state is rank-local and cannot "
-                         "be saved as a full-state checkpoint yet; use --strategy ddp or drop --save-every/--stop-at")
+    if not (run.fsdp and (cfg.save_every or cfg.stop_at or cfg.resume)):
+        return
+    from .dcp_checkpoint import unsupported_reason
+
+    reason = unsupported_reason(run.optimizer)
+    if reason:
+        raise ValueError(f"--strategy fsdp with --optim {cfg.optim}: its state cannot be saved in a sharded "
+                         f"checkpoint ({reason}); use --strategy ddp or drop --save-every/--stop-at/--resume")
 
 
 def save_run(run: Run, run_dir: Path, step: int, started: float) -> None:
     """Checkpoint ``step`` (``started``: the invocation's start time, for ``wall_time``). Every rank calls it."""
-    model_state, opt_state = trainable_state(run), optimizer_state(run)  # collectives under FSDP
-    ctx = run.ctx
-    if ctx.is_main:
-        trainer = {"wall_time": time.time() - started, "world_size": ctx.world,
-                   "optimizer_format": "fqn" if run.fsdp else "index"}
-        if run.scaler is not None:  # fp16 mixed precision: the loss scale and its growth counter
-            trainer["loss_scaler"] = run.scaler.state_dict()
+    trainer = {"wall_time": time.time() - started, "world_size": run.ctx.world,
+               "optimizer_format": "dcp" if run.fsdp else "index"}
+    if run.scaler is not None:  # fp16 mixed precision: the loss scale and its growth counter
+        trainer["loss_scaler"] = run.scaler.state_dict()
+    if run.fsdp:
+        _save_sharded(run, run_dir, step, trainer)
+        return
+    model_state, opt_state = trainable_state(run), optimizer_state(run)
+    if run.ctx.is_main:
         save_checkpoint(run_dir, step, model_state, opt_state, trainer, rng_state())
-    if ctx.enabled:
+    if run.ctx.enabled:
         torch.distributed.barrier()
+
+
+def _save_sharded(run: Run, run_dir: Path, step: int, trainer: dict[str, Any]) -> None:
+    """FSDP2: every rank writes its shards with DCP into one temporary folder that rank 0 then seals."""
+    from . import dcp_checkpoint
+
+    root = Path(run_dir) / "checkpoints"
+    tmp = root / f".tmp-step-{step:07d}-dcp"
+    if run.ctx.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    torch.distributed.barrier()
+    dcp_checkpoint.save(run, tmp)
+    torch.distributed.barrier()
+    if run.ctx.is_main:
+        finalize(run_dir, tmp, step, lambda: write_trainer_files(tmp, step, trainer, rng_state()), fmt="dcp")
+    torch.distributed.barrier()
 
 
 def restore_run(run: Run, run_dir: Path) -> int:
@@ -279,28 +319,65 @@ def restore_run(run: Run, run_dir: Path) -> int:
     path = latest_checkpoint(run_dir)
     if path is None:
         raise FileNotFoundError(f"--resume: {run_dir} has no checkpoint (was --save-every set?)")
-    model_state, opt_state, trainer, rng = _load_naming_fallback(path)
+    if _format(path) == "dcp":
+        from . import dcp_checkpoint
+
+        trainer, rng = _load_trainer_files(path)
+        model_state, opt_state = dcp_checkpoint.load(run, path), None
+    else:
+        model_state, opt_state, trainer, rng = _load_naming_fallback(path)
     hook = getattr(run.method, "load_trainable_state", None)
     if hook:
         hook(run.model, model_state)
     else:
         load_trainable(run.model, model_state)
-    if trainer.get("optimizer_format", "index") == "fqn" or run.fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(run.model, run.optimizer, opt_state, options=StateDictOptions(full_state_dict=True))
-    else:
-        run.optimizer.load_state_dict(opt_state)
+    if opt_state is not None:
+        _load_optimizer(run, opt_state, trainer)
     set_rng_state(rng)
     if run.scaler is not None and "loss_scaler" in trainer:
         run.scaler.load_state_dict(trainer["loss_scaler"])
     return trainer["step"]
 
 
+def _format(path: Path) -> str:
+    """"dcp" for a sharded (FSDP2) checkpoint, else "safetensors"; checks the manifest first."""
+    manifest = _naming_fallback(path, verify_checkpoint)
+    return manifest.get("format", "safetensors")
+
+
+def _load_trainer_files(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    try:
+        rng = load_file(path / "trainer.safetensors")
+        trainer = json.loads((path / "trainer.json").read_text())
+    except (SafetensorError, OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from exc
+    if not isinstance(trainer, dict) or not isinstance(trainer.get("step"), int) or "cpu" not in rng:
+        raise CheckpointError(f"checkpoint {path}: trainer.json / trainer.safetensors lack the step or RNG state")
+    return trainer, rng
+
+
+def _load_optimizer(run: Run, opt_state: dict, trainer: dict[str, Any]) -> None:
+    """A one-process (``index``) or gathered (``fqn``) optimizer state, into this run's optimizer."""
+    from .dcp_checkpoint import load_full_into_shards, unsupported_reason
+
+    if trainer.get("optimizer_format", "index") == "fqn":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(run.model, run.optimizer, opt_state, options=StateDictOptions(full_state_dict=True))
+    elif run.fsdp and unsupported_reason(run.optimizer) is None:
+        load_full_into_shards(run, opt_state)  # 1 process -> N FSDP2 processes
+    else:
+        run.optimizer.load_state_dict(opt_state)
+
+
 def _load_naming_fallback(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, Any], dict[str, torch.Tensor]]:
     """``load_checkpoint``, whose error names the previous intact checkpoint the user can fall back to."""
+    return _naming_fallback(path, load_checkpoint)
+
+
+def _naming_fallback(path: Path, read: Any) -> Any:
     try:
-        return load_checkpoint(path)
+        return read(path)
     except CheckpointError as exc:
         prev = previous_checkpoint(path)
         hint = f"; the previous checkpoint {prev} is intact: delete {path.name} to resume from it" if prev else ""
