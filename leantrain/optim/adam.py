@@ -36,16 +36,6 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _rows_of_rank(full: Tensor, p: Tensor) -> Tensor:
-    """The rows of a full-shape tensor that this rank's FSDP2 shard of ``p`` (Shard(0), torch.chunk) holds."""
-    mesh = p.device_mesh
-    if mesh.ndim != 1 or not p.placements[0].is_shard(0):
-        raise TypeError(f"gradient projection under FSDP2 supports Shard(0) on a 1-D mesh, got {p.placements}")
-    chunks = torch.chunk(full, mesh.size(), dim=0)
-    rank = mesh.get_local_rank()
-    return chunks[rank] if rank < len(chunks) else full[:0]
-
-
 def _encode_piece(codec: Codec, enc: dict[str, Tensor], start: int, x: Tensor, absmax: float, offset: int) -> None:
     if isinstance(codec, BlockwiseCodec):
         codec.encode_piece(enc, start, x, absmax, offset)
@@ -271,13 +261,16 @@ class BlockOptimizer(torch.optim.Optimizer):
     def _update(self, p: Tensor, group: dict[str, Any]) -> None:
         state = self.state[p]
         projected = self._projected(group, p)
-        # FSDP2 + projection: every rank projects the *full* gradient (one all-gather) with the same seeded basis,
-        # so GaLore follows the 1-process trajectory; each rank then applies only its rows of the update.
-        grad = p.grad.full_tensor() if projected and hasattr(p.grad, "full_tensor") else _local(p.grad)
+        # FSDP2 + projection: projector_dist projects this rank's rows of the gradient (sums split across ranks, no
+        # rank holds the full gradient); the low-rank gradient and moments are replicated, the basis is the same on
+        # every rank and follows the 1-process trajectory; each rank then applies only its rows of the update.
+        fsdp = projected and hasattr(p.grad, "to_local")
+        grad = p.grad if fsdp else _local(p.grad)
         t = self._next_step(state)
         if projected:
-            from .projector import project
-            grad = project(grad, state, group, t)
+            from . import projector, projector_dist
+            grad = (projector_dist.dtensor_project(grad, p, state, group, t) if fsdp
+                    else projector.project(grad, state, group, t))
         n = grad.numel()  # this rank's values; the codec is chosen from the global size (mesh-independent)
         n_codec = n if projected else p.numel()
         geom = None if projected else shards.geometry(p)
@@ -382,12 +375,11 @@ class BlockOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{type(self).__name__}: coupled weight decay cannot be combined with projection "
                              f"(rank={group['rank']}); use AdamW-style decoupled weight decay")
         u, s = self._rule(g, bufs, group, t)
-        if hasattr(p, "to_local"):  # FSDP2: this rank's rows of the full-shape update
-            rows = _rows_of_rank(projector.project_back(u * s, state, group), p)
-            p = _local(p)
+        if hasattr(p, "to_local"):  # FSDP2: this rank's rows of the full-shape update (projector_dist, local)
+            from .projector_dist import dtensor_project_back_add_
             if wd:
-                p.mul_(1.0 - lr * wd)
-            p.add_(rows.to(p.dtype), alpha=-lr)
+                _local(p).mul_(1.0 - lr * wd)
+            dtensor_project_back_add_(p, u, state, group, alpha=-lr * float(s))
         else:
             if wd:
                 p.mul_(1.0 - lr * wd)

@@ -187,6 +187,12 @@ def _full_svd(matrix: Tensor, rank: int, seed: int) -> tuple[Tensor, Tensor]:
     return u, vh
 
 
+def uses_exact_svd(shape: tuple[int, ...] | torch.Size, rank: int, svd: str, oversample: int) -> bool:
+    """Whether a refresh takes the exact SVD: asked for (``svd="full"``), or a randomized sketch would be about as
+    large as the matrix (smaller side at most ``2 * (rank + oversample)``), where an exact SVD costs the same."""
+    return svd == "full" or 2 * (min(rank, *shape) + oversample) >= min(shape)
+
+
 def compute_basis(grad: Tensor, rank: int, side: int, *, svd: str = "randomized", seed: int = 0,
                   oversample: int = 8, power_iters: int = 2) -> tuple[Tensor, Tensor | None]:
     """Orthonormal basis of the top-``rank`` singular subspace of ``grad`` on ``side``.
@@ -198,14 +204,12 @@ def compute_basis(grad: Tensor, rank: int, side: int, *, svd: str = "randomized"
     if grad.ndim != 2:
         raise ValueError(f"gradient projection needs a 2-D tensor, got shape {tuple(grad.shape)}")
     rank = min(rank, *grad.shape)
-    if svd == "randomized" and 2 * (rank + oversample) >= min(grad.shape):
-        svd = "full"  # the sketch would be about as large as the matrix: an exact SVD costs the same
-    if svd == "full":
-        u, vh = _full_svd(grad, rank, seed)
-    elif svd == "randomized":
-        u, _, vh = randomized_svd(grad, rank, oversample=oversample, power_iters=power_iters, seed=seed)
-    else:
+    if svd not in SVD_METHODS:
         raise ValueError(f"unknown svd={svd!r}; choose one of {', '.join(SVD_METHODS)}")
+    if uses_exact_svd(grad.shape, rank, svd, oversample):
+        u, vh = _full_svd(grad, rank, seed)
+    else:
+        u, _, vh = randomized_svd(grad, rank, oversample=oversample, power_iters=power_iters, seed=seed)
     u, vh = u.to(grad.dtype).contiguous(), vh.to(grad.dtype).contiguous()
     if side == RIGHT:
         return vh, None
@@ -292,21 +296,30 @@ def project(grad: Tensor, state: MutableMapping[str, Any], group: Mapping[str, A
             warnings.warn(f"GaLore projector: non-finite gradient of shape {tuple(grad.shape)} at step {step}; "
                           "keeping the previous basis", RuntimeWarning, stacklevel=2)
         else:
-            basis, right = compute_basis(
-                grad, int(group["rank"]), side, svd=group_option(group, "svd"),
-                seed=_mixed_seed(int(group_option(group, "seed")), step),
-                oversample=int(group_option(group, "oversample")),
-                power_iters=int(group_option(group, "power_iters")))
-            old = state.get("proj_basis")
-            if (group_option(group, "refresh_moments") == "reproject" and old is not None and side != BOTH
-                    and old.shape == basis.shape):
-                state["proj_rotation"] = rotation(old, basis, side)
-            state["proj_basis"] = basis
-            if right is not None:
-                state["proj_basis_right"] = right
-            state["proj_side"] = side
-            state["proj_refreshes"] = int(state.get("proj_refreshes", 0)) + 1
+            basis, right = compute_basis(grad, int(group["rank"]), side, **basis_options(group, step))
+            store_basis(state, group, side, basis, right)
     return project_with(grad, state["proj_basis"], state["proj_side"], state.get("proj_basis_right"))
+
+
+def basis_options(group: Mapping[str, Any], step: int) -> dict[str, Any]:
+    """The keyword arguments of ``compute_basis`` for a refresh of ``group`` at ``step`` (seed mixed with step)."""
+    return {"svd": group_option(group, "svd"), "seed": _mixed_seed(int(group_option(group, "seed")), step),
+            "oversample": int(group_option(group, "oversample")),
+            "power_iters": int(group_option(group, "power_iters"))}
+
+
+def store_basis(state: MutableMapping[str, Any], group: Mapping[str, Any], side: int, basis: Tensor,
+                right: Tensor | None) -> None:
+    """Record a refreshed basis in ``state`` (and the moment rotation when ``refresh_moments="reproject"``)."""
+    old = state.get("proj_basis")
+    if (group_option(group, "refresh_moments") == "reproject" and old is not None and side != BOTH
+            and old.shape == basis.shape):
+        state["proj_rotation"] = rotation(old, basis, side)
+    state["proj_basis"] = basis
+    if right is not None:
+        state["proj_basis_right"] = right
+    state["proj_side"] = side
+    state["proj_refreshes"] = int(state.get("proj_refreshes", 0)) + 1
 
 
 def project_back(update: Tensor, state: Mapping[str, Any], group: Mapping[str, Any]) -> Tensor:
