@@ -21,6 +21,7 @@ SUBCOMMANDS = [
     "leantrain.commands.compare",
     "leantrain.commands.bench",
     "leantrain.commands.dlrt_demo",
+    "leantrain.commands.checkpoint",
     "leantrain.commands.reproduce",
 ]
 

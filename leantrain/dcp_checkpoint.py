@@ -84,7 +84,8 @@ def run_state(run: Run) -> tuple[dict[str, Tensor], dict[str, Any]]:
                     tensors[f"optim/{name}/{key}"] = value
                 else:
                     extra.setdefault(name, {})[key] = value
-    return tensors, {"param_groups": _jsonable(groups), "state": extra}
+    layout = {"moments": [name for name, _ in opt.moments]} if _block_optimizer(opt) else None
+    return tensors, {"param_groups": _jsonable(groups), "state": extra, "block_layout": layout}
 
 
 def _jsonable(value: Any) -> Any:
@@ -252,3 +253,39 @@ def _shard_like(value: Any, p: Tensor) -> Any:
         from torch.distributed.tensor import distribute_tensor
         return distribute_tensor(value.to(p.dtype), p.device_mesh, p.placements)
     return value
+
+
+def to_single(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(model tensors, ``optimizer.state_dict()``) of a DCP checkpoint as one process would hold them, read
+    without building the model (``leantrain checkpoint convert``)."""
+    import torch.distributed.checkpoint as dcp
+
+    target = {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in saved_tensors(path).items()}
+    dcp.load(target, storage_reader=_reader(path / DIR), no_dist=True)
+    rest = json.loads((path / "optimizer.json").read_text())
+    model = {k[len("model/"):]: v for k, v in target.items() if k.startswith("model/")}
+    layout = rest.get("block_layout")
+    ids, groups = {}, []
+    for group in rest["param_groups"]:
+        groups.append({**group, "params": [ids.setdefault(name, len(ids)) for name in group["params"]]})
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in target.items():
+        if key.startswith("optim/"):
+            name, _, sub = key[len("optim/"):].rpartition("/")
+            state.setdefault(ids[name], {}).update(_single_entry(sub, value, layout))
+    for name, extra in rest["state"].items():
+        state.setdefault(ids[name], {}).update(extra)
+    return model, {"state": state, "param_groups": groups}
+
+
+def _single_entry(key: str, value: Tensor, layout: dict | None) -> dict[str, Tensor]:
+    """One logical state tensor in one process's run-time layout (block-wise state is flat, 4-bit packed)."""
+    from .optim import quant
+    from .optim.logical_state import UNPACKED
+
+    if layout is None:
+        return {key: value}
+    if key.endswith(UNPACKED):
+        return {key[:-len(UNPACKED)] + "_codes": quant.pack_4bit(value.reshape(-1))}
+    base = key.rpartition("_")[0] if key.endswith(("_codes", "_absmax")) else key
+    return {key: value.reshape(-1) if base in layout["moments"] else value}
