@@ -83,7 +83,8 @@ def test_dlrt_two_processes_match_one_and_ranks_hold_identical_factors(tmp_path)
     assert main(["train", *BASE, "--out", str(one)]) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__,
            str(hashes), *BASE, "--strategy", "ddp", "--out", str(two)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"},
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = json.loads((hashes / "rank0.json").read_text())
@@ -99,7 +100,7 @@ def test_dlrt_two_processes_match_one_and_ranks_hold_identical_factors(tmp_path)
 def test_dlrt_rounding_noise_in_gradients_stays_rounding_in_the_loss(tmp_path, monkeypatch, seed):
     """1 process, every gradient multiplied by (1 + 2^-23 N(0,1)) -- the size of the 1-vs-2-process difference.
     Before the fix this alone moved the 4-step losses by 0.6-3.1e-5 and U S Vᵀ by 0.9-1.5e-3 (8 seeds)."""
-    import leantrain.loop as loop
+    from leantrain import loop
     from leantrain.cli import main
     from leantrain.lowrank.optimizer import KLSOptimizer
 
