@@ -30,8 +30,9 @@ def orth(a: torch.Tensor) -> torch.Tensor:
 
 
 # A new direction is kept only if the part of K1's column outside the basis so far exceeds this many units of
-# roundoff of K1's dtype times ||K1||_F. Below it the residual is what storing K1 and projecting out U0 leaves,
-# not a direction of the gradient step (see ``augment``).
+# roundoff times ||K1||_F (float32's for float32/bf16/fp16 factors, float64's for float64). Below it the residual is
+# what storing K1 and projecting out U0 leaves, not a direction of the gradient step (see ``augment``). bf16/fp16
+# factors keep float32's threshold: 64 of their own ulps (0.5 ||K1|| in bf16) would stop all augmentation.
 AUGMENT_RTOL_ULPS = 64
 
 
@@ -40,7 +41,7 @@ def augment(u0: torch.Tensor, k1: torch.Tensor) -> torch.Tensor:
 
     Rank-revealing: U0 is re-orthonormalised (sign-fixed QR, so it stays in place), then each column of K1 is
     projected out of the basis built so far (twice, in float64) and appended only if the remainder is above
-    ``AUGMENT_RTOL_ULPS``·eps(dtype)·||K1||_F. A Householder QR of [U0 | K1] always returns min(n, 2r) columns:
+    ``AUGMENT_RTOL_ULPS``·eps·||K1||_F. A Householder QR of [U0 | K1] always returns min(n, 2r) columns:
     when the step K1 − U0 S0 has lower rank (Adam's first update is ≈ lr·sign(∇K), whose rows repeat), the
     surplus columns are orthonormal completions built from float rounding -- directions that change completely
     under a one-ulp change of K1 (measured: 2 processes vs 1, Û differed by 0.34 for identical-to-1-ulp K1) and
@@ -49,7 +50,7 @@ def augment(u0: torch.Tensor, k1: torch.Tensor) -> torch.Tensor:
     wd = torch.float64
     basis = orth(u0.to(wd))
     k = k1.to(wd)
-    tol = AUGMENT_RTOL_ULPS * torch.finfo(k1.dtype).eps * float(k.norm())
+    tol = AUGMENT_RTOL_ULPS * torch.finfo(_work_dtype(k1)).eps * float(k.norm())
     rest = k
     while rest.shape[1] and basis.shape[1] < basis.shape[0]:
         for _ in range(2):  # project out of the basis so far, repeated once: orthogonal to working precision
