@@ -28,12 +28,31 @@ def test_augmentation_is_exact():
 
 
 def test_augmentation_rank_deficient_stays_orthonormal():
-    """Spec pitfall 7: K1 ∈ span(U0) makes [U0 | K1] rank-deficient; Q must still be orthonormal."""
+    """Spec pitfall 7: K1 ∈ span(U0) makes [U0 | K1] rank-deficient; Û stays orthonormal and holds U0 -- and gets
+    no directions made of rounding (a Householder QR would pad with 5 such columns)."""
     g = torch.Generator().manual_seed(1)
     u0 = _qr(40, 5, g)
     u_hat = augment(u0, u0 @ torch.randn(5, 5, generator=g))
-    assert float((u_hat.T @ u_hat - torch.eye(10)).norm()) < 1e-5
+    assert u_hat.shape == (40, 5)
+    assert float((u_hat.T @ u_hat - torch.eye(5)).norm()) < 1e-5
     assert float((u_hat @ (u_hat.T @ u0) - u0).norm()) < 1e-5
+
+
+def test_augmentation_keeps_only_the_step_directions():
+    """K1 = U0 S0 + a rank-2 step: Û = [U0 | 2 directions], and those span exactly the step's part outside U0.
+    One-ulp changes of K1 (what 2 processes vs 1 produce) move Û by rounding only, not by O(1)."""
+    g = torch.Generator().manual_seed(2)
+    u0 = _qr(32, 8, g)
+    step = 1e-3 * torch.randn(32, 2, generator=g) @ torch.randn(2, 8, generator=g)
+    k1 = u0 @ torch.diag(torch.linspace(1.0, 0.2, 8)) + step
+    u_hat = augment(u0, k1)
+    assert u_hat.shape == (32, 10)
+    assert float((u_hat.T @ u_hat - torch.eye(10)).norm()) < 1e-5
+    outside = (torch.eye(32) - u0 @ u0.T) @ step
+    assert float((outside - u_hat @ (u_hat.T @ outside)).norm() / outside.norm()) < 1e-4
+    nudged = k1.clone()
+    nudged.view(-1)[::7] = torch.nextafter(nudged.view(-1)[::7], torch.tensor(2.0))  # one ulp up in 1/7 of K1
+    assert float((augment(u0, nudged) - u_hat).abs().max()) < 1e-3
 
 
 @pytest.mark.parametrize("tau, expected", [(0.05, 3), (0.5, 2)])
