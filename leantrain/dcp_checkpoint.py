@@ -17,7 +17,7 @@ import io
 import json
 import pickle
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -113,7 +113,7 @@ def save(run: Run, folder: Path) -> None:
 class _MetadataUnpickler(pickle.Unpickler):
     """Builds DCP's metadata classes, torch sizes, dtypes and layouts, and paths -- nothing that runs code."""
 
-    ALLOWED = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch.serialization", "_get_layout"),
+    ALLOWED: ClassVar[set[tuple[str, str]]] = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch.serialization", "_get_layout"),
                ("torch", "Size"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
                ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")}
 
@@ -139,6 +139,19 @@ def _reader(path: Path) -> Any:
             return metadata
 
     return SafeReader(str(path))
+
+
+def _dcp_load(target: dict[str, Tensor], path: Path) -> None:
+    """DCP's load, in one process when no process group exists (without its warning that says so)."""
+    import warnings
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    single = not (dist.is_available() and dist.is_initialized())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(target, storage_reader=_reader(path / DIR), no_dist=single)
 
 
 def saved_tensors(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -172,7 +185,6 @@ def _optimizer_template(run: Run, saved: dict) -> dict[str, Tensor]:
 def load(run: Run, path: Path) -> dict[str, Tensor]:
     """Load ``path`` (a DCP checkpoint folder) into ``run``'s optimizer; return the method's trainable tensors
     (sharded like the current model) for the caller to apply. Works with any number of processes."""
-    import torch.distributed.checkpoint as dcp
 
     from .checkpoint import CheckpointError
 
@@ -189,7 +201,7 @@ def load(run: Run, path: Path) -> dict[str, Tensor]:
         if tuple(value.shape) != tuple(shape):
             raise CheckpointError(f"checkpoint {path}: tensor {key!r} has shape {shape}, the run expects "
                                   f"{tuple(value.shape)}")
-    dcp.load(target, storage_reader=_reader(path / DIR))
+    _dcp_load(target, path)
     _apply_optimizer(run, target, json.loads((path / "optimizer.json").read_text()))
     return {k[len("model/"):]: v for k, v in target.items() if k.startswith("model/")}
 
@@ -258,10 +270,9 @@ def _shard_like(value: Any, p: Tensor) -> Any:
 def to_single(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """(model tensors, ``optimizer.state_dict()``) of a DCP checkpoint as one process would hold them, read
     without building the model (``leantrain checkpoint convert``)."""
-    import torch.distributed.checkpoint as dcp
 
     target = {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in saved_tensors(path).items()}
-    dcp.load(target, storage_reader=_reader(path / DIR), no_dist=True)
+    _dcp_load(target, path)
     rest = json.loads((path / "optimizer.json").read_text())
     model = {k[len("model/"):]: v for k, v in target.items() if k.startswith("model/")}
     layout = rest.get("block_layout")

@@ -177,6 +177,40 @@ def _dotted(node: ast.AST) -> str:
     return "?"
 
 
+# DCP writes its .metadata file with pickle; this module reads it through an Unpickler subclass whose find_class
+# allows only DCP's metadata classes, torch sizes/dtypes/layouts and paths (tested below with a planted exploit).
+RESTRICTED_UNPICKLERS = {"leantrain/dcp_checkpoint.py"}
+
+
+def _restricted_unpickler_problems(tree: ast.AST, rel: Path) -> list[str]:
+    """In an allowed file, ``pickle`` may only be used as pickle.Unpickler (subclassed with find_class) and
+    pickle.UnpicklingError."""
+    problems = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "pickle" \
+                and node.attr not in ("Unpickler", "UnpicklingError"):
+            problems.append(f"{rel}:{node.lineno} uses pickle.{node.attr}")
+    classes = [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)
+               and any(_dotted(b) == "pickle.Unpickler" for b in n.bases)]
+    if not classes or not all(any(isinstance(f, ast.FunctionDef) and f.name == "find_class" for f in c.body)
+                              for c in classes):
+        problems.append(f"{rel}: a pickle.Unpickler subclass without find_class")
+    return problems
+
+
+def test_dcp_metadata_exploit_is_refused(tmp_path):
+    """A DCP checkpoint whose .metadata is a malicious pickle (with a matching manifest) does not run it."""
+    from leantrain.dcp_checkpoint import saved_tensors
+
+    marker = tmp_path / "marker"
+    (tmp_path / "dcp").mkdir()
+    import pickle as std_pickle
+    (tmp_path / "dcp" / ".metadata").write_bytes(std_pickle.dumps(Exploit(marker)))
+    with pytest.raises(std_pickle.UnpicklingError, match="write_text"):
+        saved_tensors(tmp_path)
+    assert not marker.exists()
+
+
 def test_source_never_unpickles():
     offenders = []
     files = sorted(SOURCE.rglob("*.py"))
@@ -186,6 +220,9 @@ def test_source_never_unpickles():
         text = file.read_text()
         tree = ast.parse(text)
         rel = file.relative_to(SOURCE.parent)
+        if str(rel) in RESTRICTED_UNPICKLERS:
+            offenders += _restricted_unpickler_problems(tree, rel)
+            continue
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])

@@ -134,7 +134,7 @@ def template(opt: Any, p: Tensor, group: dict[str, Any], saved: dict[str, tuple[
             out[key] = _even_chunk(torch.empty(shape, dtype=dtype), p)
         else:
             geom = shards.geometry(p)
-            rows, per_row = _rows(p)
+            per_row = _rows(p)[1]
             local_rows = geom.numel // per_row if per_row else 0
             out[key] = _sharded(torch.empty((local_rows, *shape[1:]), dtype=dtype), p, shape)
     return out
