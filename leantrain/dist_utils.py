@@ -38,19 +38,6 @@ def grad_bytes_local(parameters: Iterable[torch.Tensor]) -> int:
     return local_bytes(p.grad for p in parameters if p.grad is not None)
 
 
-def holds_rank_local_state(optimizer: Any) -> bool:
-    """Whether ``optimizer`` keeps plain rank-local state tensors under FSDP2 (DCP cannot gather or re-shard them).
-
-    An optimizer answers for itself with a ``rank_local_state()`` hook (a wrapper such as DLRT's KLS integrator asks
-    the optimizer it drives); without one, leantrain's block-wise optimizers are the ones that keep such state."""
-    hook = getattr(optimizer, "rank_local_state", None)
-    if callable(hook):
-        return bool(hook())
-    from .optim.adam import BlockOptimizer
-
-    return isinstance(optimizer, BlockOptimizer)
-
-
 def average_gradients(parameters: Iterable[torch.Tensor], world: int) -> None:
     """Mean of every existing gradient over all processes (one all-reduce per dtype), in place.
 

@@ -112,12 +112,6 @@ class KLSOptimizer(torch.optim.Optimizer):
     def ranks(self) -> dict[str, int]:
         return {name: layer.rank for name, layer in self.layers.items()}
 
-    def rank_local_state(self) -> bool:
-        """Whether the driven optimizer keeps rank-local state under FSDP2 (the integrator itself keeps none)."""
-        from ..dist_utils import holds_rank_local_state
-
-        return holds_rank_local_state(self.inner)
-
     # --- parameter swaps and state moves ----------------------------------------------------------------------
     def _index(self) -> None:
         self._where = {id(p): (gi, pi) for gi, g in enumerate(self.inner.param_groups) for pi, p in enumerate(g["params"])}
