@@ -6,6 +6,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .config import TrainConfig
 
+from .quiet import quiet_library_logs
+
+quiet_library_logs()
+
 __version__ = "0.1.0"
 __all__ = ["TrainConfig", "__version__", "train"]
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 
@@ -40,20 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Import-time chatter of optional peers that is not the user's business (torchao's missing CUDA kernels, torch's
-# pytree deprecations triggered by torchao); LEANTRAIN_VERBOSE=1 keeps it.
-QUIET_LOGGERS = ("torchao", "torchao.kernel.intmm", "torch.utils._pytree")
-
-
-def quiet_library_logs() -> None:
-    if os.environ.get("LEANTRAIN_VERBOSE"):
-        return
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def main(argv: list[str] | None = None) -> int:
-    quiet_library_logs()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -19,3 +19,13 @@ def test_train_stderr_is_empty(model, tmp_path, tiny_args):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr == "", proc.stderr[-2000:]
     assert "validation accuracy" in proc.stdout
+
+
+def test_python_api_import_has_no_peer_chatter():
+    """The Python API (not only the CLI) keeps torchao's missing-kernel lines and torch's pytree deprecations out
+    of the user's stderr when transformers pulls torchao in."""
+    pytest.importorskip("torchao")
+    code = "import leantrain\nfrom leantrain.models import load_encoder\nload_encoder('tiny')\nimport torchao\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Failed to load" not in proc.stderr and "_pytree" not in proc.stderr, proc.stderr[-2000:]
