@@ -396,4 +396,8 @@ def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> No
                                   f"model expects {tuple(current[key].shape)}")
     with torch.no_grad():
         for key, value in state.items():
-            current[key].copy_(value)
+            target = current[key]
+            if hasattr(target, "device_mesh") and not hasattr(value, "device_mesh"):  # full tensor -> FSDP2 shard
+                from torch.distributed.tensor import distribute_tensor
+                value = distribute_tensor(value.to(target.dtype), target.device_mesh, target.placements)
+            target.copy_(value)
