@@ -38,7 +38,10 @@ Semantics that differ from the ordinary step, by necessity (the global gradient 
   shared with the clipping norm). stop then drops every remaining update of that backward and raises after it on
   every rank (raising inside the collective hooks would leave the other ranks waiting).
 * ``--grad-accum > 1`` is refused (config): stepping per micro-batch would change the update rule.
-* Shape-changing methods (DLRT's multi-pass integrator) are refused (config).
+* Shape-changing methods (DLRT's multi-pass integrator) are refused (config), and so is DDP with the bf16
+  compensated update (``run.layerwise_hooks``): its ``p.data`` dtype swap makes autograd replace the gradient
+  accumulator DDP hooked, so from step 2 on DDP would reduce nothing (``finish`` also raises if a DDP backward
+  reduced no bucket).
 """
 from __future__ import annotations
 
@@ -76,15 +79,21 @@ class LayerwiseStep:
     pending: FloatingPointError | None = None  # torchrun + stop: raised by ``finish`` after backward on every rank
     bucket_bytes: dict[int, int] = field(default_factory=dict)  # DDP: bytes of each gradient bucket buffer
     total: int = 0  # parameters the optimizer holds
+    buckets_reduced: int = 0  # DDP: buckets the communication hook reduced in the current backward
 
     def start_step(self, step: int, discard: bool = False) -> None:
         """Called by the loop before each backward."""
-        self.step, self.stepped, self.discard, self.pending = step, 0, discard, None
+        self.step, self.stepped, self.discard, self.pending, self.buckets_reduced = step, 0, discard, None, 0
 
     def finish(self) -> None:
-        """Called by the loop after backward: under torchrun, --nan-policy stop raises here, on every rank."""
+        """Called by the loop after backward: under torchrun, --nan-policy stop raises here, on every rank; under
+        DDP a backward in which no bucket reached the hook (DDP's gradient hooks detached) fails loudly instead of
+        silently training on nothing."""
         if self.pending is not None:
             raise self.pending
+        if self.strategy == "ddp" and not self.buckets_reduced:
+            raise RuntimeError(f"step {self.step + 1}: --layerwise under DDP: no gradient bucket was reduced in "
+                               "this backward (DDP's gradient hooks no longer fire), so nothing was updated")
 
     def register(self, ddp: nn.Module | None = None) -> LayerwiseStep:
         """Hook every parameter the optimizer holds (one process, FSDP2), or DDP's bucket reduction; returns self."""
@@ -157,6 +166,7 @@ class LayerwiseStep:
         buffer = bucket.buffer()
         buffer.mul_(1.0 / self.world)  # what DDP's reducer does without a hook, while copying into the bucket
         tdist.all_reduce(buffer, group=group)
+        self.buckets_reduced += 1
         self.bucket_bytes[bucket.index()] = buffer.numel() * buffer.element_size()
         self.peak_grad_bytes = max(self.peak_grad_bytes, sum(self.bucket_bytes.values()))
         self._step_bucket(list(bucket.parameters()), list(bucket.gradients()), bool(torch.isfinite(buffer).all()))

@@ -8,13 +8,18 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from leantrain.cli import main
 from leantrain.config import TrainConfig
+from leantrain.dist import DistContext
+from leantrain.precision import wrap_for_dtype
 from leantrain.report import read_jsonl
+from leantrain.run import layerwise_hooks
 
 WORKER = Path(__file__).with_name("layerwise_dist_worker.py")
 # the launcher pattern of tests/test_distributed.py: tiny model, dropout off, global batch 8 over 2 processes
@@ -52,6 +57,18 @@ def differences(a: Path, b: Path) -> tuple[float, float]:
 def test_what_stays_refused_under_torchrun(change: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match) as err:
         TrainConfig(layerwise=True, **change)
+    assert "\n" not in str(err.value)
+
+
+def test_compensated_bf16_update_is_refused_under_ddp() -> None:
+    """--bf16-update stochastic/kahan swap each parameter's dtype during the step, which makes autograd drop the
+    gradient accumulator DDP hooked: from step 2 on nothing would be reduced or stepped. Refused in one line."""
+    model = torch.nn.Linear(4, 4).bfloat16()
+    cfg = TrainConfig(layerwise=True, dtype="bf16", bf16_update="kahan")
+    optimizer = wrap_for_dtype(torch.optim.SGD(model.parameters(), lr=0.1), "bf16", "kahan", 0)
+    task = SimpleNamespace(model=model, forward_model=model)
+    with pytest.raises(ValueError, match="--bf16-update kahan") as err:
+        layerwise_hooks(cfg, task, optimizer, DistContext(world=2, strategy="ddp"))
     assert "\n" not in str(err.value)
 
 
