@@ -80,20 +80,26 @@ class LayerwiseStep:
     bucket_bytes: dict[int, int] = field(default_factory=dict)  # DDP: bytes of each gradient bucket buffer
     total: int = 0  # parameters the optimizer holds
     buckets_reduced: int = 0  # DDP: buckets the communication hook reduced in the current backward
+    skipped_before: int = 0  # skipped_updates when the current backward started
 
     def start_step(self, step: int, discard: bool = False) -> None:
         """Called by the loop before each backward."""
         self.step, self.stepped, self.discard, self.pending, self.buckets_reduced = step, 0, discard, None, 0
+        self.skipped_before = self.skipped_updates
 
     def finish(self) -> None:
-        """Called by the loop after backward: under torchrun, --nan-policy stop raises here, on every rank; under
-        DDP a backward in which no bucket reached the hook (DDP's gradient hooks detached) fails loudly instead of
-        silently training on nothing."""
+        """Called by the loop after backward: under torchrun, --nan-policy stop raises here, on every rank. A
+        backward in which no hook stepped or skipped anything (under DDP: no bucket reached the communication
+        hook) fails loudly instead of silently training on nothing -- e.g. if a torch version stopped calling the
+        sharded parameters' hooks from FSDP2's reduce-scatter."""
         if self.pending is not None:
             raise self.pending
         if self.strategy == "ddp" and not self.buckets_reduced:
             raise RuntimeError(f"step {self.step + 1}: --layerwise under DDP: no gradient bucket was reduced in "
                                "this backward (DDP's gradient hooks no longer fire), so nothing was updated")
+        if self.total and not (self.discard or self.stepped or self.skipped_updates > self.skipped_before):
+            raise RuntimeError(f"step {self.step + 1}: --layerwise: no step hook fired in this backward "
+                               f"(strategy {self.strategy}), so nothing was updated")
 
     def register(self, ddp: nn.Module | None = None) -> LayerwiseStep:
         """Hook every parameter the optimizer holds (one process, FSDP2), or DDP's bucket reduction; returns self."""

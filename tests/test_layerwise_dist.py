@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from leantrain.cli import main
 from leantrain.config import TrainConfig
 from leantrain.dist import DistContext
+from leantrain.layerwise import LayerwiseStep
 from leantrain.precision import wrap_for_dtype
 from leantrain.report import read_jsonl
 from leantrain.run import layerwise_hooks
@@ -70,6 +71,18 @@ def test_compensated_bf16_update_is_refused_under_ddp() -> None:
     with pytest.raises(ValueError, match="--bf16-update kahan") as err:
         layerwise_hooks(cfg, task, optimizer, DistContext(world=2, strategy="ddp"))
     assert "\n" not in str(err.value)
+
+
+def test_a_backward_that_steps_nothing_fails_loudly() -> None:
+    """If the step hooks stop firing (a torch that no longer calls them from FSDP2's reduce-scatter, DDP's hooks
+    detached), the loop's ``finish`` raises instead of training on nothing."""
+    model = torch.nn.Linear(4, 1)
+    hooks = LayerwiseStep(torch.optim.SGD(model.parameters(), lr=0.1), model, strategy="fsdp", world=2).register()
+    hooks.remove()
+    hooks.start_step(0)
+    model(torch.ones(2, 4)).sum().backward()
+    with pytest.raises(RuntimeError, match="step 1: --layerwise: no step hook fired"):
+        hooks.finish()
 
 
 @pytest.mark.slow
