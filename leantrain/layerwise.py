@@ -22,7 +22,8 @@ Under torchrun the step must see the *synchronised* gradient, not the local one 
   1 MiB, then 25 MiB), synchronous (no overlap of this all-reduce with backward compute), and DDP keeps its
   bucket buffers: the run wraps DDP with ``gradient_as_bucket_view=True`` so ``p.grad`` are views of them and
   no second copy exists, but one full gradient per rank stays allocated for the whole run. ``peak_grad_bytes``
-  reports those buffers.
+  reports those buffers (under FSDP2: this rank's shard bytes alive at a hook; one process: all live gradients).
+  The progress callback ``on_update`` runs on the autograd thread in every mode (the DDP hook does not defer).
 
 Semantics that differ from the ordinary step, by necessity (the global gradient never exists):
 
