@@ -267,8 +267,6 @@ class TrainConfig:
              f"steps inside backward and cannot accumulate --grad-accum {self.grad_accum} (yet); use 1"),
             (not self.layerwise or not getattr(method, "changes_parameter_shapes", False), "layerwise",
              self.layerwise, f"cannot drive --method {self.method}: it changes parameter shapes in a multi-pass step"),
-            (not self.layerwise or self.strategy != "fsdp", "layerwise", self.layerwise,
-             "cannot run under --strategy fsdp"),
         ]
         for ok, name, value, why in checks:
             if not ok:

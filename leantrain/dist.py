@@ -115,15 +115,18 @@ def mean_across(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return out / ctx.world
 
 
-def wrap_model(model: nn.Module, ctx: DistContext) -> nn.Module:
-    """DDP wrapper, or FSDP2 ``fully_shard`` on every transformer block and the root (in place)."""
+def wrap_model(model: nn.Module, ctx: DistContext, bucket_view: bool = False) -> nn.Module:
+    """DDP wrapper, or FSDP2 ``fully_shard`` on every transformer block and the root (in place).
+
+    ``bucket_view``: DDP's ``gradient_as_bucket_view`` (``p.grad`` are views of the bucket buffers, no second copy
+    of the gradients; used by --layerwise, whose communication hook steps from the buckets)."""
     if not ctx.enabled:
         return model
     if ctx.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
-                                       broadcast_buffers=False)
+                                       broadcast_buffers=False, gradient_as_bucket_view=bucket_view)
     from torch.distributed.fsdp import fully_shard
 
     for module in model.modules():

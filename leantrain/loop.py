@@ -102,18 +102,22 @@ class Closure:
         return dist.full_tensor(norm)
 
     def _layerwise(self) -> torch.Tensor:
-        """--layerwise: the hooks clip, check and step each parameter during backward; a non-finite loss is caught
-        before backward (no update at all), like the ordinary step's check."""
-        self.layerwise.start_step(self.step)
+        """--layerwise: the hooks clip, check and step each parameter during backward. A non-finite loss is caught
+        before backward, like the ordinary step's check; under torchrun the global mean loss decides, so every rank
+        takes the same branch (skip still runs backward, for DDP's and FSDP2's collectives, with no update)."""
         batch = dist.shard_batch(self.task.batch(self.step), self.ctx)
         loss = self.task.loss(batch)
-        if not torch.isfinite(loss):
-            if self.cfg.nan_policy == "stop":
-                raise FloatingPointError(f"step {self.step + 1}: non-finite loss; rerun with --nan-policy skip to "
-                                         "skip such steps")
-            return loss.detach()
+        total = dist.mean_across(loss, self.ctx).detach()
+        finite = bool(torch.isfinite(total))
+        if not finite and self.cfg.nan_policy == "stop":
+            raise FloatingPointError(f"step {self.step + 1}: non-finite loss; rerun with --nan-policy skip to "
+                                     "skip such steps")
+        if not finite and not self.ctx.enabled:
+            return total
+        self.layerwise.start_step(self.step, discard=not finite)
         loss.backward()
-        return loss.detach()
+        self.layerwise.finish()
+        return total
 
     def _accumulate(self) -> torch.Tensor:
         """Sum of the micro-batch losses, each scaled by 1/grad_accum so the gradient is the global mean."""

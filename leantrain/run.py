@@ -28,7 +28,7 @@ from .methods import Calibration, Method, get_method, head_module
 from .mixed import autocast_calls, new_scaler
 from .models import enable_activation_checkpointing
 from .optim.registry import build_optimizer
-from .precision import cast_model, wrap_for_dtype
+from .precision import CompensatedOptimizer, cast_model, wrap_for_dtype
 
 CALIBRATION_BATCHES = 4  # training batches a data-dependent init (SHiRA gradient/SNIP masks) may look at
 HEAD_MIN_LR = 1e-3  # a fresh head learns from scratch: it never trains slower than this unless --head-lr says so
@@ -154,12 +154,14 @@ def refuse_unsupported_strategy(cfg: TrainConfig, method: Method, ctx: dist.Dist
                          "--strategy fsdp; use --strategy ddp")
 
 
-def wrap_for_distributed(task: Task, groups: list[dict], ctx: dist.DistContext) -> list[dict]:
-    """Wrap the task's model for DDP/FSDP2 and re-point the param groups at the (possibly new) parameters."""
+def wrap_for_distributed(task: Task, groups: list[dict], ctx: dist.DistContext,
+                         bucket_view: bool = False) -> list[dict]:
+    """Wrap the task's model for DDP/FSDP2 and re-point the param groups at the (possibly new) parameters
+    (``bucket_view``: DDP's gradients are views of its buckets, as --layerwise wants)."""
     model = task.model
     names = {id(p): n for n, p in model.named_parameters()}
     group_names = [[names[id(p)] for p in g["params"]] for g in groups]
-    task.forward_model = dist.wrap_model(model, ctx)
+    task.forward_model = dist.wrap_model(model, ctx, bucket_view)
     current = dict(model.named_parameters())
     return [{**g, "params": [current[n] for n in ns]} for g, ns in zip(groups, group_names)]
 
@@ -190,15 +192,19 @@ def new_task(cfg: TrainConfig, ctx: dist.DistContext) -> Task:
     return build_task(cfg, ctx.device)
 
 
-def layerwise_hooks(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+def layerwise_hooks(cfg: TrainConfig, task: Task, optimizer: torch.optim.Optimizer,
                     ctx: dist.DistContext) -> LayerwiseStep | None:
-    """--layerwise: hook the optimizer step into backward (one process: DDP syncs gradients after the hook)."""
+    """--layerwise: hook the optimizer step into backward, after the gradient sync under torchrun (DDP: a
+    communication hook on the wrapper in ``task.forward_model``; FSDP2: hooks on the sharded parameters)."""
     if not cfg.layerwise:
         return None
-    if ctx.enabled:
-        raise ValueError("--layerwise runs on one process for now: DDP/FSDP synchronise gradients after the "
-                         "step-in-backward hook fires; drop --layerwise under torchrun")
-    return LayerwiseStep(optimizer, model, cfg.grad_clip, cfg.nan_policy).register()
+    strategy = ctx.strategy if ctx.enabled else "none"
+    if strategy == "ddp" and isinstance(optimizer, CompensatedOptimizer):
+        raise ValueError(f"--layerwise --strategy ddp with --dtype bf16 --bf16-update {cfg.bf16_update}: the "
+                         "compensated update swaps each parameter's dtype, which detaches DDP's gradient hooks "
+                         "after the first step; use --bf16-update plain, or one process")
+    hooks = LayerwiseStep(optimizer, task.model, cfg.grad_clip, cfg.nan_policy, strategy=strategy, world=ctx.world)
+    return hooks.register(ddp=getattr(task, "forward_model", None) if strategy == "ddp" else None)
 
 
 def build_run(cfg: TrainConfig, ctx: dist.DistContext | None = None, task: Task | None = None) -> Run:
@@ -219,9 +225,9 @@ def build_run(cfg: TrainConfig, ctx: dist.DistContext | None = None, task: Task 
         groups.append(head)
     refuse_unsupported_strategy(cfg, method, ctx)
     if ctx.enabled and not changes_parameter_shapes(method):  # shape-changing methods sync gradients by hand
-        groups = wrap_for_distributed(task, groups, ctx)
+        groups = wrap_for_distributed(task, groups, ctx, bucket_view=cfg.layerwise)
     optimizer = build_optimizer_for(cfg, groups, lr, method, task.model)
-    return Run(cfg, task, method, optimizer, ctx, layerwise_hooks(cfg, task.model, optimizer, ctx), memory_plan,
+    return Run(cfg, task, method, optimizer, ctx, layerwise_hooks(cfg, task, optimizer, ctx), memory_plan,
                new_scaler(cfg, ctx.device))
 
 

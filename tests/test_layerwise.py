@@ -10,9 +10,7 @@ import pytest
 import torch
 
 from leantrain.config import TrainConfig
-from leantrain.dist import DistContext
 from leantrain.layerwise import LayerwiseStep, live_grad_bytes
-from leantrain.run import layerwise_hooks
 from leantrain.train import train
 
 LM = {"task": "causal-lm", "init_weights": "scratch", "arch": "llama", "preset": "tiny", "method": "full",
@@ -112,7 +110,7 @@ def test_non_finite_gradient_policies() -> None:
 @pytest.mark.parametrize("change,match", [
     ({"layerwise": True, "grad_accum": 2}, "--grad-accum 2"),
     ({"layerwise": True, "method": "dlrt"}, "changes parameter shapes"),
-    ({"layerwise": True, "strategy": "fsdp"}, "fsdp"),
+    ({"layerwise": True, "strategy": "fsdp", "grad_accum": 2}, "--grad-accum 2"),
 ])
 def test_refused_in_one_line(change: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match) as err:
@@ -120,8 +118,9 @@ def test_refused_in_one_line(change: dict, match: str) -> None:
     assert "\n" not in str(err.value)
 
 
-def test_refused_under_torchrun() -> None:
+def test_ddp_needs_its_wrapper() -> None:
+    """Under --strategy ddp the step runs in DDP's communication hook, so a bare model cannot be hooked."""
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    with pytest.raises(ValueError, match="one process"):
-        layerwise_hooks(TrainConfig(layerwise=True), model, opt, DistContext(world=2, strategy="ddp"))
+    with pytest.raises(ValueError, match="DistributedDataParallel"):
+        LayerwiseStep(opt, model, strategy="ddp", world=2).register(ddp=model)
