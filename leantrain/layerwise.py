@@ -39,10 +39,8 @@ Semantics that differ from the ordinary step, by necessity (the global gradient 
   shared with the clipping norm). stop then drops every remaining update of that backward and raises after it on
   every rank (raising inside the collective hooks would leave the other ranks waiting).
 * ``--grad-accum > 1`` is refused (config): stepping per micro-batch would change the update rule.
-* Shape-changing methods (DLRT's multi-pass integrator) are refused (config), and so is DDP with the bf16
-  compensated update (``run.layerwise_hooks``): its ``p.data`` dtype swap makes autograd replace the gradient
-  accumulator DDP hooked, so from step 2 on DDP would reduce nothing (``finish`` also raises if a DDP backward
-  reduced no bucket).
+* Shape-changing methods (DLRT's multi-pass integrator) are refused (config). ``finish`` raises if a backward
+  stepped nothing (e.g. hooks detached from a gradient accumulator), instead of training on nothing.
 """
 from __future__ import annotations
 

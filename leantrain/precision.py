@@ -28,6 +28,7 @@ Pure fp16 underflows without fp32 master weights: ``--dtype fp16`` is refused un
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -76,6 +77,24 @@ def round_generator(seed: int, position: int, count: int, device: torch.device) 
     gen = torch.Generator(device=device)
     gen.manual_seed(((seed * SEED_STRIDE + position) * SEED_STRIDE + count) % (1 << 63))
     return gen
+
+
+@contextmanager
+def _standing_in(optimizer: torch.optim.Optimizer, p: Tensor, work: Tensor) -> Iterator[None]:
+    """``work`` (an fp32 copy of bf16 ``p``, with its gradient) takes ``p``'s place in the optimizer's param group
+    and state for one step. Swapping ``p.data`` to fp32 instead would make autograd drop ``p``'s gradient
+    accumulator -- and with it the hooks DDP hangs on it: every later step would skip the all-reduce."""
+    group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
+    index = next(i for i, q in enumerate(group["params"]) if q is p)
+    group["params"][index] = work
+    if p in optimizer.state:
+        optimizer.state[work] = optimizer.state.pop(p)
+    try:
+        yield
+    finally:
+        group["params"][index] = p
+        if work in optimizer.state:
+            optimizer.state[p] = optimizer.state.pop(work)
 
 
 class CompensatedOptimizer(torch.optim.Optimizer):
@@ -143,19 +162,16 @@ class CompensatedOptimizer(torch.optim.Optimizer):
             self.inner.step()
             p.grad = None
             return
-        stored = p.data
+        stored = p.detach()
         comp = self.state[p].get(COMPENSATION_KEY) if p in self.state else None
         if comp is not None and comp.shape != stored.shape:  # DLRT resized the factor: compensation starts over
             comp = None
         work = stored.float()
         if comp is not None:
             work.add_(comp.float())
-        p.data, p.grad = work, grad.float()
-        try:
+        work.grad = grad.float()
+        with _standing_in(self.inner, p, work):
             self.inner.step()
-        finally:
-            p.grad = None
-            p.data = stored
         self._write_back(position, p, work)
 
     def _write_back(self, position: int, p: Tensor, work: Tensor) -> None:

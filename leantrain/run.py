@@ -28,7 +28,7 @@ from .methods import Calibration, Method, get_method, head_module
 from .mixed import autocast_calls, new_scaler
 from .models import enable_activation_checkpointing
 from .optim.registry import build_optimizer
-from .precision import CompensatedOptimizer, cast_model, wrap_for_dtype
+from .precision import cast_model, wrap_for_dtype
 
 CALIBRATION_BATCHES = 4  # training batches a data-dependent init (SHiRA gradient/SNIP masks) may look at
 HEAD_MIN_LR = 1e-3  # a fresh head learns from scratch: it never trains slower than this unless --head-lr says so
@@ -199,10 +199,6 @@ def layerwise_hooks(cfg: TrainConfig, task: Task, optimizer: torch.optim.Optimiz
     if not cfg.layerwise:
         return None
     strategy = ctx.strategy if ctx.enabled else "none"
-    if strategy == "ddp" and isinstance(optimizer, CompensatedOptimizer):
-        raise ValueError(f"--layerwise --strategy ddp with --dtype bf16 --bf16-update {cfg.bf16_update}: the "
-                         "compensated update swaps each parameter's dtype, which detaches DDP's gradient hooks "
-                         "after the first step; use --bf16-update plain, or one process")
     hooks = LayerwiseStep(optimizer, task.model, cfg.grad_clip, cfg.nan_policy, strategy=strategy, world=ctx.world)
     return hooks.register(ddp=getattr(task, "forward_model", None) if strategy == "ddp" else None)
 
