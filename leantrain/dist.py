@@ -125,8 +125,14 @@ def wrap_model(model: nn.Module, ctx: DistContext, bucket_view: bool = False) ->
     if ctx.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
+        import inspect
+
+        # no buffer broadcast on every forward (buffers are identical on every rank); torch >= 2.13 names the
+        # option forward_sync_buffers and warns about the old broadcast_buffers
+        sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                else "broadcast_buffers")
         return DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
-                                       broadcast_buffers=False, gradient_as_bucket_view=bucket_view)
+                                       gradient_as_bucket_view=bucket_view, **{sync: False})
     from torch.distributed.fsdp import fully_shard
 
     for module in model.modules():
