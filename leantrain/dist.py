@@ -123,9 +123,9 @@ def wrap_model(model: nn.Module, ctx: DistContext, bucket_view: bool = False) ->
     if not ctx.enabled:
         return model
     if ctx.strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
         import inspect
+
+        from torch.nn.parallel import DistributedDataParallel
 
         # no buffer broadcast on every forward (buffers are identical on every rank); torch >= 2.13 names the
         # option forward_sync_buffers and warns about the old broadcast_buffers
