@@ -22,13 +22,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _status_kb(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from galore_fsdp import _status_kb
 
 
 def _measure(fn) -> tuple[float, float]:
@@ -48,7 +43,7 @@ def worker(optim: str, mode: str, layers: int, dim: int, out: str) -> None:
 
     from leantrain import dcp_checkpoint
     from leantrain.dist_utils import local_bytes, optimizer_state_bytes_local
-    from leantrain.optim import AdamW8bit, AdamW4bit
+    from leantrain.optim import AdamW4bit, AdamW8bit
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -163,22 +164,29 @@ def saved_tensors(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
             if isinstance(v, TensorStorageMetadata)}
 
 
-def _optimizer_template(run: Run, saved: dict) -> dict[str, Tensor]:
-    opt, names = run.optimizer, _names(run)
-    out: dict[str, Tensor] = {}
-    for group in opt.param_groups:
+def _param_entries(run: Run, flat: dict[str, Any]) -> Iterator[tuple[dict, Tensor, str, dict[str, Any]]]:
+    """(group, parameter, name, its entries of ``flat`` without the ``optim/<name>/`` prefix) for every parameter
+    of the run's optimizer that has entries."""
+    names = _names(run)
+    for group in run.optimizer.param_groups:
         for p in group["params"]:
             prefix = f"optim/{names[id(p)]}/"
-            mine = {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
-            if not mine:
-                continue
-            if _block_optimizer(opt):
-                from .optim.logical_state import template
-                part = template(opt, p, group, mine)
-            else:  # torch optimizers: per-element state is laid out like the parameter, scalars replicated
-                part = {k: torch.empty_like(p) if shape == tuple(p.shape) and hasattr(p, "to_local")
-                        else torch.empty(shape, dtype=dtype) for k, (shape, dtype) in mine.items()}
-            out.update({prefix + k: v for k, v in part.items()})
+            mine = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+            if mine:
+                yield group, p, names[id(p)], mine
+
+
+def _optimizer_template(run: Run, saved: dict) -> dict[str, Tensor]:
+    opt = run.optimizer
+    out: dict[str, Tensor] = {}
+    for group, p, name, mine in _param_entries(run, saved):
+        if _block_optimizer(opt):
+            from .optim.logical_state import template
+            part = template(opt, p, group, mine)
+        else:  # torch optimizers: per-element state is laid out like the parameter, scalars replicated
+            part = {k: torch.empty_like(p) if shape == tuple(p.shape) and hasattr(p, "to_local")
+                    else torch.empty(shape, dtype=dtype) for k, (shape, dtype) in mine.items()}
+        out.update({f"optim/{name}/{k}": v for k, v in part.items()})
     return out
 
 
@@ -207,64 +215,26 @@ def load(run: Run, path: Path) -> dict[str, Tensor]:
 
 
 def _apply_optimizer(run: Run, loaded: dict[str, Tensor], rest: dict[str, Any]) -> None:
-    opt, names = run.optimizer, _names(run)
+    opt = run.optimizer
     saved_groups = rest["param_groups"]
     if len(saved_groups) != len(opt.param_groups):
         from .checkpoint import CheckpointError
         raise CheckpointError(f"the checkpoint has {len(saved_groups)} optimizer param groups, the run "
                               f"{len(opt.param_groups)}")
-    for group, saved in zip(opt.param_groups, saved_groups):
+    for group, saved in zip(opt.param_groups, saved_groups):  # hyperparameters: the checkpoint's (as torch's)
         keep_compile = group.get("compile")
         group.update({k: (tuple(v) if isinstance(group.get(k), tuple) else v)
                       for k, v in saved.items() if k != "params"})
-        if keep_compile is not None:
+        if keep_compile is not None:  # how to run is this process's choice, not state
             group["compile"] = keep_compile
-        for p in group["params"]:
-            name = names[id(p)]
-            prefix = f"optim/{name}/"
-            state = {k[len(prefix):]: v for k, v in loaded.items() if k.startswith(prefix)}
-            if not state:
-                continue
-            if _block_optimizer(opt):
-                from .optim.logical_state import from_logical
-                state = from_logical(opt, p, group, state)
-                if "step" in state:
-                    state["step"] = state["step"].to("cpu", torch.float32)
-            state.update(rest["state"].get(name, {}))
-            opt.state[p] = state
-
-
-def load_full_into_shards(run: Run, opt_state: dict) -> None:
-    """A one-process ``optimizer.state_dict()`` into an FSDP2 run: each rank keeps its shard's part (1 -> N)."""
-    opt = run.optimizer
-    params = [p for g in opt.param_groups for p in g["params"]]
-    ids = [i for g in opt_state["param_groups"] for i in g["params"]]
-    if len(ids) != len(params):
-        from .checkpoint import CheckpointError
-        raise CheckpointError(f"the checkpoint's optimizer holds {len(ids)} parameters, the run {len(params)}")
-    for group, saved in zip(opt.param_groups, opt_state["param_groups"]):
-        group.update({k: v for k, v in saved.items() if k not in ("params", "compile")})
-    by_param = dict(zip((id(p) for p in params), ids))
-    for group in opt.param_groups:
-        for p in group["params"]:
-            state = opt_state["state"].get(by_param[id(p)])
-            if not state:
-                continue
-            if _block_optimizer(opt):
-                from .optim.logical_state import localize_full
-                state = localize_full(opt, p, group, {k: (v.clone() if isinstance(v, Tensor) else v)
-                                                      for k, v in state.items()})
-            else:
-                state = {k: _shard_like(v, p) for k, v in state.items()}
-            opt.state[p] = state
-
-
-def _shard_like(value: Any, p: Tensor) -> Any:
-    """A full per-element state tensor of a torch optimizer as a DTensor laid out like ``p``."""
-    if isinstance(value, Tensor) and hasattr(p, "to_local") and tuple(value.shape) == tuple(p.shape):
-        from torch.distributed.tensor import distribute_tensor
-        return distribute_tensor(value.to(p.dtype), p.device_mesh, p.placements)
-    return value
+    for group, p, name, state in _param_entries(run, loaded):
+        if _block_optimizer(opt):
+            from .optim.logical_state import from_logical
+            state = from_logical(opt, p, group, state)
+            if "step" in state:
+                state["step"] = state["step"].to("cpu", torch.float32)
+        state.update(rest["state"].get(name, {}))
+        opt.state[p] = state
 
 
 def to_single(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
