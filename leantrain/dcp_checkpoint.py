@@ -237,6 +237,39 @@ def _apply_optimizer(run: Run, loaded: dict[str, Tensor], rest: dict[str, Any]) 
         opt.state[p] = state
 
 
+def load_full_into_shards(run: Run, opt_state: dict) -> None:
+    """A one-process ``optimizer.state_dict()`` into an FSDP2 run: each rank keeps its shard's part (1 -> N)."""
+    opt = run.optimizer
+    params = [p for g in opt.param_groups for p in g["params"]]
+    ids = [i for g in opt_state["param_groups"] for i in g["params"]]
+    if len(ids) != len(params):
+        from .checkpoint import CheckpointError
+        raise CheckpointError(f"the checkpoint's optimizer holds {len(ids)} parameters, the run {len(params)}")
+    for group, saved in zip(opt.param_groups, opt_state["param_groups"]):
+        group.update({k: v for k, v in saved.items() if k not in ("params", "compile")})
+    by_param = dict(zip((id(p) for p in params), ids))
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt_state["state"].get(by_param[id(p)])
+            if not state:
+                continue
+            if _block_optimizer(opt):
+                from .optim.logical_state import localize_full
+                state = localize_full(opt, p, group, {k: (v.clone() if isinstance(v, Tensor) else v)
+                                                      for k, v in state.items()})
+            else:
+                state = {k: _shard_like(v, p) for k, v in state.items()}
+            opt.state[p] = state
+
+
+def _shard_like(value: Any, p: Tensor) -> Any:
+    """A full per-element state tensor of a torch optimizer as a DTensor laid out like ``p``."""
+    if isinstance(value, Tensor) and hasattr(p, "to_local") and tuple(value.shape) == tuple(p.shape):
+        from torch.distributed.tensor import distribute_tensor
+        return distribute_tensor(value.to(p.dtype), p.device_mesh, p.placements)
+    return value
+
+
 def to_single(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """(model tensors, ``optimizer.state_dict()``) of a DCP checkpoint as one process would hold them, read
     without building the model (``leantrain checkpoint convert``)."""
