@@ -36,13 +36,6 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _encode_piece(codec: Codec, enc: dict[str, Tensor], start: int, x: Tensor, absmax: float, offset: int) -> None:
-    if isinstance(codec, BlockwiseCodec):
-        codec.encode_piece(enc, start, x, absmax, offset)
-    else:
-        codec.encode_range(enc, start, x, offset)
-
-
 class BlockOptimizer(torch.optim.Optimizer):
     """Shared core. ``moments`` lists the state tensors as (name, signed); ``_rule`` is the update."""
 
@@ -331,12 +324,10 @@ class BlockOptimizer(torch.optim.Optimizer):
         first = run(0, head) if head else [torch.empty(0)] * len(codecs)
         last = run(tail, n) if tail < n else [torch.empty(0)] * len(codecs)
         first_max, last_max = shards.shared_block_absmax(geom, group["block_size"], first, last)
-        for (_, c), e, x, a in zip(codecs, encs, first, first_max):
-            if x.numel():
-                _encode_piece(c, e, 0, x, a, offset)
-        for (_, c), e, x, a in zip(codecs, encs, last, last_max):
-            if x.numel():
-                _encode_piece(c, e, tail, x, a, offset)
+        for start, values, maxima in ((0, first, first_max), (tail, last, last_max)):
+            for (_, c), e, x, a in zip(codecs, encs, values, maxima):
+                if x.numel():
+                    c.encode_piece(e, start, x, a, offset)
 
     def _whole_matrix_step(self, p: Tensor, why: str) -> tuple[dict[str, Any], int]:
         """State and step number of a matrix whose rule needs the whole tensor (refused when FSDP2-sharded)."""

@@ -54,6 +54,11 @@ class Codec:
         if dst.data_ptr() != x.data_ptr():
             dst.copy_(x)
 
+    def encode_piece(self, state: dict[str, Tensor], start: int, x: Tensor, absmax: float, offset: int = 0) -> None:
+        """Store values that lie in one block shared with another FSDP2 shard; ``absmax`` is that whole block's
+        (only block-wise codecs use it)."""
+        self.encode_range(state, start, x, offset)
+
     def layout(self, numel: int, offset: int = 0) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Expected (shape, dtype) of each encoded tensor, for checking a loaded state_dict."""
         return {"": ((numel,), torch.float32)}

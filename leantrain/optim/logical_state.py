@@ -114,10 +114,15 @@ def _full_absmax(local: Tensor, geom: shards.ShardGeometry | None, block_size: i
     dist.all_gather(parts, padded, group=geom.group)
     full = torch.zeros(quant.n_blocks(geom.total, block_size), dtype=local.dtype)
     for (a, b), part in zip(geom.ranges, parts):
-        if b > a:
-            first, last = a // block_size, (b - 1) // block_size
-            full[first:last + 1] = part[:last - first + 1]
+        span = _block_span(a, b - a, block_size)
+        full[span] = part[:span.stop - span.start]
     return full
+
+
+def _block_span(offset: int, n: int, block_size: int) -> slice:
+    """The global blocks that values [offset, offset + n) overlap (empty for n = 0)."""
+    first = offset // block_size
+    return slice(first, (offset + n - 1) // block_size + 1 if n else first)
 
 
 def template(opt: Any, p: Tensor, group: dict[str, Any], saved: dict[str, tuple[tuple[int, ...], torch.dtype]]
@@ -154,20 +159,13 @@ def from_logical(opt: Any, p: Tensor, group: dict[str, Any], loaded: dict[str, T
             pad = codes.new_zeros(offset % 2)
             out[key[:-len(UNPACKED)] + "_codes"] = quant.pack_4bit(torch.cat([pad, codes]))
         elif key in keys and keys[key][0] == "_absmax":
-            block = keys[key][1].block_size
-            full = _gather_even(value, p)
-            out[key] = full[offset // block:(offset + n - 1) // block + 1].clone() if n else full[:0].clone()
+            full = value.full_tensor() if hasattr(value, "full_tensor") else value
+            out[key] = full[_block_span(offset, n, keys[key][1].block_size)].clone()
         elif key in keys:
             out[key] = local.reshape(-1).clone()
         else:
             out[key] = local.clone() if isinstance(local, Tensor) else local
     return out
-
-
-def _gather_even(value: Tensor, p: Tensor) -> Tensor:
-    if not hasattr(value, "full_tensor"):
-        return value
-    return value.full_tensor()
 
 
 def localize_full(opt: Any, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
@@ -184,8 +182,7 @@ def localize_full(opt: Any, p: Tensor, group: dict[str, Any], state: dict[str, A
             continue
         sfx, codec = keys[key]
         if sfx == "_absmax":
-            b = codec.block_size
-            out[key] = value[o // b:(o + n - 1) // b + 1].clone() if n else value[:0].clone()
+            out[key] = value[_block_span(o, n, codec.block_size)].clone()
         elif sfx == "_codes" and codec.bits == 4:
             out[key] = value[o // 2:(o + n - 1) // 2 + 1].clone() if n else value[:0].clone()  # global pairs
         else:

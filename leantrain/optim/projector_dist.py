@@ -35,7 +35,6 @@ the whole gradient's worth of communication and memory. The steps between refres
 """
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping, MutableMapping
 from typing import Any
@@ -43,15 +42,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import projector
+from . import projector, shards
 from .projector import BOTH, LEFT, RIGHT
 
 
 def row_range(rows: int, world: int, rank: int) -> tuple[int, int]:
     """[start, stop) of the rows ``torch.chunk(x, world, dim=0)[rank]`` holds (empty past the last chunk)."""
-    chunk = math.ceil(rows / world) if rows else 0
-    start = min(rows, rank * chunk)
-    return start, min(rows, start + chunk)
+    return shards.rows_split(rows, world)[rank]
 
 
 class RowComm:

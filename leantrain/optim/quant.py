@@ -236,18 +236,23 @@ def dequantize_into(codes: Tensor, absmax: Tensor, table: CodeTable, block_size:
     code = table.on(codes.device)[0]
     n = codes.numel()
     torch.index_select(code, 0, _scratch("idx", n, torch.int32, codes.device).copy_(codes.reshape(-1)), out=out)
-    if phase and n:
+    if phase and n:  # the partial first block, then whole blocks from the next scale on
         head = min(n, block_size - phase)
         out[:head].mul_(absmax[0])
-        if head < n:
-            dequantize_into(codes.reshape(-1)[head:], absmax[1:], table, block_size, out[head:])
-        return out
+        _scale_blocks(out[head:], absmax[1:], block_size)
+    else:
+        _scale_blocks(out, absmax, block_size)
+    return out
+
+
+def _scale_blocks(out: Tensor, absmax: Tensor, block_size: int) -> None:
+    """Multiply each block of ``block_size`` values of flat ``out`` (the last may be shorter) by its absmax."""
+    n = out.numel()
     full = n // block_size * block_size
     if full:
         out[:full].view(-1, block_size).mul_(absmax[: full // block_size, None])
     if full < n:
         out[full:].mul_(absmax[-1])
-    return out
 
 
 def quantize_blockwise(x: Tensor, code: Tensor, block_size: int = 256) -> tuple[Tensor, Tensor]:
