@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from . import dist
 from .atomic import atomic_write, temp_dir, write_text_atomic
-from .methods import default_trainable_state
+from .methods import checkpoint_contents
 
 if TYPE_CHECKING:
     from .run import Run
@@ -218,6 +218,15 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict[str
         model_state = load_file(path / "model.safetensors")
         opt_state = join_state_dict(load_file(path / "optimizer.safetensors"),
                                     json.loads((path / "optimizer.json").read_text()))
+    except (SafetensorError, OSError, json.JSONDecodeError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from exc
+    trainer, rng = load_trainer_files(path, manifest)
+    return model_state, opt_state, trainer, rng
+
+
+def load_trainer_files(path: Path, manifest: dict) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(trainer.json, RNG state) of a verified checkpoint of either format; the step must match the manifest's."""
+    try:
         rng = load_file(path / "trainer.safetensors")
         trainer = json.loads((path / "trainer.json").read_text())
     except (SafetensorError, OSError, json.JSONDecodeError, TypeError, ValueError) as exc:
@@ -227,7 +236,7 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict[str
     if manifest.get("step") != trainer["step"]:
         raise CheckpointError(f"checkpoint {path}: manifest.json step {manifest.get('step')!r} does not match "
                               f"trainer.json step {trainer['step']}")
-    return model_state, opt_state, trainer, rng
+    return trainer, rng
 
 
 def previous_checkpoint(path: Path) -> Path | None:
@@ -257,8 +266,7 @@ def trainable_state(run: Run) -> dict[str, torch.Tensor]:
 
     Under FSDP a collective (every rank calls it): shards are gathered, and copied at once because FSDP frees
     unsharded storage behind our back."""
-    hook = getattr(run.method, "trainable_state", None)
-    state = hook(run.model) if hook else default_trainable_state(run.model)
+    state = checkpoint_contents(run.method, run.model)
     return {k: dist.full_tensor(v).detach().clone() if run.fsdp else v for k, v in state.items()}
 
 
@@ -319,10 +327,10 @@ def restore_run(run: Run, run_dir: Path) -> int:
     path = latest_checkpoint(run_dir)
     if path is None:
         raise FileNotFoundError(f"--resume: {run_dir} has no checkpoint (was --save-every set?)")
-    if _format(path) == "dcp":
+    if _declared_format(path) == "dcp":
         from . import dcp_checkpoint
 
-        trainer, rng = _load_trainer_files(path)
+        trainer, rng = load_trainer_files(path, _naming_fallback(path, verify_checkpoint))
         model_state, opt_state = dcp_checkpoint.load(run, path), None
     else:
         model_state, opt_state, trainer, rng = _load_naming_fallback(path)
@@ -339,21 +347,13 @@ def restore_run(run: Run, run_dir: Path) -> int:
     return trainer["step"]
 
 
-def _format(path: Path) -> str:
-    """"dcp" for a sharded (FSDP2) checkpoint, else "safetensors"; checks the manifest first."""
-    manifest = _naming_fallback(path, verify_checkpoint)
-    return manifest.get("format", "safetensors")
-
-
-def _load_trainer_files(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _declared_format(path: Path) -> str:
+    """"dcp" if the manifest says so (read, not verified: each format's loader verifies every file once)."""
     try:
-        rng = load_file(path / "trainer.safetensors")
-        trainer = json.loads((path / "trainer.json").read_text())
-    except (SafetensorError, OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from exc
-    if not isinstance(trainer, dict) or not isinstance(trainer.get("step"), int) or "cpu" not in rng:
-        raise CheckpointError(f"checkpoint {path}: trainer.json / trainer.safetensors lack the step or RNG state")
-    return trainer, rng
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return "safetensors"  # the loader reports the missing or corrupt manifest
+    return manifest.get("format", "safetensors") if isinstance(manifest, dict) else "safetensors"
 
 
 def _load_optimizer(run: Run, opt_state: dict, trainer: dict[str, Any]) -> None:

@@ -23,13 +23,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
-from .methods import default_trainable_state
+from .methods import checkpoint_contents
 
 if TYPE_CHECKING:
     from .run import Run
 
 DIR = "dcp"
-FORMAT = "dcp"
 
 
 # --- which optimizers --------------------------------------------------------------------------------------------
@@ -64,8 +63,7 @@ def _names(run: Run) -> dict[int, str]:
 
 def run_state(run: Run) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """(tensors for DCP, JSON-able rest) of the method's trainable state and the optimizer (a collective)."""
-    hook = getattr(run.method, "trainable_state", None)
-    model = hook(run.model) if hook else default_trainable_state(run.model)
+    model = checkpoint_contents(run.method, run.model)
     tensors: dict[str, Tensor] = {f"model/{k}": v for k, v in model.items()}
     opt, names = run.optimizer, _names(run)
     groups, extra = [], {}
@@ -197,8 +195,7 @@ def load(run: Run, path: Path) -> dict[str, Tensor]:
     from .checkpoint import CheckpointError
 
     saved = saved_tensors(path)
-    hook = getattr(run.method, "trainable_state", None)
-    current = hook(run.model) if hook else default_trainable_state(run.model)
+    current = checkpoint_contents(run.method, run.model)
     missing = sorted(k for k in current if f"model/{k}" not in saved)
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks the model tensor {missing[0]!r}")

@@ -190,3 +190,9 @@ def default_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     state: dict[str, Any] = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     state.update({n: b.detach() for n, b in model.named_buffers()})
     return state
+
+
+def checkpoint_contents(method: Any, model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint stores of ``model`` for ``method``: its ``trainable_state`` hook, else the default."""
+    hook = getattr(method, "trainable_state", None)
+    return hook(model) if hook else default_trainable_state(model)

@@ -5,7 +5,6 @@ checkpoint replaces the DCP one of the same step atomically; ``leantrain train -
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 from pathlib import Path
@@ -35,9 +34,8 @@ def convert_run(run_dir: str | Path, step: int | None = None) -> Path:
     if manifest.get("format") != "dcp":
         raise ValueError(f"{path} is already a one-process checkpoint")
     model, optimizer = to_single(path)
-    trainer = json.loads((path / "trainer.json").read_text())
+    trainer, rng = ckpt.load_trainer_files(path, manifest)
     trainer.update(optimizer_format="index", converted_from="dcp")
-    rng = ckpt.load_file(path / "trainer.safetensors")
     step_n = trainer.pop("step")
     latest = ckpt.latest_checkpoint(run_dir)
     old = path.with_name(f".old-{path.name}")
