@@ -263,8 +263,6 @@ class TrainConfig:
              self.memory_budget, "must be a size like 8GiB, 22G, 500MiB, or 'auto'"),
             (self.dtype == "fp32" or self.strategy != "fsdp", "dtype", self.dtype,
              "runs on one process or under --strategy ddp, not fsdp (yet)"),
-            (not self.layerwise or self.grad_accum == 1, "layerwise", self.layerwise,
-             f"steps inside backward and cannot accumulate --grad-accum {self.grad_accum} (yet); use 1"),
             (not self.layerwise or not getattr(method, "changes_parameter_shapes", False), "layerwise",
              self.layerwise, f"cannot drive --method {self.method}: it changes parameter shapes in a multi-pass step"),
         ]

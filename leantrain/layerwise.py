@@ -38,7 +38,14 @@ Semantics that differ from the ordinary step, by necessity (the global gradient 
   on all ranks, and under FSDP2 the shards' non-finite counts are all-reduced (one small all-reduce per parameter,
   shared with the clipping norm). stop then drops every remaining update of that backward and raises after it on
   every rank (raising inside the collective hooks would leave the other ranks waiting).
-* ``--grad-accum > 1`` is refused (config): stepping per micro-batch would change the update rule.
+* ``--grad-accum K`` (one process): micro-batches 1..K-1 do not step. Each hook moves the gradient into an
+  accumulator and frees it; the hook of the last micro-batch adds its gradient and steps. Parameters a GaLore-family
+  optimizer projects accumulate their *low-rank* gradient (r x n fp32 per matrix, ``optimizer.accumulate_projected``
+  / projector.accumulate) -- the summed projection equals the projection of the summed gradient, except at a
+  refresh step, whose basis comes from the first micro-batch's gradient (the only one there is before projecting).
+  Every other parameter accumulates its full gradient in the gradient's dtype (the first micro-batch's tensor is
+  reused as the buffer). ``--grad-clip`` then clips each parameter's *accumulated* gradient: for a projected one,
+  the low-rank gradient the optimizer sees. Under torchrun accumulation is refused (one line).
 * Shape-changing methods (DLRT's multi-pass integrator) are refused (config). ``finish`` raises if a backward
   stepped nothing (e.g. hooks detached from a gradient accumulator), instead of training on nothing.
 """
@@ -52,6 +59,7 @@ import torch
 from torch import Tensor, nn
 
 from .dist_utils import grad_bytes_local, local_tensor
+from .optim import projector
 
 CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
 
@@ -80,11 +88,28 @@ class LayerwiseStep:
     total: int = 0  # parameters the optimizer holds
     buckets_reduced: int = 0  # DDP: buckets the communication hook reduced in the current backward
     skipped_before: int = 0  # skipped_updates when the current backward started
+    micro: int = 0  # --grad-accum: the current micro-batch (0-based) of ``micros``
+    micros: int = 1
+    held: dict[int, tuple[Tensor, Tensor | None]] = field(default_factory=dict)  # id -> (param, full-gradient sum)
+    dropped: set[int] = field(default_factory=set)  # parameters whose update this step was skipped (non-finite)
+    peak_held_bytes: int = 0  # most accumulator bytes held between two micro-batches
 
     def start_step(self, step: int, discard: bool = False) -> None:
-        """Called by the loop before each backward."""
+        """Called by the loop before each step's (first) backward."""
         self.step, self.stepped, self.discard, self.pending, self.buckets_reduced = step, 0, discard, None, 0
         self.skipped_before = self.skipped_updates
+        self.micro, self.micros = 0, 1
+        self._forget_accumulated()
+        self.dropped.clear()
+
+    def start_micro(self, micro: int, micros: int, discard: bool = False) -> None:
+        """--grad-accum: called before the backward of micro-batch ``micro`` of ``micros``; ``discard`` drops the
+        whole step (a non-finite loss under --nan-policy skip), including what earlier micro-batches summed."""
+        self.micro, self.micros = micro, micros
+        self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes())
+        if discard:
+            self.discard = True
+            self._forget_accumulated()
 
     def finish(self) -> None:
         """Called by the loop after backward: under torchrun, --nan-policy stop raises here, on every rank. A
@@ -93,6 +118,7 @@ class LayerwiseStep:
         sharded parameters' hooks from FSDP2's reduce-scatter."""
         if self.pending is not None:
             raise self.pending
+        self._flush_held()
         if self.strategy == "ddp" and not self.buckets_reduced:
             raise RuntimeError(f"step {self.step + 1}: --layerwise under DDP: no gradient bucket was reduced in "
                                "this backward (DDP's gradient hooks no longer fire), so nothing was updated")
@@ -100,8 +126,11 @@ class LayerwiseStep:
             raise RuntimeError(f"step {self.step + 1}: --layerwise: no step hook fired in this backward "
                                f"(strategy {self.strategy}), so nothing was updated")
 
-    def register(self, ddp: nn.Module | None = None) -> LayerwiseStep:
+    def register(self, ddp: nn.Module | None = None, grad_accum: int = 1) -> LayerwiseStep:
         """Hook every parameter the optimizer holds (one process, FSDP2), or DDP's bucket reduction; returns self."""
+        if self.strategy != "none" and grad_accum > 1:
+            raise ValueError(f"--layerwise --grad-accum {grad_accum}: accumulation inside backward runs in one "
+                             f"process only (here --strategy {self.strategy}); use --grad-accum 1 or drop --layerwise")
         params = optimizer_parameters(self.optimizer)
         self.total = len(params)
         if self.strategy == "ddp":
@@ -129,12 +158,63 @@ class LayerwiseStep:
             self.peak_grad_bytes = max(self.peak_grad_bytes, grad_bytes_local(self.model.parameters()))
             finite, norm = self._shard_verdict(grad)
         else:
-            self.peak_grad_bytes = max(self.peak_grad_bytes, live_grad_bytes(self.model))
+            self.peak_grad_bytes = max(self.peak_grad_bytes, live_grad_bytes(self.model) + self.held_bytes())
             finite, norm = bool(torch.isfinite(grad).all()), None
+        if self.micros > 1:
+            self._accumulate(p, finite)
+            return
         self._apply(p, finite, norm)
 
-    def _apply(self, p: Tensor, finite: bool, norm: Tensor | None) -> None:
-        """Step ``p`` alone with its (synchronised) gradient, or drop the update; frees the gradient."""
+    def _accumulate(self, p: Tensor, finite: bool) -> None:
+        """--grad-accum: add ``p``'s micro-batch gradient to its accumulator (low-rank when the optimizer projects
+        ``p``) and free it; at the last micro-batch step ``p`` with the sum."""
+        grad, p.grad = p.grad, None
+        if self.discard or self.pending is not None or id(p) in self.dropped:
+            return
+        if not finite:
+            self.dropped.add(id(p))
+            self._forget(p)
+            p.grad = grad
+            self._non_finite(p)
+            return
+        last = self.micro == self.micros - 1
+        low = getattr(self.optimizer, "accumulate_projected", lambda *_: None)(p, grad)
+        if low is None:
+            _, total = self.held.pop(id(p), (p, None))
+            grad = grad if total is None else total.add_(grad)
+        if not last:
+            self.held[id(p)] = (p, None if low is not None else grad)
+            return
+        self.held.pop(id(p), None)
+        p.grad = grad  # marks ``p`` for the step; a projected one's step reads the low-rank sum instead
+        self._apply(p, True, None, clip=low)
+
+    def _flush_held(self) -> None:
+        """Step what earlier micro-batches accumulated for parameters the last micro-batch gave no gradient."""
+        for p, total in list(self.held.values()):
+            p.grad = total if total is not None else torch.zeros_like(p)
+            self._apply(p, True, None, clip=None if total is not None else self._projected_sum(p))
+        self.held.clear()
+
+    def _projected_sum(self, p: Tensor) -> Tensor | None:
+        return self.optimizer.state.get(p, {}).get(projector.ACCUM_KEY)
+
+    def _forget(self, p: Tensor) -> None:
+        self.held.pop(id(p), None)
+        projector.drop_accumulated(self.optimizer.state.get(p, {}))
+
+    def _forget_accumulated(self) -> None:
+        for p, _ in list(self.held.values()):
+            self._forget(p)
+
+    def held_bytes(self) -> int:
+        """Bytes of the accumulators between micro-batches (full sums here, low-rank sums in the optimizer)."""
+        sums = [t if t is not None else self._projected_sum(p) for p, t in self.held.values()]
+        return sum(t.numel() * t.element_size() for t in sums if t is not None)
+
+    def _apply(self, p: Tensor, finite: bool, norm: Tensor | None, clip: Tensor | None = None) -> None:
+        """Step ``p`` alone with its (synchronised) gradient, or drop the update; frees the gradient. ``clip``: the
+        tensor --grad-clip scales instead of ``p.grad`` (the low-rank sum of a projected parameter)."""
         if self.discard or self.pending is not None:
             p.grad = None
             return
@@ -143,7 +223,7 @@ class LayerwiseStep:
             return
         if self.grad_clip:
             if norm is None:
-                clip_parameter_grad_(p.grad, self.grad_clip)
+                clip_parameter_grad_(p.grad if clip is None else clip, self.grad_clip)
             else:
                 local_tensor(p.grad).mul_(clip_coefficient(norm, self.grad_clip))
         self.optimizer.step()

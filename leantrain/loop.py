@@ -102,20 +102,26 @@ class Closure:
         return dist.full_tensor(norm)
 
     def _layerwise(self) -> torch.Tensor:
-        """--layerwise: the hooks clip, check and step each parameter during backward. A non-finite loss is caught
-        before backward, like the ordinary step's check; under torchrun the global mean loss decides, so every rank
-        takes the same branch (skip still runs backward, for DDP's and FSDP2's collectives, with no update)."""
-        batch = dist.shard_batch(self.task.batch(self.step), self.ctx)
-        loss = self.task.loss(batch)
-        total = dist.mean_across(loss, self.ctx).detach()
-        finite = bool(torch.isfinite(total))
-        if not finite and self.cfg.nan_policy == "stop":
-            raise FloatingPointError(f"step {self.step + 1}: non-finite loss; rerun with --nan-policy skip to "
-                                     "skip such steps")
-        if not finite and not self.ctx.enabled:
-            return total
-        self.layerwise.start_step(self.step, discard=not finite)
-        loss.backward()
+        """--layerwise: the hooks clip, check and step each parameter during backward (with --grad-accum, during the
+        last micro-batch's backward). A non-finite loss is caught before its backward, like the ordinary step's
+        check; under torchrun the global mean loss decides, so every rank takes the same branch (skip still runs
+        backward, for DDP's and FSDP2's collectives, with no update)."""
+        accum = self.cfg.grad_accum
+        total = torch.zeros((), device=self.ctx.device)
+        self.layerwise.start_step(self.step)
+        for micro in range(accum):
+            batch = dist.shard_batch(self.task.batch(self.step * accum + micro), self.ctx)
+            loss = self.task.loss(batch) / accum
+            mean = dist.mean_across(loss, self.ctx).detach()
+            total += mean
+            finite = bool(torch.isfinite(mean))
+            if not finite and self.cfg.nan_policy == "stop":
+                raise FloatingPointError(f"step {self.step + 1}: non-finite loss; rerun with --nan-policy skip to "
+                                         "skip such steps")
+            self.layerwise.start_micro(micro, accum, discard=not finite)
+            if not finite and not self.ctx.enabled:
+                return total
+            loss.backward()
         self.layerwise.finish()
         return total
 

@@ -200,7 +200,8 @@ def layerwise_hooks(cfg: TrainConfig, task: Task, optimizer: torch.optim.Optimiz
         return None
     strategy = ctx.strategy if ctx.enabled else "none"
     hooks = LayerwiseStep(optimizer, task.model, cfg.grad_clip, cfg.nan_policy, strategy=strategy, world=ctx.world)
-    return hooks.register(ddp=getattr(task, "forward_model", None) if strategy == "ddp" else None)
+    return hooks.register(ddp=getattr(task, "forward_model", None) if strategy == "ddp" else None,
+                          grad_accum=cfg.grad_accum)
 
 
 def build_run(cfg: TrainConfig, ctx: dist.DistContext | None = None, task: Task | None = None) -> Run:

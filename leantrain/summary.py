@@ -44,8 +44,11 @@ def memory_figures(run: Run, final_state: dict[str, torch.Tensor]) -> dict[str, 
 
 def layerwise_figures(run: Run) -> dict[str, int]:
     """--layerwise: the most gradient bytes alive at once (measured in the step hooks; ``grad_bytes`` is what the
-    ordinary step would hold)."""
-    return {"layerwise_peak_grad_bytes": run.layerwise.peak_grad_bytes} if run.layerwise is not None else {}
+    ordinary step would hold); with --grad-accum also the most held between micro-batches (the accumulators)."""
+    if run.layerwise is None:
+        return {}
+    held = {"layerwise_held_grad_bytes": run.layerwise.peak_held_bytes} if run.cfg.grad_accum > 1 else {}
+    return {"layerwise_peak_grad_bytes": run.layerwise.peak_grad_bytes, **held}
 
 
 def run_summary(run: Run, final: dict[str, float], final_state: dict[str, torch.Tensor],

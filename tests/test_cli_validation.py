@@ -111,7 +111,7 @@ BAD = [
     ("method", ["--task", "causal-lm", "--init-weights", "scratch", "--method", "head", "--lr", "1e-3"],
      ("classify",)),  # a causal LM has no fresh head
     ("bf16_update", ["--dtype", "bf16", "--bf16-update", "nearest"], ()),
-    ("layerwise", ["--layerwise", "--grad-accum", "2"], ()),
+    ("layerwise", ["--layerwise", "--method", "dlrt"], ("dlrt",)),
     ("text_column", ["--text-column", "review"], ()),  # the bundled vader has no columns
     ("label_column", ["--task", "causal-lm", "--label-column", "y"], ()),
     ("report_to", ["--report-to", "wandb"], ()),

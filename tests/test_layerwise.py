@@ -108,9 +108,7 @@ def test_non_finite_gradient_policies() -> None:
 
 
 @pytest.mark.parametrize("change,match", [
-    ({"layerwise": True, "grad_accum": 2}, "--grad-accum 2"),
     ({"layerwise": True, "method": "dlrt"}, "changes parameter shapes"),
-    ({"layerwise": True, "strategy": "fsdp", "grad_accum": 2}, "--grad-accum 2"),
 ])
 def test_refused_in_one_line(change: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match) as err:

@@ -129,6 +129,20 @@ class BlockOptimizer(torch.optim.Optimizer):
     def _projected(group: dict[str, Any], p: Tensor) -> bool:
         return group.get("rank") is not None and p.ndim == 2
 
+    def accumulate_projected(self, p: Tensor, grad: Tensor) -> Tensor | None:
+        """``--layerwise --grad-accum``: add ``grad``'s low-rank coordinates to ``p``'s accumulator (returned, fp32)
+        so only r x n per matrix outlives a micro-batch; the next ``step`` of ``p`` consumes it instead of ``p.grad``
+        (projector.accumulate). None when ``p`` is not projected here, or when the optimizer's own ``_update``
+        reads the full gradient (Fira's residual, APOLLO's scaling, Flora, Muon, Adam-mini) -- then the caller
+        accumulates the full gradient."""
+        group = self._group_of(p)
+        if (not self._projected(group, p) or type(self)._update is not BlockOptimizer._update
+                or hasattr(p, "to_local")):
+            return None
+        from . import projector
+        state = self.state[p]
+        return projector.accumulate(grad, state, group, int(state.get("step", 0)) + 1)
+
     def _moment_numel(self, group: dict[str, Any], p: Tensor) -> int:
         if self._projected(group, p):
             from .projector import low_rank_shape

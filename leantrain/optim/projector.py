@@ -14,7 +14,9 @@ Sides (``proj_type``):
 
 State (per parameter, plain tensors and numbers only, so ``state_dict()`` round-trips through safetensors):
 ``proj_basis`` (P, or U for ``full``), ``proj_basis_right`` (V^T, ``full`` only), ``proj_side``
-(0 = left, 1 = right, 2 = both), ``proj_refreshes`` (how many bases were computed).
+(0 = left, 1 = right, 2 = both), ``proj_refreshes`` (how many bases were computed); during a step of
+``--layerwise --grad-accum`` also ``proj_grad_accum`` (the micro-batches' summed low-rank gradient, consumed by
+the step, so never in a checkpoint).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 SVD_METHODS = ("full", "randomized")
 REFRESH_MOMENTS = ("keep", "reproject")
 LEFT, RIGHT, BOTH = 0, 1, 2
+ACCUM_KEY = "proj_grad_accum"
 SIDE_NAMES = {LEFT: "left", RIGHT: "right", BOTH: "both"}
 
 # Defaults of the group keys (galore-torch's names). Used when a group with "rank" omits a key.
@@ -288,6 +291,9 @@ def project(grad: Tensor, state: MutableMapping[str, Any], group: Mapping[str, A
     """
     if grad.ndim != 2:
         raise ValueError(f"gradient projection needs a 2-D tensor, got shape {tuple(grad.shape)}")
+    accumulated = state.pop(ACCUM_KEY, None)
+    if accumulated is not None:  # summed by ``accumulate``, whose first call refreshed the basis if due
+        return accumulated
     if needs_refresh(state, group, step):
         side = projection_side(grad.shape, group_option(group, "proj_type"))
         if not torch.isfinite(grad).all():
@@ -299,6 +305,27 @@ def project(grad: Tensor, state: MutableMapping[str, Any], group: Mapping[str, A
             basis, right = compute_basis(grad, int(group["rank"]), side, **basis_options(group, step))
             store_basis(state, group, side, basis, right)
     return project_with(grad, state["proj_basis"], state["proj_side"], state.get("proj_basis_right"))
+
+
+def accumulate(grad: Tensor, state: MutableMapping[str, Any], group: Mapping[str, Any], step: int) -> Tensor:
+    """Add ``grad``'s low-rank coordinates (fp32) to the accumulator of the coming ``step`` and return it; the
+    next ``project`` returns the sum instead of projecting its own gradient.
+
+    Gradient accumulation in r x n per matrix instead of m x n (``--layerwise --grad-accum``: the full gradient of
+    the whole batch never exists). Between refreshes the sum equals the projection of the summed gradient (the
+    projection is linear). At a refresh step the basis is computed from the *first* micro-batch's gradient, the
+    only one available before projecting -- the one difference from ordinary accumulation."""
+    acc = state.get(ACCUM_KEY)
+    g = grad.float()
+    if acc is None:
+        state[ACCUM_KEY] = project(g, state, group, step)
+        return state[ACCUM_KEY]
+    return acc.add_(project_with(g, state["proj_basis"], state["proj_side"], state.get("proj_basis_right")))
+
+
+def drop_accumulated(state: MutableMapping[str, Any]) -> None:
+    """Forget a half-accumulated low-rank gradient (a skipped update)."""
+    state.pop(ACCUM_KEY, None)
 
 
 def basis_options(group: Mapping[str, Any], step: int) -> dict[str, Any]:
