@@ -242,7 +242,7 @@ class LayerwiseStep:
         tdist.all_reduce(stats)
         return bool(stats[0] == 0), stats[1].sqrt()
 
-    def _ddp_bucket(self, group, bucket):  # noqa: ANN001, ANN202  (DDP refuses string annotations on a comm hook)
+    def _ddp_bucket(self, group, bucket):
         """DDP communication hook: average the bucket, then step its parameters with the averaged views.
 
         ``group`` is DDP's process group, ``bucket`` a ``dist.GradBucket``; returns a completed future."""

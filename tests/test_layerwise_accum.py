@@ -14,6 +14,7 @@ import torch
 
 from leantrain.config import TrainConfig
 from leantrain.layerwise import LayerwiseStep
+from leantrain.memory import estimate_config
 from leantrain.optim.galore import GaLoreAdamW, GaLoreAdamW8bit
 from leantrain.optim.projector import basis_options, compute_basis, projection_side
 from leantrain.train import train
@@ -148,6 +149,10 @@ def test_galore_run_resumes_bit_exactly_and_holds_less(tmp_path) -> None:
     assert ((tmp_path / "whole" / "trainable.safetensors").read_bytes()
             == (tmp_path / "parts" / "trainable.safetensors").read_bytes())
     assert 0 < whole["layerwise_held_grad_bytes"] < whole["grad_bytes"]
+    cfg, vocab = TrainConfig(out="x", **opts), whole["vocab_size"]  # the estimator counts what the hooks held
+    held = (estimate_config(cfg, vocab_size=vocab).gradients
+            - estimate_config(cfg, vocab_size=vocab, grad_accum=1).gradients)
+    assert held == whole["layerwise_held_grad_bytes"]
 
 
 def test_clipping_acts_on_the_accumulated_gradient() -> None:
@@ -216,3 +221,45 @@ def test_refused_under_torchrun() -> None:
         LayerwiseStep(torch.optim.SGD(model.parameters(), lr=1.0), model, strategy="fsdp", world=2).register(
             grad_accum=2)
     assert "\n" not in str(err.value)
+
+
+def test_estimator_gradient_terms() -> None:
+    """Ordinary: every gradient; layerwise: the largest; under DDP the buckets keep all; accumulation adds the
+    held sums, low-rank only for an optimizer that accumulates low-rank (GaLore, not APOLLO)."""
+    from leantrain.memory import estimate
+
+    def grads(optim: str, **kw) -> int:
+        return estimate("llama-60m", optim=optim, rank=128, **kw).gradients
+
+    every, one = grads("galore-adamw"), grads("galore-adamw", layerwise=True)
+    assert one == 32000 * 512 * 4 < every / 3  # the embedding, the largest tensor
+    assert grads("galore-adamw", layerwise=True, ddp=True) == every
+    low = grads("galore-adamw", layerwise=True, grad_accum=4) - one
+    full = grads("apollo", layerwise=True, grad_accum=4) - grads("apollo", layerwise=True)
+    assert full == every  # APOLLO reads the full gradient: it accumulates it
+    assert 0 < low < full
+
+
+def _registered() -> list[str]:
+    from leantrain.optim.registry import specs
+
+    return sorted(specs())
+
+
+@pytest.mark.parametrize("name", _registered())
+def test_spec_declares_what_the_optimizer_accumulates(name: str) -> None:
+    """``low_rank_accumulation`` (what the estimator reads) matches what the optimizer does with a 2-D weight."""
+    from types import SimpleNamespace
+
+    from leantrain.optim.registry import specs
+
+    spec = specs()[name]
+    w = torch.nn.Parameter(torch.randn(48, 32))
+    opts = SimpleNamespace(betas=(0.9, 0.999), weight_decay=0.0, block_size=256, compile_optim=False, rank=RANK,
+                           gap=10, proj_scale=0.25, svd="randomized", state_dtype="fp32")
+    opt = spec.build([{"params": [w], "name": "linear"}], opts, 1e-3)
+    accumulate = getattr(opt, "accumulate_projected", None)
+    low = accumulate(w, torch.randn(48, 32)) if accumulate is not None else None
+    assert (low is not None) == spec.low_rank_accumulation
+    if low is not None:
+        assert low.shape == (48, RANK)

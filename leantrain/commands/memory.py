@@ -67,6 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_field_option(p, "dtype", default="fp32", choices=sorted(DTYPE_BYTES))
     p.add_argument("--attention", choices=["eager", "flash"], default="eager")
     add_field_option(p, "layerwise", default=False)
+    add_field_option(p, "grad_accum", default=1, type=positive_int)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="sizes the optimizer step workspace")
     p.add_argument("--num-labels", type=positive_int, default=2, help="classifier head size for encoder models")
     p.add_argument("--json", action="store_true", help="print one JSON object of byte counts")
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
                       seq_len=args.max_length, activation_checkpointing=args.activation_checkpointing,
                       rank=args.rank, quantize=args.quantize, targets=args.targets, fraction=args.fraction,
                       block_size=args.block_size, attention=args.attention, layerwise=args.layerwise,
-                      device=args.device, num_labels=args.num_labels)
+                      grad_accum=args.grad_accum, device=args.device, num_labels=args.num_labels)
     print(json.dumps(report.as_dict(), sort_keys=True) if args.json else report.format_table())
     return 0
 

@@ -20,12 +20,16 @@ see leantrain/methods.py); this file applies the generic rules. Sources per meth
   alongside the gradients (counted with them, ``details["gradients.dlrt_step"]``); the cached output gradients
   for the S-step count as activations. The rest of the model trains densely unless ``dlrt_freeze_other``. Ranks
   adapt during training: pass ``dlrt_ranks``.
+* Gradients: every trainable tensor's; ``--layerwise`` (optimizer step inside backward) keeps the largest one,
+  plus, with ``--grad-accum``, the accumulators between micro-batches (full gradients; r × max(m, n) for
+  the matrices a GaLore optimizer projects, in the gradient's dtype). Under DDP the buckets keep every gradient.
 * Quantized frozen base (QLoRA, Dettmers et al. 2023): NF4 = ½ byte + 8-bit absmax per 64 elements + fp32 scale per
   256 absmaxes (double quantization); int8 = 1 byte + one fp32 scale per output row.
 """
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -305,7 +309,7 @@ def estimate(model: str | ModelSpec, method: str = "full", optim: str = "adamw",
              block_size: int = 256, attention: str = "eager", layerwise: bool = False, device: str = "cpu",
              shira_layout: str = "leantrain", num_labels: int = 2, dlrt_ranks: dict[str, int] | None = None,
              dlrt_freeze_other: bool = False, moments: str = "fp32", bf16_update: str = "stochastic",
-             state_dtype: str = "fp32") -> MemoryReport:
+             state_dtype: str = "fp32", grad_accum: int = 1, ddp: bool = False) -> MemoryReport:
     """Estimate training memory in bytes; see the module docstring and docs/memory.md for every formula. What a
     method adds is declared by the method itself (``estimator_tensors`` / ``estimator_extras`` /
     ``activation_bytes_per_token`` in leantrain/methods.py), so this function names no method."""
@@ -334,8 +338,8 @@ def estimate(model: str | ModelSpec, method: str = "full", optim: str = "adamw",
     d = ledger.details
     weights = d["weights.buffers"] + d["weights.base"] + d["weights.adapters"]
     step_extra = sum(v for k, v in d.items() if k.startswith("gradients."))
-    grad_sizes = [t.numel * elt for t in ledger.trainables]
-    gradients = (max(grad_sizes, default=0) if layerwise else sum(grad_sizes)) + step_extra
+    gradients = _gradient_bytes(ledger.trainables, elt, rank, layerwise and not ddp, grad_accum,
+                                _accumulates_low_rank(optim)) + step_extra
     states = _states(ledger, n_states, codec, state_elt, rank, block_size, basis_elt)
     if compensated and bf16_update == "kahan":
         states += 2 * sum(t.numel for t in ledger.trainables)
@@ -356,6 +360,28 @@ def estimate(model: str | ModelSpec, method: str = "full", optim: str = "adamw",
     head_grads = sum(t.numel for t in ledger.trainables if any(p.name == t.name and p.is_head for p in spec.params))
     return MemoryReport(weights, gradients, states, act.total, workspace, n_total, n_train, setting,
                         dict(d), backward_start_gradients=head_grads * elt + step_extra)
+
+
+def _accumulates_low_rank(optim: str) -> bool:
+    from ..optim.registry import specs
+
+    spec = specs().get(optim)
+    return bool(spec is not None and spec.low_rank_accumulation)
+
+
+def _gradient_bytes(trainables: list[_Trainable], elt: int, rank: int, layerwise: bool, grad_accum: int,
+                    low_rank: bool) -> int:
+    """Gradient bytes at the peak. Ordinary step: every gradient (accumulation sums into them). ``--layerwise``:
+    the largest one (under DDP its buckets hold every gradient: pass ``layerwise=False``); with ``--grad-accum``
+    also the accumulators held between micro-batches (leantrain/layerwise.py), in the gradient's dtype: the full
+    gradient of each tensor, except r x max(m, n) for a matrix the optimizer projects when it accumulates low-rank."""
+    sizes = [t.numel * elt for t in trainables]
+    if not layerwise:
+        return sum(sizes)
+    held = 0
+    if grad_accum > 1:
+        held = sum(elt * rank * max(t.shape) if t.projected and low_rank else t.numel * elt for t in trainables)
+    return max(sizes, default=0) + held
 
 
 def _workspace(trainables: list[_Trainable], n_states: int, elt: int, rank: int, device: str,
@@ -398,10 +424,16 @@ def estimate_config(cfg: Any, num_labels: int = 2, vocab_size: int | None = None
                               "fraction": cfg.fraction, "block_size": cfg.block_size, "num_labels": num_labels,
                               "dtype": cfg.weight_dtype,
                               "layerwise": cfg.layerwise, "bf16_update": cfg.bf16_update,
-                              "state_dtype": cfg.state_dtype,
+                              "state_dtype": cfg.state_dtype, "grad_accum": cfg.grad_accum,
+                              "ddp": _under_ddp(cfg),
                               "dlrt_freeze_other": bool(cfg.extra.get("dlrt_freeze_other", False))}
     kwargs.update(overrides)
     return estimate(config_model_spec(cfg, num_labels, vocab_size), **kwargs)
+
+
+def _under_ddp(cfg: Any) -> bool:
+    """The run is one of several torchrun processes under DDP (whose buckets keep every gradient)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and cfg.strategy in ("auto", "ddp")
 
 
 def config_model_spec(cfg: Any, num_labels: int = 2, vocab_size: int | None = None) -> ModelSpec:

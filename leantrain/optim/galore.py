@@ -159,11 +159,11 @@ def _galore_builder(cls: type) -> Builder:
 
 PROJECTION_OPTIONS = ("rank", "gap", "proj_scale", "svd")
 register(OptimizerSpec("galore-adamw", _galore_builder(AdamW), states=2, codec="fp32", projected=True,
-                       summary="GaLore: AdamW with fp32 moments in a rank-r gradient subspace (--rank, --gap)",
+                       low_rank_accumulation=True, summary="GaLore: AdamW with fp32 moments in a rank-r gradient subspace (--rank, --gap)",
                        options=PROJECTION_OPTIONS))
 register(OptimizerSpec("galore-adamw8bit", _galore_builder(AdamW8bit), states=2, codec="8bit", projected=True,
-                       compilable=True, summary="8-bit GaLore: low-rank moments in 8-bit block-wise states",
+                       compilable=True, low_rank_accumulation=True, summary="8-bit GaLore: low-rank moments in 8-bit block-wise states",
                        options=(*PROJECTION_OPTIONS, "block_size", "compile_optim")))
 register(OptimizerSpec("galore-adamw4bit", _galore_builder(AdamW4bit), states=2, codec="4bit", projected=True,
-                       compilable=True, summary="GaLore with 4-bit low-rank moments",
+                       compilable=True, low_rank_accumulation=True, summary="GaLore with 4-bit low-rank moments",
                        options=(*PROJECTION_OPTIONS, "block_size", "compile_optim")))

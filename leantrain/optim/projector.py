@@ -308,17 +308,18 @@ def project(grad: Tensor, state: MutableMapping[str, Any], group: Mapping[str, A
 
 
 def accumulate(grad: Tensor, state: MutableMapping[str, Any], group: Mapping[str, Any], step: int) -> Tensor:
-    """Add ``grad``'s low-rank coordinates (fp32) to the accumulator of the coming ``step`` and return it; the
-    next ``project`` returns the sum instead of projecting its own gradient.
+    """Add ``grad``'s low-rank coordinates to the accumulator of the coming ``step`` and return it; the next
+    ``project`` returns the sum instead of projecting its own gradient.
 
     Gradient accumulation in r x n per matrix instead of m x n (``--layerwise --grad-accum``: the full gradient of
     the whole batch never exists). Between refreshes the sum equals the projection of the summed gradient (the
     projection is linear). At a refresh step the basis is computed from the *first* micro-batch's gradient, the
-    only one available before projecting -- the one difference from ordinary accumulation."""
+    only one available before projecting -- the one difference from ordinary accumulation. Projections are
+    computed in fp32 and summed in the gradient's dtype, as ordinary accumulation sums in ``p.grad``."""
     acc = state.get(ACCUM_KEY)
     g = grad.float()
     if acc is None:
-        state[ACCUM_KEY] = project(g, state, group, step)
+        state[ACCUM_KEY] = project(g, state, group, step).to(grad.dtype)
         return state[ACCUM_KEY]
     return acc.add_(project_with(g, state["proj_basis"], state["proj_side"], state.get("proj_basis_right")))
 

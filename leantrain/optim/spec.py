@@ -43,7 +43,9 @@ class OptimizerSpec:
     ``states``: moments kept per parameter (estimator); ``codec``: how they are stored ("native" = in the
     parameter's dtype as torch does, else a leantrain codec); ``projected``: GaLore-style low-rank moments of 2-D
     parameters; ``compilable``: honours ``compile_optim`` (the fused 8/4-bit Adam kernel); ``options``: the run
-    options it reads beyond lr, betas and weight_decay (the CLI warns about a given option nobody reads).
+    options it reads beyond lr, betas and weight_decay (the CLI warns about a given option nobody reads);
+    ``low_rank_accumulation``: under ``--layerwise --grad-accum`` its projected matrices accumulate the r x n
+    projected gradient (``accumulate_projected``), not the full one (estimator; checked against the optimizer).
     """
 
     name: str
@@ -54,6 +56,7 @@ class OptimizerSpec:
     projected: bool = False
     compilable: bool = False
     options: tuple[str, ...] = ()
+    low_rank_accumulation: bool = False
 
     def __post_init__(self) -> None:
         if self.codec not in CODEC_KINDS:
