@@ -351,6 +351,8 @@ def estimate(model: str | ModelSpec, method: str = "full", optim: str = "adamw",
               "activations.adapters": act.adapters})
     torch_adamw = optim in ("adamw", "adam") and not any(t.projected for t in ledger.trainables)
     workspace = _workspace(ledger.trainables, n_states, elt, rank, device, torch_adamw)
+    if compensated and ledger.trainables:
+        workspace += _compensation_workspace(ledger.trainables, elt, rank, bf16_update)
     setting = {"model": spec.name, "method": method, "optim": optim, "dtype": dtype, "batch_size": batch_size,
                "seq_len": seq_len, "activation_checkpointing": activation_checkpointing, "rank": rank,
                "quantize": quantize, "device": device}
@@ -382,6 +384,20 @@ def _gradient_bytes(trainables: list[_Trainable], elt: int, rank: int, layerwise
     if grad_accum > 1:
         held = sum(elt * rank * max(t.shape) if t.projected and low_rank else t.numel * elt for t in trainables)
     return max(sizes, default=0) + held
+
+
+# Transient bytes per element of the largest weight while the bf16 compensation steps it (leantrain/precision.py):
+# its fp32 copy and fp32 gradient (4 + 4), then stochastic rounding's int32 noise, sum and masked result (3 x 4)
+# or Kahan's fp32 re-read, residual and bf16 buffer (4 + 4 + 2). Measured: 20.0 B at llama-60m (CPU profiler).
+COMPENSATION_BYTES = {"stochastic": 20, "kahan": 18}
+
+
+def _compensation_workspace(trainables: list[_Trainable], elt: int, rank: int, mode: str) -> int:
+    """What the compensated bf16 update adds to the step workspace: its fp32 copies replace the fp32 copy of a
+    non-fp32 parameter that ``_workspace`` counts (on the low-rank size for projected ones)."""
+    lowrank = [max(t.shape) * rank if t.projected else t.numel for t in trainables]
+    plain_copy = 4 * max(lowrank) if elt != 4 else 0
+    return COMPENSATION_BYTES[mode] * max(t.numel for t in trainables) - plain_copy
 
 
 def _workspace(trainables: list[_Trainable], n_states: int, elt: int, rank: int, device: str,

@@ -153,7 +153,6 @@ def build_training_step(cfg: Any, batch_size: int, seq_len: int, num_labels: int
     check) and ``optimizer.step``, followed by ``zero_grad(set_to_none=True)`` so that gradients are not counted
     as resident between steps -- the training step the estimator models.
     """
-    from ..loop import Closure
     from ..models import build_classifier
     from ..run import build_run
 
@@ -163,13 +162,35 @@ def build_training_step(cfg: Any, batch_size: int, seq_len: int, num_labels: int
                            seed)
     run = build_run(cfg, task=task)
     run.model.train()
+    return run_step(run), run.model, run.optimizer
+
+
+def run_step(run: Any) -> Callable[[], None]:
+    """One iteration of the training loop for an assembled run: the closure (forward, backward; under
+    ``--layerwise`` the hooks step inside it) and ``optimizer.step``, then ``zero_grad(set_to_none=True)``."""
+    from ..loop import Closure
+
     closure, optimizer = Closure.for_run(run), run.optimizer
 
     def step() -> None:
-        optimizer.step(closure)
+        if run.layerwise is not None:
+            closure()
+        else:
+            optimizer.step(closure)
         optimizer.zero_grad(set_to_none=True)
 
-    return step, run.model, optimizer
+    return step
+
+
+def measure_run(cfg: Any, warmup: int = 0) -> tuple[MeasuredMemory, Any]:
+    """Peak tensor memory of step ``warmup + 1`` of the run ``leantrain train`` assembles for ``cfg`` (its own data;
+    any task), and the run. ``warmup=0`` measures the first step: the run's peak, since it allocates the optimizer
+    states and computes GaLore's first projector basis."""
+    from ..run import build_run
+
+    run = build_run(cfg)
+    run.model.train()
+    return measure(run_step(run), run.model, run.optimizer, warmup=warmup), run
 
 
 def dlrt_ranks(model: nn.Module) -> dict[str, int]:
