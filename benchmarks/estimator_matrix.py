@@ -63,7 +63,7 @@ def child(row: dict, optim: str, out: str) -> dict:
 def run_child(row: dict, optim: str, tmp: str) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(row), "--optim", optim, "--out", tmp],
-                          capture_output=True, text=True, env=env)
+                          check=False, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {**row, "optim": optim, "note": f"failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}"}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -73,8 +73,8 @@ def run_child(row: dict, optim: str, tmp: str) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| size | dtype | layerwise | ckpt | tensor peak GiB | estimate GiB | est/meas | RSS GiB | "
-             "estimate GiB | est/meas |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| size | dtype | layerwise | ckpt | tensor peak GiB | estimate GiB | est/meas | RSS GiB | "
+             "estimate GiB | est/meas |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "note" in r:
             lines.append(f"| {r['preset']} | {r['dtype']} | {r['layerwise']} | {r['activation_checkpointing']} | "
