@@ -162,12 +162,20 @@ def unused_options(cfg: TrainConfig, given: set[str]) -> list[str]:
     return sorted((given & specific) - read)
 
 
+SCRATCH_ONLY = ("arch", "preset")  # read only when --init-weights scratch builds a model
+
+
 def warn_unused(cfg: TrainConfig, args: argparse.Namespace) -> None:
     """One stderr line per given option the run will not read (it would otherwise be ignored silently)."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    for name in unused_options(cfg, set(vars(args)) & names):
+    given = set(vars(args)) & names
+    for name in unused_options(cfg, given):
         print(f"leantrain: warning: --{name.replace('_', '-')} is not used by --method {cfg.method} "
               f"--optim {cfg.optim}; ignored", file=sys.stderr)
+    if cfg.init_weights != "scratch":
+        for name in sorted(given & set(SCRATCH_ONLY)):
+            print(f"leantrain: warning: --{name} is used only with --init-weights scratch (this run loads --model "
+                  f"{cfg.model}); ignored", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
