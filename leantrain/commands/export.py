@@ -5,7 +5,7 @@
     leantrain export runs/main --out merged --format safetensors   # merged state dict, leantrain's key names
 
 A classifier's hf export is BertForSequenceClassification plus one appended encoder layer that computes
-leantrain's masked mean pooling (BERT's own classifier reads the first token): its constants reach ~1e13, so the
+leantrain's masked mean pooling (BERT's own classifier reads the first token): its constants reach ~1e12, so the
 folder is for float32 inference; use --format safetensors to train further. See docs/export.md for what loads
 where.
 """
