@@ -24,8 +24,9 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'leantrain' has no attribute {name!r}")
 
 
-def train(cfg: TrainConfig):
-    """Run a training job (the same function ``leantrain train`` calls). Returns the final metrics dict."""
+def train(cfg: TrainConfig, verbose: bool = True):
+    """Run a training job (the same function ``leantrain train`` calls): prints the data line and the summary the
+    CLI prints (``verbose=False``: nothing) and returns the final metrics dict."""
     from .train import train as _train
 
-    return _train(cfg)
+    return _train(cfg, verbose=verbose)

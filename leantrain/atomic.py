@@ -40,6 +40,14 @@ def temp_dir(parent: str | Path, prefix: str) -> Path:
     return tmp
 
 
+def follow_umask(root: str | Path) -> None:
+    """Give every file and folder under ``root`` the mode ``open()``/``mkdir()`` would: writers that create files
+    themselves (safetensors' ``save_file``, transformers) make some 0600, while the user's umask should decide."""
+    mask = umask()
+    for path in Path(root).rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))

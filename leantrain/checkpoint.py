@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import dist
-from .atomic import atomic_write, temp_dir, write_text_atomic
+from .atomic import atomic_write, follow_umask, temp_dir, write_text_atomic
 from .methods import checkpoint_contents
 
 if TYPE_CHECKING:
@@ -152,6 +152,7 @@ def finalize(run_dir: Path, tmp: Path, step: int, write: Any, fmt: str | None = 
     final = root / f"step-{step:07d}"
     try:
         write()
+        follow_umask(tmp)  # safetensors' save_file makes 0600 files
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = {"step": step, "files": {p.relative_to(tmp).as_posix(): _digest(p) for p in files}}
         if fmt:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .atomic import temp_dir, umask, write_safetensors_atomic, write_text_atomic
+from .atomic import follow_umask, temp_dir, write_safetensors_atomic, write_text_atomic
 
 if TYPE_CHECKING:
     from .run import Run
@@ -128,8 +128,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "hf", overwr
         from .export_docs import readme
 
         write_text_atomic(tmp / "README.md", readme(fmt, cfg.task, out_dir, notes))
-        for path in tmp.rglob("*"):  # transformers writes some files 0600: the user's umask decides, as for open()
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask())
+        follow_umask(tmp)  # transformers writes some files 0600
         if out_dir.exists():
             shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
         os.replace(tmp, out_dir)

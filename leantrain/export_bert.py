@@ -26,6 +26,10 @@ import torch
 from torch import nn
 
 EXTRA_DIMS = 2  # spare dims that carry the constant pattern
+# Printed by ``leantrain export`` for a classifier's hf export, and shown in its --help: what the user must know.
+POOLING_NOTE = ("note: the classifier's last encoder layer is not trained: it computes leantrain's masked mean "
+                "pooling with constants of order 1e12, so use the model in float32 and for inference only (to train "
+                "further, export with --format safetensors); see docs/export.md")
 
 
 def hidden_bound(encoder: nn.Module) -> float:

@@ -108,3 +108,38 @@ def data_line(run: Run) -> str:
         return f"data                {cfg.data}"
     where = cfg.data + (f" (validation: {cfg.val_data})" if cfg.val_data else "")
     return f"data                {where}: {used} ({note})"
+
+
+def end_of_run(metrics: dict[str, Any], out: str) -> str:
+    """What ``leantrain train`` and ``leantrain.train()`` print when a run ends: the summary, or how to continue an
+    interrupted (--stop-at) invocation."""
+    if metrics.get("stopped_early"):
+        return f"stopped at step {metrics['step']} (--stop-at); continue with: leantrain train --out {out} --resume"
+    return format_summary(metrics, out)
+
+
+def format_summary(m: dict[str, Any], out: str) -> str:
+    """Human summary of metrics.json; lines whose metrics a task does not report are left out."""
+    mib = 1024 * 1024
+    lines = [f"run folder          {out}"]
+    if "val_accuracy" in m:
+        baselines = [f"majority baseline {m['majority_baseline_accuracy']:.4f}"]
+        if m.get("tfidf_baseline_accuracy") is not None:
+            baselines.append(f"TF-IDF+LR baseline {m['tfidf_baseline_accuracy']:.4f}")
+        lines.append(f"validation accuracy {m['val_accuracy']:.4f}   ({', '.join(baselines)})")
+    if "val_perplexity" in m:
+        before = m.get("val_perplexity_before")
+        lines.append(f"validation perplexity {m['val_perplexity']:.3f}"
+                     + (f"   (before training {before:.3f})" if before is not None else ""))
+    train_loss = m.get("train_loss_last")
+    lines.append(f"validation loss     {m['val_loss']:.4f}" +
+                 (f"   train loss (last 20 steps) {train_loss:.4f}" if train_loss is not None else ""))
+    here = m.get("steps_this_invocation", m["steps"])  # loop vs wall time: run_summary above
+    lines.append(f"steps               {m['steps']}" + (f" ({here} in this invocation)" if here != m["steps"] else "")
+                 + f"; training loop {m.get('loop_time_s', m['sec_per_step'] * here):.1f} s "
+                 f"({m['sec_per_step']:.3f} s/step), wall clock {m['wall_time_s']:.1f} s (with loading, evaluation, "
+                 "saving)")
+    lines.append(f"trainable params    {m['trainable_params']:,} of {m['total_params']:,}")
+    lines.append(f"memory (MiB)        params {m['param_bytes'] / mib:.1f}  grads {m['grad_bytes'] / mib:.1f}  "
+                 f"optimizer state {m['optimizer_state_bytes'] / mib:.2f}  peak RSS {m['peak_rss_bytes'] / mib:.0f}")
+    return "\n".join(lines)

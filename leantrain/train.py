@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
+import types
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -21,7 +23,7 @@ from .loop import LoopResult, StepSpan, lr_factor, stop_early, train_steps  # no
 from .report import TENSORBOARD_DIR, StepLog, plot_losses, read_jsonl, write_summary
 from .run import Run, build_run, build_task  # noqa: F401  (build_task: re-exported for benchmarks)
 from .run import wrap_for_distributed as _wrap_for_distributed  # noqa: F401  (used by benchmarks/distributed.py)
-from .summary import data_line, run_summary
+from .summary import data_line, end_of_run, run_summary
 from .tfevents import read_scalars
 
 # Fields that may differ between the original run and a --resume invocation.
@@ -118,16 +120,22 @@ def completed_run(run_dir: Path, cfg: TrainConfig) -> dict[str, Any] | None:
     return None
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run one training job; under torchrun every process calls this and rank 0 writes the outputs."""
+def train(cfg: TrainConfig, verbose: bool = True) -> dict[str, Any]:
+    """Run one training job; under torchrun every process calls this and rank 0 writes the outputs.
+
+    ``verbose`` (rank 0): print the data line when the run starts and the summary when it ends, as ``leantrain
+    train`` does (it calls this); ``False`` for callers that report runs themselves."""
     ctx = dist.init_from_env(cfg.device, cfg.strategy)
     try:
-        return _train(cfg, ctx)
+        metrics = _train(cfg, ctx, verbose)
     finally:
         dist.shutdown(ctx)
+    if verbose and ctx.is_main:
+        print(end_of_run(metrics, cfg.out))
+    return metrics
 
 
-def _train(cfg: TrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
+def _train(cfg: TrainConfig, ctx: dist.DistContext, verbose: bool = True) -> dict[str, Any]:
     """The job on this process: the summary (rank 0), a short per-rank result, or a --stop-at marker."""
     started = time.time()
     # Everything that can fail is validated before the run folder is touched.
@@ -138,7 +146,7 @@ def _train(cfg: TrainConfig, ctx: dist.DistContext) -> dict[str, Any]:
             return complete if ctx.is_main else {"rank": ctx.rank, "already_complete": True}
     run = build_run(cfg, ctx)
     ckpt.refuse_unsaveable(run)
-    if ctx.is_main:
+    if verbose and ctx.is_main:
         print(data_line(run))
     start = ckpt.restore_run(run, run_dir) if cfg.resume else 0
     if not cfg.resume and ctx.is_main:
@@ -180,3 +188,14 @@ def finish(run: Run, run_dir: Path, log: StepLog | None, result: LoopResult, sta
     plot_losses(records, run_dir / "loss.png", title=f"{run.cfg.method} + {run.cfg.optim} on {run.cfg.data}")
     write_summary(run_dir / "metrics.json", metrics)
     return metrics
+
+
+class _CallableModule(types.ModuleType):
+    """``leantrain.train`` names both the API function and this module, and importing the module rebinds the
+    package attribute to it: calling the module calls ``train``, so ``leantrain.train(cfg)`` works every time."""
+
+    def __call__(self, cfg: TrainConfig, verbose: bool = True) -> dict[str, Any]:
+        return train(cfg, verbose)
+
+
+sys.modules[__name__].__class__ = _CallableModule

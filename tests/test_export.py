@@ -9,7 +9,6 @@ also checked against the pooling computed by hand.
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -24,18 +23,14 @@ NANO = ["--task", "causal-lm", "--model", "minilm", "--init-weights", "scratch",
         "--lr", "3e-3"]
 TEXTS = ["what a wonderful film", "awful", "not great , not terrible , and far too long for its own good " * 3]
 PROMPTS = ["and moses said", "and ruth said unto david , behold zebra", "sarah"]
-WORDS = ["moses", "aaron", "david", "ruth", "jacob", "sarah"]
 TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, bible_corpus):
     """trained(task, *method args) -> a finished run folder, trained once per module."""
     root = tmp_path_factory.mktemp("export")
-    rng = random.Random(0)
-    corpus = root / "corpus.txt"
-    corpus.write_text("".join(f"and {a} said unto {b} , behold the lord is with {b} .\n"
-                              for a, b in (rng.sample(WORDS, 2) for _ in range(300))))
+    corpus = bible_corpus
     cache: dict[tuple[str, ...], object] = {}
 
     def make(task: str, *extra: str):
@@ -297,14 +292,19 @@ MERGE_LINES = [pytest.param(("classify", "lora"), id="classify-lora"),
 
 
 @pytest.mark.parametrize("case", MERGE_LINES)
-def test_issue_25_merge_lines_now_load_in_transformers(case, trained, tmp_path):
+def test_issue_25_merge_lines_now_load_in_transformers(case, trained, tmp_path, capsys):
     """Issue 25's trial: `leantrain merge RUN --out merged` wrote leantrain's TrainConfig as config.json (no
-    model_type), refused LM LoRA runs (no labels.json) and full / DLRT / QLoRA / LM-GaLore runs (no adapter)."""
+    model_type), refused LM LoRA runs (no labels.json) and full / DLRT / QLoRA / LM-GaLore runs (no adapter).
+    A classifier's folder comes with the one-line note on its appended mean-pooling layer; an LM's without."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from leantrain.export_bert import POOLING_NOTE
 
     task, *method = case
     run_dir = trained(task, *method)
+    capsys.readouterr()
     assert main(["merge", str(run_dir), "--out", str(tmp_path / "merged")]) == 0
+    assert (POOLING_NOTE in capsys.readouterr().out.splitlines()) == (task == "classify")
     auto = AutoModelForSequenceClassification if task == "classify" else AutoModelForCausalLM
     model = auto.from_pretrained(tmp_path / "merged")
     assert type(model).__name__ == ("BertForSequenceClassification" if task == "classify" else "LlamaForCausalLM")

@@ -3,7 +3,6 @@ loop written out here; sampling is seeded; the CLI writes JSONL/CSV and refuses 
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -11,7 +10,6 @@ import torch
 from leantrain.cli import main
 from leantrain.predict import generate, load_trained
 
-WORDS = ["moses", "aaron", "david", "ruth", "jacob", "sarah"]
 NANO = ["--task", "causal-lm", "--model", "minilm", "--init-weights", "scratch", "--arch", "llama", "--preset",
         "nano", "--batch-size", "8", "--max-length", "16", "--val-size", "16", "--no-progress", "--steps", "30",
         "--lr", "3e-3", "--method", "full"]
@@ -19,14 +17,9 @@ PROMPTS = ["and moses said", "and ruth said unto david , behold", "sarah", "zebr
 
 
 @pytest.fixture(scope="module")
-def lm_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("predict-lm")
-    rng = random.Random(0)
-    corpus = root / "corpus.txt"
-    corpus.write_text("".join(f"and {a} said unto {b} , behold the lord is with {b} .\n"
-                              for a, b in (rng.sample(WORDS, 2) for _ in range(300))))
-    out = root / "run"
-    assert main(["train", *NANO, "--data", str(corpus), "--out", str(out)]) == 0
+def lm_run(tmp_path_factory, bible_corpus):
+    out = tmp_path_factory.mktemp("predict-lm") / "run"
+    assert main(["train", *NANO, "--data", str(bible_corpus), "--out", str(out)]) == 0
     return out
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .export import add_arguments
+from .export import add_arguments, print_caveats
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,4 +25,5 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "hf", overwri
 def run(args: argparse.Namespace) -> int:
     out = merge_run(args.run, args.out, args.format, args.overwrite)
     print(f"merged model written to {out} ({args.format}; see {out}/README.md)")
+    print_caveats(args.format, out)
     return 0

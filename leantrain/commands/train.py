@@ -162,12 +162,20 @@ def unused_options(cfg: TrainConfig, given: set[str]) -> list[str]:
     return sorted((given & specific) - read)
 
 
+SCRATCH_ONLY = ("arch", "preset")  # read only when --init-weights scratch builds a model
+
+
 def warn_unused(cfg: TrainConfig, args: argparse.Namespace) -> None:
     """One stderr line per given option the run will not read (it would otherwise be ignored silently)."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    for name in unused_options(cfg, set(vars(args)) & names):
+    given = set(vars(args)) & names
+    for name in unused_options(cfg, given):
         print(f"leantrain: warning: --{name.replace('_', '-')} is not used by --method {cfg.method} "
               f"--optim {cfg.optim}; ignored", file=sys.stderr)
+    if cfg.init_weights != "scratch":
+        for name in sorted(given & set(SCRATCH_ONLY)):
+            print(f"leantrain: warning: --{name} is used only with --init-weights scratch (this run loads --model "
+                  f"{cfg.model}); ignored", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -175,38 +183,5 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     warn_unused(cfg, args)
-    metrics = train(cfg)
-    if metrics.get("rank", 0) != 0:  # under torchrun only rank 0 reports
-        return 0
-    if metrics.get("stopped_early"):
-        print(f"stopped at step {metrics['step']} (--stop-at); continue with: leantrain train --out {cfg.out} --resume")
-        return 0
-    print(format_summary(metrics, cfg))
+    train(cfg)  # prints the data line and, on rank 0, the end-of-run summary (summary.end_of_run)
     return 0
-
-
-def format_summary(m: dict, cfg: TrainConfig) -> str:
-    """Human summary of metrics.json; lines whose metrics a task does not report are left out."""
-    mib = 1024 * 1024
-    lines = [f"run folder          {cfg.out}"]
-    if "val_accuracy" in m:
-        baselines = [f"majority baseline {m['majority_baseline_accuracy']:.4f}"]
-        if m.get("tfidf_baseline_accuracy") is not None:
-            baselines.append(f"TF-IDF+LR baseline {m['tfidf_baseline_accuracy']:.4f}")
-        lines.append(f"validation accuracy {m['val_accuracy']:.4f}   ({', '.join(baselines)})")
-    if "val_perplexity" in m:
-        before = m.get("val_perplexity_before")
-        lines.append(f"validation perplexity {m['val_perplexity']:.3f}"
-                     + (f"   (before training {before:.3f})" if before is not None else ""))
-    train_loss = m.get("train_loss_last")
-    lines.append(f"validation loss     {m['val_loss']:.4f}" +
-                 (f"   train loss (last 20 steps) {train_loss:.4f}" if train_loss is not None else ""))
-    here = m.get("steps_this_invocation", m["steps"])  # loop vs wall time: leantrain/summary.py
-    lines.append(f"steps               {m['steps']}" + (f" ({here} in this invocation)" if here != m["steps"] else "")
-                 + f"; training loop {m.get('loop_time_s', m['sec_per_step'] * here):.1f} s "
-                 f"({m['sec_per_step']:.3f} s/step), wall clock {m['wall_time_s']:.1f} s (with loading, evaluation, "
-                 "saving)")
-    lines.append(f"trainable params    {m['trainable_params']:,} of {m['total_params']:,}")
-    lines.append(f"memory (MiB)        params {m['param_bytes'] / mib:.1f}  grads {m['grad_bytes'] / mib:.1f}  "
-                 f"optimizer state {m['optimizer_state_bytes'] / mib:.2f}  peak RSS {m['peak_rss_bytes'] / mib:.0f}")
-    return "\n".join(lines)

@@ -35,7 +35,7 @@ class DLRTMethod(MethodBase):
 
     name = "dlrt"
     default_lr = 5e-5  # same scale as full fine-tuning: K = U S and L = V Sᵀ have the entries' scale of W
-    summary = "DLRT: rank-adaptive low-rank layers trained by the KLS integrator (--tau, max rank --rank)"
+    summary = "DLRT: rank-adaptive low-rank layers trained by the KLS integrator (--tau; --rank = minimum rank per layer)"
     trains_base = True
     replaces_targets = True
     options = ("rank", "targets", "tau")

@@ -22,20 +22,6 @@ from leantrain.config import TrainConfig
 INITS = ["lora-ga", "corda-kpm", "corda-ipm"]
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin0, self.lin1, self.classifier = nn.Linear(12, 24), nn.Linear(24, 16), nn.Linear(16, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.relu(self.lin1(torch.relu(self.lin0(x)))))
-
-
-def make_net() -> tuple[Net, torch.Tensor, torch.Tensor]:
-    torch.manual_seed(0)
-    return Net(), torch.randn(4, 7, 12), torch.randint(0, 3, (4, 7))
-
-
 def calib_for(x: torch.Tensor, y: torch.Tensor):
     def losses(model: nn.Module):
         for i in range(len(x)):
@@ -100,8 +86,8 @@ def test_corda_components_partition_w_and_ipm_takes_the_largest():
     torch.testing.assert_close(ac @ ac.T, torch.diag(sig[:2] / s), rtol=1e-4, atol=1e-4)
 
 
-def test_corda_covariance_is_the_mean_of_scaled_input_gram_matrices():
-    net, x, y = make_net()
+def test_corda_covariance_is_the_mean_of_scaled_input_gram_matrices(linear_net):
+    net, x, y = linear_net()
     cov = input_covariances(net, ["lin0"], calib_for(x, y), "corda-ipm")["lin0"]
     expected = sum((xi / xi.max().abs()).T @ (xi / xi.max().abs()) for xi in x) / len(x)
     torch.testing.assert_close(cov, expected, atol=1e-6, rtol=1e-6)
@@ -111,8 +97,8 @@ def test_corda_covariance_is_the_mean_of_scaled_input_gram_matrices():
 # ---- behaviour of the adapter -------------------------------------------------------------------------------
 @pytest.mark.parametrize("init", INITS)
 @pytest.mark.parametrize("flags", [{}, {"use_rslora": True}, {"use_dora": True}], ids=["lora", "rslora", "dora"])
-def test_output_unchanged_at_init_and_base_becomes_residual(init, flags):
-    net, x, y = make_net()
+def test_output_unchanged_at_init_and_base_becomes_residual(init, flags, linear_net):
+    net, x, y = linear_net()
     ref, w0 = net(x), net.lin0.weight.detach().clone()
     cfg = LoraConfig(r=3, alpha=5, target_modules=["lin0", "lin1"], init=init, **flags)
     adapters.inject(net, cfg, calib=calib_for(x, y))
@@ -123,8 +109,8 @@ def test_output_unchanged_at_init_and_base_becomes_residual(init, flags):
     assert not cfg._stats  # per-layer statistics are dropped once used
 
 
-def test_lora_ga_gradient_is_the_mean_over_calibration_batches():
-    net, x, y = make_net()
+def test_lora_ga_gradient_is_the_mean_over_calibration_batches(linear_net):
+    net, x, y = linear_net()
     grads = [torch.autograd.grad(nn.functional.cross_entropy(net(x[i]), y[i]), net.lin1.weight)[0] for i in range(4)]
     mean = torch.stack(grads).mean(0)
     a_ref, b_ref = lora_ga_factors(mean, net.lin1.weight, 2, 2.0)
@@ -136,8 +122,8 @@ def test_lora_ga_gradient_is_the_mean_over_calibration_batches():
 
 
 @pytest.mark.parametrize("init", INITS)
-def test_file_round_trip_rebuilds_the_residual_from_the_original_weights(init, tmp_path):
-    net, x, y = make_net()
+def test_file_round_trip_rebuilds_the_residual_from_the_original_weights(init, tmp_path, linear_net):
+    net, x, y = linear_net()
     original = copy.deepcopy(net)
     adapters.inject(net, LoraConfig(r=3, alpha=5, target_modules=["lin0", "lin1"], init=init), calib=calib_for(x, y))
     perturb(net)
@@ -159,9 +145,9 @@ def test_file_round_trip_rebuilds_the_residual_from_the_original_weights(init, t
     assert load_file(str(tmp_path / "again" / INITIAL_NAME)).keys() == load_file(str(tmp_path / INITIAL_NAME)).keys()
 
 
-def test_without_initial_factors_the_base_is_taken_as_the_residual(tmp_path):
+def test_without_initial_factors_the_base_is_taken_as_the_residual(tmp_path, linear_net):
     """PEFT's convention for LoRA-GA/CorDA files: they load onto the model given, which holds the residual."""
-    net, x, y = make_net()
+    net, x, y = linear_net()
     adapters.inject(net, LoraConfig(r=3, alpha=5, target_modules=["lin0"], init="corda-kpm"), calib=calib_for(x, y))
     perturb(net)
     adapters.save(net, tmp_path)
@@ -175,8 +161,8 @@ def test_without_initial_factors_the_base_is_taken_as_the_residual(tmp_path):
 
 
 @pytest.mark.parametrize("init", ["lora-ga", "corda-ipm"])
-def test_conversion_to_plain_lora_against_the_original_weights(init, tmp_path):
-    net, x, y = make_net()
+def test_conversion_to_plain_lora_against_the_original_weights(init, tmp_path, linear_net):
+    net, x, y = linear_net()
     original = copy.deepcopy(net)
     adapters.inject(net, LoraConfig(r=3, alpha=5, target_modules=["lin0", "lin1"], init=init), calib=calib_for(x, y))
     perturb(net)
@@ -189,8 +175,8 @@ def test_conversion_to_plain_lora_against_the_original_weights(init, tmp_path):
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------
-def test_bad_input():
-    net, x, y = make_net()
+def test_bad_input(linear_net):
+    net, x, y = linear_net()
     with pytest.raises(ValueError, match="needs calibration batches"):
         adapters.inject(copy.deepcopy(net), LoraConfig(r=2, target_modules=["lin0"], init="corda-kpm"))
     with pytest.raises(ValueError, match="2r=14 .*'lin0'"):

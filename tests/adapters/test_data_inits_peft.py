@@ -43,20 +43,11 @@ TOL = 1e-5
 R_BERT = 2
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin0, self.lin1, self.classifier = nn.Linear(12, 24), nn.Linear(24, 16), nn.Linear(16, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.relu(self.lin1(torch.relu(self.lin0(x)))))
-
-
-def linear_stack():
-    """Tiny Linear stack, r=4: min(shape) <= 4r for both layers. 2-D inputs, one call per calibration batch."""
-    torch.manual_seed(0)
-    x, y = torch.randn(4, 7, 12), torch.randint(0, 3, (4, 7))
-    return Net(), ["lin0", "lin1"], 4, [(x[i],) for i in range(4)], list(y)
+def linear_stack(make_net):
+    """Tiny Linear stack (the ``linear_net`` fixture), r=4: min(shape) <= 4r for both layers. 2-D inputs, one call
+    per calibration batch."""
+    net, x, y = make_net()
+    return net, ["lin0", "lin1"], 4, [(x[i],) for i in range(4)], list(y)
 
 
 def tiny_bert():
@@ -71,7 +62,11 @@ def tiny_bert():
     return model, ["query", "key", "value", "dense"], R_BERT, [(i, torch.ones_like(i)) for i in ids], list(labels)
 
 
-MODELS = {"linear": linear_stack, "bert": tiny_bert}
+def build(model_name: str, make_net):
+    return linear_stack(make_net) if model_name == "linear" else tiny_bert()
+
+
+MODELS = ("linear", "bert")
 
 
 def calib_of(inputs, labels):
@@ -130,17 +125,17 @@ GA_CASES = [{}, {"direction": "A2rBr"}, {"direction": "ArBr", "scale": "unit"}, 
 @pytest.mark.parametrize("model_name, kw", [("bert", {}), *(("linear", kw) for kw in GA_CASES)],
                          ids=lambda v: (",".join(f"{k}={x}" for k, x in v.items()) or "default") if isinstance(v, dict)
                          else v)
-def test_lora_ga_matches_peft(model_name, kw):
-    model, targets, r, inputs, labels = MODELS[model_name]()
+def test_lora_ga_matches_peft(model_name, kw, linear_net):
+    model, targets, r, inputs, labels = build(model_name, linear_net)
     names = {"direction": "lora_ga_direction", "scale": "lora_ga_scale", "stable_gamma": "lora_ga_gamma"}
     mine = ours(model, targets, r, "lora-ga", inputs, labels, **{names[k]: v for k, v in kw.items()})
     compare(mine, peft_lora_ga(model, targets, r, inputs, labels, **kw), triplet_signs=False)
 
 
-@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("model_name", MODELS)
 @pytest.mark.parametrize("mode", ["kpm", "ipm"])
-def test_corda_matches_peft(model_name, mode):
-    model, targets, r, inputs, labels = MODELS[model_name]()
+def test_corda_matches_peft(model_name, mode, linear_net):
+    model, targets, r, inputs, labels = build(model_name, linear_net)
     mine = ours(model, targets, r, f"corda-{mode}", inputs, labels)
     compare(mine, peft_corda(model, targets, r, mode, inputs), triplet_signs=True)
 
@@ -154,9 +149,9 @@ def _perturb(params) -> None:
 
 
 @pytest.mark.parametrize("init", ["lora-ga", "corda-kpm", "corda-ipm"])
-def test_leantrain_files_load_in_peft(init, tmp_path):
+def test_leantrain_files_load_in_peft(init, tmp_path, linear_net):
     """Onto the residual base (PEFT's convention), and converted to plain LoRA onto the original base."""
-    model, targets, r, inputs, labels = linear_stack()
+    model, targets, r, inputs, labels = linear_stack(linear_net)
     mine = ours(model, targets, r, init, inputs, labels)
     _perturb(mine.named_parameters())
     x = torch.cat([args[0] for args in inputs])
@@ -180,9 +175,9 @@ class _no_warning:
 
 
 @pytest.mark.parametrize("init", ["lora-ga", "corda-kpm"])
-def test_peft_files_load_in_leantrain(init, tmp_path):
+def test_peft_files_load_in_leantrain(init, tmp_path, linear_net):
     """PEFT's saved adapter onto its residual base; PEFT's rank-2r conversion onto the original base."""
-    model, targets, r, inputs, labels = linear_stack()
+    model, targets, r, inputs, labels = linear_stack(linear_net)
     if init == "lora-ga":
         theirs = peft_lora_ga(model, targets, r, inputs, labels)
     else:
