@@ -133,6 +133,12 @@ class LayerwiseStep:
             finite, norm = bool(torch.isfinite(grad).all()), None
         self._apply(p, finite, norm)
 
+    @torch.no_grad()
+    def step_supplied(self, p: Tensor, low: Tensor) -> None:
+        """--galore-in-backward: ``p``'s low-rank gradient ``low`` is complete (galore_backward.py); step ``p``."""
+        self.peak_grad_bytes = max(self.peak_grad_bytes, live_grad_bytes(self.model) + low.numel() * low.element_size())
+        self._apply(p, bool(torch.isfinite(low).all()), None)
+
     def _apply(self, p: Tensor, finite: bool, norm: Tensor | None) -> None:
         """Step ``p`` alone with its (synchronised) gradient, or drop the update; frees the gradient."""
         if self.discard or self.pending is not None:
