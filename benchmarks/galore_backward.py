@@ -2,7 +2,7 @@
 training step (forward + backward + optimizer step) of a stack of wide Linears, and the weight-gradient bytes.
 
     .venv/bin/python benchmarks/galore_backward.py [--quick] [--json PATH] [--width 4096] [--layers 2]
-        [--tokens 512] [--rank 128] [--gap 200] [--steps 8]
+        [--tokens 512] [--rank 128] [--gap 200] [--steps 8] [--matrix 11008x4096 --matrix-rank 1024]
 
 Every method trains its own copy of the same stack (Linear(width, width) x layers, MSE on fixed random batches of
 ``tokens`` rows) and the methods step round-robin (step i of each before step i+1 of any), so load from other jobs
@@ -127,6 +127,41 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def matrix_step(shape: tuple[int, int], rank: int, reps: int = 3) -> dict[str, float]:
+    """The optimizer step alone on one bf16 matrix (LLaMA-7B's 11008 x 4096 MLP weight at r=1024: what --layerwise
+    pays per matrix after backward): 8-bit GaLore under the stochastic-rounding bf16 wrapper, as ``--dtype bf16
+    --optim galore-adamw8bit`` builds it, stepped with the full bf16 gradient (today) or with the low-rank one a
+    projecting backward supplies. Median seconds of ``reps`` steady (between-refresh) steps each."""
+    from leantrain.optim.adam import AdamW8bit
+    from leantrain.precision import CompensatedOptimizer
+
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for name in ("today", "in backward"):
+        w = nn.Parameter((torch.randn(shape, generator=gen) * 0.02).bfloat16())
+        opt = CompensatedOptimizer(AdamW8bit([{"params": [w], "rank": rank, "update_proj_gap": 200}], lr=1e-3),
+                                   "stochastic", 0)
+        full = (torch.randn(shape, generator=gen) * 1e-3).bfloat16()
+        w.grad = full
+        opt.step()  # the first step: state and the projector refresh (not timed)
+        state = opt.state[w]
+        low = (state["proj_basis"].bfloat16().mT @ full if state["proj_side"] == 0
+               else full @ state["proj_basis"].bfloat16().mT)
+        times = []
+        for _ in range(reps):
+            opt.zero_grad()
+            if name == "today":
+                w.grad = full.clone()
+            else:
+                state[SUPPLIED_GRAD] = low.clone()
+            t0 = time.perf_counter()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        out[name] = statistics.median(times)
+        print(f"{shape[0]}x{shape[1]} bf16, r={rank}, {name}: optimizer step {out[name]:.2f} s")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="width 512, rank 16, 3 steps: a smoke run")
@@ -137,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gap", type=int, default=200)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 = fair timing on a shared machine)")
+    p.add_argument("--matrix", default=None, help="also time the optimizer step alone on one bf16 matrix "
+                                                   "ROWSxCOLS (e.g. 11008x4096, LLaMA-7B's MLP)")
+    p.add_argument("--matrix-rank", type=int, default=1024)
     p.add_argument("--json", default=None, help="write the rows as JSON to PATH")
     args = p.parse_args(argv)
     if args.quick:
@@ -144,8 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     print(f"stack of {args.layers} x Linear({args.width}, {args.width}), {args.tokens} tokens, rank {args.rank}, "
           f"gap {args.gap}, {args.steps} steps, {args.threads} thread(s); load {os.getloadavg()}")
-    rows = summarise(measure(args), args)
-    print(table(rows, args))
+    rows = summarise(measure(args), args) if args.steps else []
+    if rows:
+        print(table(rows, args))
+    if args.matrix:
+        m, n = (int(v) for v in args.matrix.lower().split("x"))
+        rows.append({"matrix": [m, n], "rank": args.matrix_rank, **matrix_step((m, n), args.matrix_rank)})
     print(f"load after: {os.getloadavg()}")
     if args.json:
         out = Path(args.json)
