@@ -22,7 +22,10 @@ about to be taken), so a resumed run makes the same choices.
 Not covered, refused by the config or the run assembly: a global ``--grad-clip`` (the norm of the full gradient
 never exists between refreshes), autocast (``--master-weights fp32``), torchrun (DDP/FSDP2). Parameters that are not
 the weight of an ``nn.Linear`` called through its module (embeddings, norms, a weight used by functional code)
-keep the ordinary path.
+keep the ordinary path. Known gap: the loop's non-finite check sees the loss and the full gradients only, so a
+non-finite low-rank gradient with a finite loss is caught by the optimizer's own check, which raises even under
+``--nan-policy skip`` (with ``--layerwise`` the hook skips it as usual). ``leantrain memory`` still counts full
+gradients for these runs.
 """
 from __future__ import annotations
 
