@@ -281,6 +281,8 @@ class TrainConfig:
                  "needs --grad-clip none (the full gradient, whose norm a global clip needs, is never built)"),
                 (self.master_weights is None, "galore_in_backward", True,
                  "cannot run under autocast (--master-weights fp32); use --dtype bf16"),
+                (not (self.layerwise and self.grad_accum > 1), "galore_in_backward", True,
+                 "with --layerwise steps at every backward: use --grad-accum 1"),
             ]
         for ok, name, value, why in checks:
             if not ok:
