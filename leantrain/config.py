@@ -157,6 +157,9 @@ class TrainConfig:
                                              "free GPU memory on CUDA); None = estimate and record only")
     layerwise: bool = option(False, "step each parameter inside backward and free its gradient, so one gradient "
                                     "is alive at a time (GaLore's 7B recipe; --grad-clip per parameter)")
+    galore_in_backward: bool = option(False, "GaLore optimizers: between projector refreshes, compute each "
+                                             "nn.Linear's low-rank weight gradient inside backward from its "
+                                             "factors, never the full one (needs --grad-clip none; one process)")
     activation_checkpointing: bool = option(False, "recompute each block's activations in backward (less "
                                                    "memory, ~1 extra forward; every task)")
     # --- output -----------------------------------------------------------------------------------------------
@@ -266,6 +269,19 @@ class TrainConfig:
             (not self.layerwise or not getattr(method, "changes_parameter_shapes", False), "layerwise",
              self.layerwise, f"cannot drive --method {self.method}: it changes parameter shapes in a multi-pass step"),
         ]
+        if self.galore_in_backward:
+            from .optim.galore import IN_BACKWARD
+
+            checks += [
+                (self.optim in IN_BACKWARD, "galore_in_backward", True,
+                 f"needs --optim {' | '.join(IN_BACKWARD)}, not {self.optim}"),
+                (self.grad_clip is None, "galore_in_backward", True,
+                 "needs --grad-clip none (the full gradient, whose norm a global clip needs, is never built)"),
+                (self.master_weights is None, "galore_in_backward", True,
+                 "cannot run under autocast (--master-weights fp32); use --dtype bf16"),
+                (not (self.layerwise and self.grad_accum > 1), "galore_in_backward", True,
+                 "with --layerwise steps at every backward: use --grad-accum 1"),
+            ]
         for ok, name, value, why in checks:
             if not ok:
                 raise ValueError(f"TrainConfig.{name}={value!r} {why}")

@@ -165,6 +165,12 @@ class LayerwiseStep:
             return
         self._apply(p, finite, norm)
 
+    @torch.no_grad()
+    def step_supplied(self, p: Tensor, low: Tensor) -> None:
+        """--galore-in-backward: ``p``'s low-rank gradient ``low`` is complete (galore_backward.py); step ``p``."""
+        self.peak_grad_bytes = max(self.peak_grad_bytes, live_grad_bytes(self.model) + low.numel() * low.element_size())
+        self._apply(p, bool(torch.isfinite(low).all()), None)
+
     def _accumulate(self, p: Tensor, finite: bool) -> None:
         """--grad-accum: add ``p``'s micro-batch gradient to its accumulator (low-rank when the optimizer projects
         ``p``) and free it; at the last micro-batch step ``p`` with the sum."""

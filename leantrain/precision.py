@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .optim.projector import SUPPLIED_GRAD
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BF16_UPDATES = ("stochastic", "kahan", "plain")
 COMPENSATION_KEY = "bf16_compensation"
@@ -141,7 +143,8 @@ class CompensatedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        todo = [(pos, p, p.grad) for pos, p in self._positions() if p.grad is not None]
+        todo = [(pos, p, p.grad) for pos, p in self._positions()
+                if p.grad is not None or SUPPLIED_GRAD in self.state.get(p, ())]  # galore_backward.py
         if not any(p.dtype == torch.bfloat16 for _, p, _ in todo):
             self.inner.step()
             return loss
@@ -169,7 +172,7 @@ class CompensatedOptimizer(torch.optim.Optimizer):
         work = stored.float()
         if comp is not None:
             work.add_(comp.float())
-        work.grad = grad.float()
+        work.grad = None if grad is None else grad.float()  # None: a low-rank gradient waits in the state
         with _standing_in(self.inner, p, work):
             self.inner.step()
         self._write_back(position, p, work)

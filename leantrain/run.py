@@ -5,7 +5,7 @@ the order that decides results cannot drift between them:
 
     seed -> task (data + model init) -> --dtype cast -> quantized base -> method.apply -> LoftQ -> head group
          (its lr rule) -> DDP/FSDP wrap -> optimizer (+ bf16 compensation, + the method's wrapper)
-         -> --layerwise hooks (the step inside backward)
+         -> --layerwise hooks (the step inside backward) -> --galore-in-backward (projecting Linear backwards)
 
 Every step draws from the global RNG in this order, which is what makes a run reproducible from its config.
 Pieces that a special-purpose setup needs on its own (``calibration``, ``head_group``, ``base_lr``,
@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from . import dist, preflight
+from . import dist, galore_backward, preflight
 from .config import TrainConfig
 from .data import prefetch_data
 from .layerwise import LayerwiseStep
@@ -207,6 +207,9 @@ def layerwise_hooks(cfg: TrainConfig, task: Task, optimizer: torch.optim.Optimiz
 def build_run(cfg: TrainConfig, ctx: dist.DistContext | None = None, task: Task | None = None) -> Run:
     """Assemble the run ``cfg`` describes; ``task`` replaces the data-backed one (memory measurement)."""
     ctx = ctx or dist.DistContext()
+    if cfg.galore_in_backward and ctx.enabled:
+        raise ValueError("--galore-in-backward runs on one process, not under torchrun (DDP/FSDP2 would sync "
+                         "and shard the full gradients it never builds)")
     method = get_method(cfg.method)
     memory_plan = preflight.plan(cfg, str(ctx.device)) if task is None else {}  # before anything big exists
     task = task if task is not None else new_task(cfg, ctx)
@@ -224,8 +227,10 @@ def build_run(cfg: TrainConfig, ctx: dist.DistContext | None = None, task: Task 
     if ctx.enabled and not changes_parameter_shapes(method):  # shape-changing methods sync gradients by hand
         groups = wrap_for_distributed(task, groups, ctx, bucket_view=cfg.layerwise)
     optimizer = build_optimizer_for(cfg, groups, lr, method, task.model)
-    return Run(cfg, task, method, optimizer, ctx, layerwise_hooks(cfg, task, optimizer, ctx), memory_plan,
-               new_scaler(cfg, ctx.device))
+    hooks = layerwise_hooks(cfg, task, optimizer, ctx)
+    if cfg.galore_in_backward:  # the run's Linears hand the optimizer low-rank gradients (galore_backward.py)
+        galore_backward.install(task.model, optimizer, on_ready=None if hooks is None else hooks.step_supplied)
+    return Run(cfg, task, method, optimizer, ctx, hooks, memory_plan, new_scaler(cfg, ctx.device))
 
 
 def exact_estimate(cfg: TrainConfig, task: Task, ctx: dist.DistContext, before: int | None) -> dict[str, Any]:

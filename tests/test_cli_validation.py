@@ -112,6 +112,8 @@ BAD = [
      ("classify",)),  # a causal LM has no fresh head
     ("bf16_update", ["--dtype", "bf16", "--bf16-update", "nearest"], ()),
     ("layerwise", ["--layerwise", "--method", "dlrt"], ("dlrt",)),
+    ("galore_in_backward", ["--galore-in-backward", "--optim", "galore-adamw"], ("--grad-clip",)),
+    ("galore_in_backward", ["--galore-in-backward", "--grad-clip", "none"], ("--optim",)),
     ("text_column", ["--text-column", "review"], ()),  # the bundled vader has no columns
     ("label_column", ["--task", "causal-lm", "--label-column", "y"], ()),
     ("report_to", ["--report-to", "wandb"], ()),

@@ -14,6 +14,12 @@ Design choices (why):
 * Fused mode (``merge``) overwrites only the K entries in place and keeps their original values, so ``unmerge``
   restores the base weights bit-exactly (``w + d - d`` is not always ``w`` in floating point). Merging several
   adapters and unmerging (newest first) restores exactly even where their masks overlap.
+* Rapid switching keeps the K originals after ``unmerge`` (K values per adapter), so the next ``merge`` of that
+  adapter scatters without gathering first: 2 random passes over the touched entries per switch instead of 3. The
+  cache is trusted only while the weight's version counter (and storage) are what this layer's own last write left;
+  any other in-place write through the Parameter (an optimizer step, ``copy_``, ``load_state_dict``) is detected:
+  before a merge it drops the cache, while adapters are merged it makes ``merge``/``unmerge`` raise, since
+  restoring would overwrite that write. Writes through ``weight.data`` bypass the counter and are not detected.
 * Random masks are seeded per layer from ``(seed, layer name)`` so layers of equal shape get different patterns
   (PEFT reuses one seed, i.e. the same pattern, for every layer); indices are saved, so reloads are exact anyway.
 """
@@ -194,12 +200,15 @@ class ShiraParams(nn.Module):
         self.shape = shape
         self.scaling = 1.0  # alpha of W + alpha * S; 1 while training (set_scale for inference / fusion)
         self.shira_weight = nn.Parameter(values)
-        for name in ("flat", "crow", "merged_orig"):
+        # merged_orig: the K base values under a merged adapter; orig_cache: the same after unmerge, for the next
+        # merge (valid while ShiraLinear's write stamp matches the weight, see ShiraLinear._stamp)
+        for name in ("flat", "crow", "merged_orig", "orig_cache"):
             self.register_buffer(name, None, persistent=False)
         self.set_positions(flat)
 
     def set_positions(self, flat: torch.Tensor) -> None:
         """Install sorted flat indices (int32 when they fit: 4 bytes per entry) and the row pointers of S."""
+        self.orig_cache = None
         out_f, in_f = self.shape
         dtype = torch.int32 if out_f * in_f < 2**31 else torch.int64
         flat = flat.to(device=self.shira_weight.device, dtype=dtype)
@@ -261,11 +270,33 @@ class ShiraLinear(AdapterLayer):
 
     # ---- fused mode: scatter K entries in place, restore them bit-exactly --------------------------------------
     def _plain_weight(self) -> torch.Tensor | None:
+        """The base weight Parameter itself (not ``.data``: its version counter must see every write), or None
+        for a quantized / strided base."""
         layer = self.base_layer
         if hasattr(layer, "dequantize") or hasattr(layer, "add_to_weight"):
             return None
-        w = layer.weight.data
+        w = layer.weight
         return w if w.is_contiguous() else None
+
+    @staticmethod
+    def _stamp(w: torch.Tensor) -> tuple[int, int]:
+        return w.data_ptr(), w._version
+
+    def _check_no_foreign_write(self, w: torch.Tensor, action: str) -> bool:
+        """False if the weight was written by someone else since this layer's last merge/unmerge (then the cached
+        originals are stale); raises if that happened while adapters were merged (restoring would undo it)."""
+        stamp = getattr(self, "_shira_stamp", None)
+        if stamp is None or stamp == self._stamp(w):
+            return stamp is not None
+        if self.merged_adapters:
+            where = getattr(self, "layer_name", type(self.base_layer).__name__)
+            raise RuntimeError(f"SHiRA layer {where!r}: cannot {action}: its base weight was written by something "
+                               f"else while adapter(s) {self.merged_adapters} were merged (weight version "
+                               f"{w._version}, SHiRA's last write left {stamp[1]}); restoring the saved entries would "
+                               "overwrite that write -- reload the base weights")
+        for p in self.adapters.values():
+            p.orig_cache = None
+        return False
 
     @torch.no_grad()
     def merge_one(self, name: str) -> None:
@@ -273,22 +304,30 @@ class ShiraLinear(AdapterLayer):
         w = self._plain_weight()
         if w is None:  # quantized / strided base: dense delta through the base helper (not bit-exact)
             return add_to_base_weight(self.base_layer, self.delta_weight(name))
+        trusted = self._check_no_foreign_write(w, f"merge adapter {name!r}")
         flat_w, idx = w.view(-1), p.long_flat()
-        orig = flat_w.index_select(0, idx)  # kept for the bit-exact restore
+        cached = p.orig_cache if trusted and not self.merged_adapters else None  # gathered with nothing merged
+        orig = cached if cached is not None else flat_w.index_select(0, idx)  # kept for the bit-exact restore
         acc = torch.promote_types(w.dtype, torch.float32)  # fp32 math on half weights (spec pitfall §6)
         delta = p.shira_weight.detach().to(acc)
         if p.scaling != 1.0:
             delta = delta * p.scaling
         flat_w.index_copy_(0, idx, (orig.to(acc) + delta).to(w.dtype))
-        p.merged_orig = orig
+        p.merged_orig, p.orig_cache = orig, None
+        self._shira_stamp = self._stamp(w)
 
     @torch.no_grad()
     def unmerge_one(self, name: str) -> None:
         p = self.adapters[name]
         if p.merged_orig is None:
             return add_to_base_weight(self.base_layer, -self.delta_weight(name))
-        self.base_layer.weight.data.view(-1).index_copy_(0, p.long_flat(), p.merged_orig)
+        w = self._plain_weight()
+        self._check_no_foreign_write(w, f"unmerge adapter {name!r}")
+        w.view(-1).index_copy_(0, p.long_flat(), p.merged_orig)
+        # originals gathered under other merged adapters hold their values at overlaps: not reusable alone
+        p.orig_cache = p.merged_orig if self.merged_adapters == [name] else None
         p.merged_orig = None
+        self._shira_stamp = self._stamp(w)
 
     # ---- PEFT tensors --------------------------------------------------------------------------------------------
     def peft_state(self, name: str) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ Modes (set by the integrator, ``"s"`` outside of a step):
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -112,6 +113,8 @@ class LowRankMixin(nn.Module):
         return y_k + (y_l - y_l.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "kl" and self._fused_kl_ok():
+            return self._add_bias(_KLLinear.apply(x, self.K, self.L, self.U, self.V, self))
         y = self._core(x)
         y = self._add_bias(y)
         if self.mode == "kl" and self.cache and torch.is_grad_enabled() and y.requires_grad:
@@ -124,6 +127,11 @@ class LowRankMixin(nn.Module):
             y.register_hook(keep)
         return y
 
+    def _fused_kl_ok(self) -> bool:
+        """The one-Function K/L pass (``_KLLinear``) applies: a Linear, under autograd, with K and L in shape."""
+        return (isinstance(self, LowRankLinear) and torch.is_grad_enabled()
+                and self.K.shape == (self.n, self.rank) and self.L.shape == (self.m, self.rank))
+
     def pop_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         out = [(x, dy) for x, dy in self._cached if dy is not None]
         self._cached = []
@@ -131,6 +139,33 @@ class LowRankMixin(nn.Module):
 
     def extra_repr(self) -> str:
         return f"out={self.n}, in={self.m}, rank={self.rank}, bounds=[{self.min_rank}, {self.max_rank}]"
+
+
+class _KLLinear(torch.autograd.Function):
+    """The "kl" pass of a Linear as one autograd node: y = (x V) Kᵀ (the value at W0 = K Vᵀ = U Lᵀ), and in
+    backward ∇x = (dY K) Vᵀ, ∇K = dYᵀ (x V), ∇L = xᵀ (dY U) -- the products the two-branch graph of ``_core``
+    computes, without its detach/subtract/add nodes and output hook; (x, dY) go to the layer's cache for the
+    S-step when it caches."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, K: torch.Tensor, L: torch.Tensor, U: torch.Tensor, V: torch.Tensor,
+                layer: LowRankMixin) -> torch.Tensor:
+        xv = x @ V
+        ctx.save_for_backward(x, xv, K, U, V)
+        ctx.layer = layer
+        return xv @ K.T
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, xv, K, U, V = ctx.saved_tensors
+        layer = ctx.layer
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        gx = (dy @ K) @ V.T if ctx.needs_input_grad[0] else None
+        gk = dy2.T @ xv.reshape(-1, xv.shape[-1]) if ctx.needs_input_grad[1] else None
+        gl = x.reshape(-1, x.shape[-1]).T @ (dy2 @ U) if ctx.needs_input_grad[2] else None
+        if layer.cache:
+            layer._cached.append((x.detach(), dy.detach()))
+        return gx, gk, gl, None, None, None
 
 
 class LowRankLinear(LowRankMixin):

@@ -16,6 +16,7 @@ Group keys (per-parameter overrides): ``codec`` ("fp32" | "bf16" | "8bit" | "4bi
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -25,6 +26,7 @@ from torch import Tensor
 
 from . import shards
 from .codecs import CODECS, BlockwiseCodec, Codec, get_codec
+from .projector import SUPPLIED_GRAD
 from .spec import Builder, OptimizerOptions, OptimizerSpec, register
 
 _BITS = {32: "fp32", 16: "bf16", 8: "8bit", 4: "4bit"}
@@ -230,14 +232,14 @@ class BlockOptimizer(torch.optim.Optimizer):
         idx = 0
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None:
-                    if p.grad.is_sparse:
+                if p.grad is not None or SUPPLIED_GRAD in self.state.get(p, ()):
+                    if p.grad is not None and p.grad.is_sparse:
                         raise TypeError(f"{type(self).__name__}: parameter {idx} has a sparse gradient (unsupported)")
                     items.append((idx, p, group))
                 idx += 1
         if not items:
             return loss
-        finite = self._finite([p.grad for _, p, _ in items])
+        finite = self._finite_items([p for _, p, _ in items])
         for (idx, p, group), ok in zip(items, finite):  # check everything before touching anything
             if not ok and not group["skip_nonfinite"]:
                 step = int(self.state[p]["step"]) + 1 if self.state.get(p) else 1
@@ -249,6 +251,19 @@ class BlockOptimizer(torch.optim.Optimizer):
             else:
                 self.nonfinite_skips += 1
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's, plus dropping low-rank gradients a projecting backward supplied but no step consumed."""
+        super().zero_grad(set_to_none=set_to_none)
+        for st in self.state.values():
+            st.pop(SUPPLIED_GRAD, None)
+
+    def _finite_items(self, params: list[Tensor]) -> list[bool]:
+        """Per parameter: its gradient and its supplied low-rank gradient (galore_backward.py) are all finite."""
+        grads = [[g for g in (p.grad, self.state.get(p, {}).get(SUPPLIED_GRAD)) if g is not None] for p in params]
+        flags = self._finite([g for gs in grads for g in gs])
+        ends = list(itertools.accumulate(len(gs) for gs in grads))
+        return [all(flags[end - len(gs):end]) for gs, end in zip(grads, ends)]
 
     @staticmethod
     def _finite(grads: list[Tensor]) -> list[bool]:
@@ -274,10 +289,14 @@ class BlockOptimizer(torch.optim.Optimizer):
         fsdp = projected and hasattr(p.grad, "to_local")
         grad = p.grad if fsdp else _local(p.grad)
         t = self._next_step(state)
+        supplied = state.pop(SUPPLIED_GRAD, None)
         if projected:
             from . import projector, projector_dist
-            grad = (projector_dist.dtensor_project(grad, p, state, group, t) if fsdp
-                    else projector.project(grad, state, group, t))
+            if supplied is not None:  # projected inside backward (galore_backward.py)
+                grad = projector.project_supplied(grad, supplied, state, group, t)
+            else:
+                grad = (projector_dist.dtensor_project(grad, p, state, group, t) if fsdp
+                        else projector.project(grad, state, group, t))
         n = grad.numel()  # this rank's values; the codec is chosen from the global size (mesh-independent)
         n_codec = n if projected else p.numel()
         geom = None if projected else shards.geometry(p)

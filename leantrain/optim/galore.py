@@ -158,6 +158,9 @@ def _galore_builder(cls: type) -> Builder:
 
 
 PROJECTION_OPTIONS = ("rank", "gap", "proj_scale", "svd")
+# The optimizers that take a low-rank gradient computed inside backward (--galore-in-backward, galore_backward.py):
+# plain Adam over GaLore groups, which uses nothing of the gradient but its coordinates in the basis.
+IN_BACKWARD = ("galore-adamw", "galore-adamw8bit", "galore-adamw4bit")
 register(OptimizerSpec("galore-adamw", _galore_builder(AdamW), states=2, codec="fp32", projected=True,
                        low_rank_accumulation=True, summary="GaLore: AdamW with fp32 moments in a rank-r gradient subspace (--rank, --gap)",
                        options=PROJECTION_OPTIONS))

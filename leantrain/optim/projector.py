@@ -14,9 +14,10 @@ Sides (``proj_type``):
 
 State (per parameter, plain tensors and numbers only, so ``state_dict()`` round-trips through safetensors):
 ``proj_basis`` (P, or U for ``full``), ``proj_basis_right`` (V^T, ``full`` only), ``proj_side``
-(0 = left, 1 = right, 2 = both), ``proj_refreshes`` (how many bases were computed); during a step of
-``--layerwise --grad-accum`` also ``proj_grad_accum`` (the micro-batches' summed low-rank gradient, consumed by
-the step, so never in a checkpoint).
+(0 = left, 1 = right, 2 = both), ``proj_refreshes`` (how many bases were computed). Low-rank gradients handed
+over before a step (consumed by it, so never in a checkpoint): ``proj_grad_accum``, the micro-batches' sum under
+``--layerwise --grad-accum`` (``accumulate``), and ``proj_grad_supplied``, computed by a projecting backward from
+the layer's factors (leantrain/galore_backward.py; ``zero_grad`` drops it).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ REFRESH_MOMENTS = ("keep", "reproject")
 LEFT, RIGHT, BOTH = 0, 1, 2
 ACCUM_KEY = "proj_grad_accum"
 SIDE_NAMES = {LEFT: "left", RIGHT: "right", BOTH: "both"}
+SUPPLIED_GRAD = "proj_grad_supplied"  # state key: a low-rank gradient computed inside backward, not yet stepped
 
 # Defaults of the group keys (galore-torch's names). Used when a group with "rank" omits a key.
 GROUP_DEFAULTS: dict[str, Any] = {
@@ -235,6 +237,19 @@ def project_with(grad: Tensor, basis: Tensor, side: int, basis_right: Tensor | N
     return basis.mT @ grad @ basis_right.mT
 
 
+def project_factors(dy: Tensor, x: Tensor, basis: Tensor, side: int, basis_right: Tensor | None = None) -> Tensor:
+    """``project_with(dy^T x)`` of a Linear's weight gradient without building the m x n product: for output
+    gradients ``dy`` (tokens x m) and inputs ``x`` (tokens x n), right: ``dy^T (x P^T)``, left: ``(dy P)^T x``,
+    both: ``(dy U)^T (x Vh^T)`` -- 2 t r (m + n) instead of 2 t m n + 2 m n r multiply-adds. Computed in ``dy``'s
+    dtype."""
+    basis, basis_right = _as(basis, dy.dtype), _as(basis_right, dy.dtype)
+    if side == RIGHT:
+        return dy.mT @ (x @ basis.mT)
+    if side == LEFT:
+        return (dy @ basis).mT @ x
+    return (dy @ basis).mT @ (x @ basis_right.mT)
+
+
 def project_back_with(low: Tensor, basis: Tensor, side: int, basis_right: Tensor | None = None) -> Tensor:
     """Full-shape matrix from low-rank coordinates (pure, no scale; computed in ``low``'s dtype, so an fp32
     update of a bf16 parameter is mapped back in fp32)."""
@@ -348,6 +363,18 @@ def store_basis(state: MutableMapping[str, Any], group: Mapping[str, Any], side:
         state["proj_basis_right"] = right
     state["proj_side"] = side
     state["proj_refreshes"] = int(state.get("proj_refreshes", 0)) + 1
+
+
+def project_supplied(grad: Tensor | None, low: Tensor, state: MutableMapping[str, Any], group: Mapping[str, Any],
+                     step: int) -> Tensor:
+    """The low-rank gradient when a projecting backward supplied ``low`` in the current basis; a full gradient
+    ``grad`` from other uses of the same weight (if any) is projected and added (projection is linear)."""
+    if needs_refresh(state, group, step):
+        raise RuntimeError(f"GaLore: a low-rank gradient of shape {tuple(low.shape)} was supplied for refresh step "
+                           f"{step}, whose basis does not exist yet (the backward must build the full gradient)")
+    if grad is None:
+        return low
+    return project_with(grad, state["proj_basis"], state["proj_side"], state.get("proj_basis_right")).add_(low)
 
 
 def project_back(update: Tensor, state: Mapping[str, Any], group: Mapping[str, Any]) -> Tensor:

@@ -357,3 +357,56 @@ def test_switch_command_smoke(tmp_path, capsys):
     with pytest.raises(ValueError, match="--rounds"):
         args.rounds = 0
         switch_cmd.run(args)
+
+
+# ---- rapid switching: originals cached across switches, guarded by the weight's version counter --------------------
+def _two_adapters() -> MLP:
+    m = _model()
+    adapters.inject(m, ShiraConfig(r=3, target_modules=["lin0"], seed=1, init_weights=False), name="a")
+    adapters.inject(m, ShiraConfig(r=3, target_modules=["lin0"], seed=2, init_weights=False), name="b")
+    return m
+
+
+def test_repeated_switches_and_fusions_restore_bit_exactly():
+    m = _two_adapters()
+    w0 = m.lin0.base_layer.weight.detach().clone()
+    want = {n: w0 + m.lin0.delta_weight(n) for n in ("a", "b")}
+    for names in ["a", "b", "a", ["a", "b"], "b", ["b", "a"], "a", "a"]:  # overlapping masks, cached originals
+        switch(m, names)
+        if isinstance(names, str):
+            torch.testing.assert_close(m.lin0.base_layer.weight, want[names], atol=1e-6, rtol=0)
+        adapters.unmerge(m)
+        assert torch.equal(m.lin0.base_layer.weight, w0), names
+    assert m.lin0.adapters["a"].orig_cache is not None  # the last switch left a's originals for the next one
+
+
+def test_write_between_switches_is_picked_up_not_overwritten():
+    """A write to the base weight while nothing is merged (e.g. a base update) invalidates the cached originals:
+    the next merge must add the delta to the *new* values and unmerge must give them back."""
+    m = _two_adapters()
+    switch(m, "a")
+    adapters.unmerge(m)
+    idx = m.lin0.adapters["a"].long_flat()
+    with torch.no_grad():
+        m.lin0.base_layer.weight.view(-1)[idx] += 0.5  # every entry the cached originals cover
+    w1 = m.lin0.base_layer.weight.detach().clone()
+    switch(m, "a")
+    torch.testing.assert_close(m.lin0.base_layer.weight, w1 + m.lin0.delta_weight("a"), atol=1e-6, rtol=0)
+    adapters.unmerge(m)
+    assert torch.equal(m.lin0.base_layer.weight, w1)
+
+
+@pytest.mark.parametrize("write", [
+    lambda w: w.add_(1.0),  # an optimizer-style in-place update
+    lambda w: w.copy_(torch.zeros_like(w)),  # load_state_dict-style copy
+])
+def test_foreign_write_while_merged_is_refused_in_one_line(write):
+    m = _two_adapters()
+    switch(m, "a")
+    with torch.no_grad():
+        write(m.lin0.base_layer.weight)
+    with pytest.raises(RuntimeError, match=r"SHiRA layer 'lin0': cannot unmerge adapter 'a': its base weight was "
+                                           r"written by something else while adapter\(s\) \['a'\] were merged"):
+        adapters.unmerge(m)
+    with pytest.raises(RuntimeError, match="cannot merge adapter 'b'"):
+        adapters.merge(m, "b")
