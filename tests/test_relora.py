@@ -35,10 +35,13 @@ def _lora_model(seed: int = 0) -> nn.Module:
 
 
 def test_options_are_read_from_extra_and_checked():
-    assert ReloraOptions.of({}) == ReloraOptions(200, 20, 0.99)
+    assert ReloraOptions.of({}) == ReloraOptions(200, 20, 0.99, 0)
     assert ReloraOptions.of({"relora_every": 10}) == ReloraOptions(10, 1, 0.99)
+    assert ReloraOptions.of({"relora_warm_start": 7}).warm_start == 7
     for extra, needle in [({"relora_every": 0}, "relora_every=0"), ({"relora_every": 4, "relora_warmup": 4},
-                          "relora_warmup=4"), ({"relora_prune": 1.5}, "relora_prune=1.5")]:
+                          "relora_warmup=4"), ({"relora_prune": 1.5}, "relora_prune=1.5"),
+                          ({"relora_warm_start": -1}, "relora_warm_start=-1"),
+                          ({"relora_warm_start": 2.5}, "relora_warm_start=2.5")]:
         with pytest.raises(ValueError, match=needle):
             ReloraOptions.of(extra)
 
@@ -150,3 +153,76 @@ def test_cli_refuses_a_bad_restart_period(tmp_path, tiny_args, capsys):
     assert main(["train", *args]) != 0
     err = capsys.readouterr().err
     assert "relora_every=-1" in err and len(err.strip().splitlines()) == 1
+
+
+def _run_wrapper(model: nn.Module, opt: ReloraOptimizer, steps: int) -> list[dict]:
+    """Take ``steps`` steps at lr 1.0 (as the loop: lr set from the step first); per step, what changed."""
+    seen = []
+    for _ in range(steps):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.param_groups[0]["lr"] = opt.param_groups[1]["lr"] = 1e-2
+        opt.zero_grad()
+        model(torch.randn(8, 12)).pow(2).mean().backward()
+        opt.step()
+        changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+        seen.append({"changed": changed, "lr": opt.param_groups[0]["lr"] / 1e-2})
+    return seen
+
+
+def test_warm_start_trains_w_full_rank_then_switches_to_relora_at_n():
+    """Steps 1-3 move the targeted W (adapters frozen, B = 0); after step 3 W freeze and lose their optimizer state,
+    the adapters train with a re-warmed lr, and the first merge comes relora_every = 2 steps after the switch."""
+    model = _lora_model()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.zero_()  # a fresh adapter, as --method relora injects it
+    weights = [model.get_submodule(i).base_layer.weight for i in ("0", "2")]
+    adapters = [p for n, p in model.named_parameters() if ".adapters." in n]
+    opt = ReloraOptimizer(torch.optim.AdamW([{"params": adapters}, {"params": weights}], lr=1e-2), model,
+                          ReloraOptions(every=2, warmup=1, prune=0.5, warm_start=3), seed=0)
+    assert all(p.requires_grad for p in weights) and not any(p.requires_grad for p in adapters)
+    seen = _run_wrapper(model, opt, 3)
+    for row in seen:
+        assert {"0.base_layer.weight", "2.base_layer.weight"} <= row["changed"]
+        assert not any(".adapters." in n for n in row["changed"])
+    assert not any(p.requires_grad for p in weights) and all(p.requires_grad for p in adapters)
+    assert not any(p in opt.state for p in weights), "W's optimizer state is dropped at the switch"
+    frozen = [w.detach().clone() for w in weights]
+    seen = _run_wrapper(model, opt, 4)  # steps 4..7: warm-up at 4 (after the switch) and 6 (after the merge at 5)
+    assert [row["lr"] for row in seen] == [0.5, 1.0, 0.5, 1.0]
+    assert all("0.adapters.default.lora_B" in row["changed"] for row in seen)
+    assert not torch.equal(weights[0], frozen[0])  # merged after step 5
+    assert [warmup_scale(s, opt.opts) for s in range(8)] == [1.0, 1.0, 1.0, 0.5, 1.0, 0.5, 1.0, 0.5]
+
+
+def test_warm_start_phase_is_restored_from_the_step_counter():
+    model = _lora_model()
+    adapters = [p for n, p in model.named_parameters() if ".adapters." in n]
+    weights = [model.get_submodule(i).base_layer.weight for i in ("0", "2")]
+    opts = ReloraOptions(every=2, warmup=1, warm_start=3)
+    opt = ReloraOptimizer(torch.optim.AdamW([{"params": adapters}, {"params": weights}], lr=1e-2), model, opts, 0)
+    opt.load_state_dict({"inner": opt.inner.state_dict(), "relora_steps": 3})
+    assert not any(p.requires_grad for p in weights) and all(p.requires_grad for p in adapters)
+    opt.load_state_dict({"inner": opt.inner.state_dict(), "relora_steps": 2})
+    assert all(p.requires_grad for p in weights) and not any(p.requires_grad for p in adapters)
+
+
+@pytest.mark.parametrize("stop_at", [2, 3, 4])
+def test_cli_resume_across_the_warm_start_switch_is_bit_identical(tmp_path, tiny_args, stop_at):
+    """Warm start of 3 steps, restarts 2 steps after it (step 5): stopping before the switch, exactly at it and
+    after it gives the uninterrupted run's per-step losses and final weights (W, adapters) bit for bit."""
+    config = tmp_path / "relora.json"
+    config.write_text(json.dumps({"extra": {"relora_every": 2, "relora_warmup": 1, "relora_warm_start": 3}}))
+    common = [*tiny_args, "--config", str(config), "--method", "relora", "--rank", "4", "--steps", "6",
+              "--save-every", "1", "--dropout", "0.0", "--model-dropout", "0.0", "--lr", "1e-2"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(["train", *common, "--out", str(straight)]) == 0
+    assert main(["train", *common, "--out", str(split), "--stop-at", str(stop_at)]) == 0
+    assert main(["train", "--out", str(split), "--resume", "--no-progress"]) == 0
+    assert _losses(split) == _losses(straight) and len(_losses(straight)) == 6
+    a, b = load_file(straight / "trainable.safetensors"), load_file(split / "trainable.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(".adapters." in k for k in a) and any(k.endswith("base_layer.weight") for k in a)
+    lrs = [r["lr"] for r in read_jsonl(straight / "metrics.jsonl") if "lr" in r]
+    assert lrs[3] < lrs[2] and lrs[5] < lrs[4], f"no warm-up after the switch / the merge: {lrs}"

@@ -22,7 +22,7 @@ from ..memory.estimate import (
     resolve_method_alias,
 )
 from ..memory.modelspec import available_models
-from .train import add_field_option, flag_of
+from .train import _extra_item, add_field_option, flag_of
 
 # Options shared with ``leantrain train``: TrainConfig field -> this command's default (a single micro-batch
 # of a long sequence, the usual "will it fit" question, not train's default job).
@@ -70,6 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_field_option(p, "grad_accum", default=1, type=positive_int)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="sizes the optimizer step workspace")
     p.add_argument("--num-labels", type=positive_int, default=2, help="classifier head size for encoder models")
+    p.add_argument("--extra", metavar="KEY=VALUE", action="append", type=_extra_item, default=None,
+                   help="a method option of TrainConfig.extra, as in leantrain train (e.g. --extra "
+                        "sltrain_density=0.05, --extra relora_warm_start=100); repeatable")
     p.add_argument("--json", action="store_true", help="print one JSON object of byte counts")
     p.set_defaults(func=run)
 
@@ -93,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
                       seq_len=args.max_length, activation_checkpointing=args.activation_checkpointing,
                       rank=args.rank, quantize=args.quantize, targets=args.targets, fraction=args.fraction,
                       block_size=args.block_size, attention=args.attention, layerwise=args.layerwise,
-                      grad_accum=args.grad_accum, device=args.device, num_labels=args.num_labels)
+                      grad_accum=args.grad_accum, device=args.device, num_labels=args.num_labels,
+                      extra=dict(args.extra or []))
     print(json.dumps(report.as_dict(), sort_keys=True) if args.json else report.format_table())
     return 0
 

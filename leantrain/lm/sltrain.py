@@ -12,6 +12,11 @@ resumed run (or any run with the same seed) has the same support. The forward ma
 a time inside an autograd function that saves only x and the factors and recomputes W in backward, so no
 weight-sized tensor stays alive between forward and backward.
 
+Memory-efficient version: the paper's "quantization and per-layer updates" (its 73 % saving at LLaMA 7B) is the
+authors' LLaMA-7B recipe -- bitsandbytes ``Adam8bit`` over B, A and the values (8-bit optimizer states; the
+factors themselves stay bf16), per-layer weight updates, bf16 weights. Here that is ``--optim adamw8bit
+--layerwise --dtype bf16`` with this method unchanged (tested: the layerwise 8-bit step equals the ordinary one).
+
 Registered as ``sltrain`` (causal-LM pre-training only). Option: ``TrainConfig.extra["sltrain_density"]``
 (``--extra sltrain_density=0.05``).
 """

@@ -205,6 +205,7 @@ class EstimatorOptions:
     shira_layout: str = "leantrain"
     dlrt_ranks: dict[str, int] | None = None
     dlrt_freeze_other: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # TrainConfig.extra: a method's own options
 
 
 @dataclass
@@ -256,7 +257,8 @@ def _method_weights(ledger: _Ledger, method: Any, targets: list[ParamSpec], opts
             if t.trains:
                 proj = t.projectable and min(t.shape) > opts.rank
                 ledger.trainables.append(_Trainable(t.name, t.shape, projected=proj))
-                added += numel if t.stored else 0
+            if t.stored and (t.trains or t.base):  # a frozen base tensor is still one of the model's weights
+                added += numel
             if t.stored:
                 ledger.add("weights.base" if t.base else "weights.adapters", numel * opts.elt)
     extras = method.estimator_extras([(p.module, *p.shape) for p in targets], opts) if targets else {}
@@ -309,7 +311,8 @@ def estimate(model: str | ModelSpec, method: str = "full", optim: str = "adamw",
              block_size: int = 256, attention: str = "eager", layerwise: bool = False, device: str = "cpu",
              shira_layout: str = "leantrain", num_labels: int = 2, dlrt_ranks: dict[str, int] | None = None,
              dlrt_freeze_other: bool = False, moments: str = "fp32", bf16_update: str = "stochastic",
-             state_dtype: str = "fp32", grad_accum: int = 1, ddp: bool = False) -> MemoryReport:
+             state_dtype: str = "fp32", grad_accum: int = 1, ddp: bool = False,
+             extra: dict[str, Any] | None = None) -> MemoryReport:
     """Estimate training memory in bytes; see the module docstring and docs/memory.md for every formula. What a
     method adds is declared by the method itself (``estimator_tensors`` / ``estimator_extras`` /
     ``activation_bytes_per_token`` in leantrain/methods.py), so this function names no method."""
@@ -330,7 +333,8 @@ def estimate(model: str | ModelSpec, method: str = "full", optim: str = "adamw",
     # fp32, and Kahan keeps a bf16 buffer per trained weight (leantrain/precision.py); the paper counts neither.
     compensated = moments == "fp32" and dtype in ("bf16", "bfloat16") and bf16_update != "plain"
     basis_elt = 4 if compensated else elt
-    opts = EstimatorOptions(rank, elt, n_states, fraction, shira_layout, dlrt_ranks, dlrt_freeze_other)
+    opts = EstimatorOptions(rank, elt, n_states, fraction, shira_layout, dlrt_ranks, dlrt_freeze_other,
+                            dict(extra or {}))
     targets_l = select_targets(spec, targets) if m.uses_targets else []
     ledger = _Ledger(details={"weights.buffers": sum(n * b for n, b in spec.buffers.values())})
     _base_weights(ledger, spec, m, targets_l, opts, quantize, projected)
@@ -441,7 +445,7 @@ def estimate_config(cfg: Any, num_labels: int = 2, vocab_size: int | None = None
                               "dtype": cfg.weight_dtype,
                               "layerwise": cfg.layerwise, "bf16_update": cfg.bf16_update,
                               "state_dtype": cfg.state_dtype, "grad_accum": cfg.grad_accum,
-                              "ddp": _under_ddp(cfg),
+                              "ddp": _under_ddp(cfg), "extra": dict(cfg.extra),
                               "dlrt_freeze_other": bool(cfg.extra.get("dlrt_freeze_other", False))}
     kwargs.update(overrides)
     return estimate(config_model_spec(cfg, num_labels, vocab_size), **kwargs)
