@@ -8,7 +8,7 @@ config or the CLI.
 from __future__ import annotations
 
 import pkgutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -18,6 +18,7 @@ import torch
 from ..registry import Registry
 
 CODEC_KINDS = ("native", "fp32", "bf16", "8bit", "4bit")
+TASKS = ("classify", "causal-lm")
 
 
 class OptimizerOptions(Protocol):
@@ -44,6 +45,12 @@ class OptimizerSpec:
     parameter's dtype as torch does, else a leantrain codec); ``projected``: GaLore-style low-rank moments of 2-D
     parameters; ``compilable``: honours ``compile_optim`` (the fused 8/4-bit Adam kernel); ``options``: the run
     options it reads beyond lr, betas and weight_decay (the CLI warns about a given option nobody reads).
+
+    ``lr_scale``: the default learning rate relative to AdamW's -- the run's default lr (the method's
+    ``default_lr``, or the pre-training lr of ``--init-weights scratch``) times this; a mapping gives one scale
+    per ``--task`` (tasks it leaves out: 1). Relative, because the method knows the scale of its parameters
+    (LoRA 2e-4, full fine-tuning 5e-5) and the optimizer only how large its update is next to Adam's. Each
+    optimizer's file says where its value comes from (paper or measurement).
     """
 
     name: str
@@ -54,12 +61,24 @@ class OptimizerSpec:
     projected: bool = False
     compilable: bool = False
     options: tuple[str, ...] = ()
+    lr_scale: float | Mapping[str, float] = 1.0
+
+    def lr_scale_for(self, task: str) -> float:
+        """The default-lr factor of ``--task task``."""
+        if isinstance(self.lr_scale, Mapping):
+            return float(self.lr_scale.get(task, 1.0))
+        return float(self.lr_scale)
 
     def __post_init__(self) -> None:
         if self.codec not in CODEC_KINDS:
             raise ValueError(f"optimizer spec {self.name!r}: codec={self.codec!r} is not one of {CODEC_KINDS}")
         if self.states < 0:
             raise ValueError(f"optimizer spec {self.name!r}: states={self.states} must be >= 0")
+        scales = self.lr_scale if isinstance(self.lr_scale, Mapping) else {"*": self.lr_scale}
+        for task, scale in scales.items():
+            if task not in (*TASKS, "*") or not (isinstance(scale, (int, float)) and scale > 0):
+                raise ValueError(f"optimizer spec {self.name!r}: lr_scale[{task!r}]={scale!r} must be a positive "
+                                 f"number for a task in {TASKS}")
 
 
 
