@@ -35,7 +35,15 @@ import torch
 from torch import Tensor, nn
 
 from .adam import BlockOptimizer, apply_decoupled
-from .spec import OptimizerOptions, OptimizerSpec, register
+from .spec import (
+    STEP_BYTES,
+    OptimizerOptions,
+    OptimizerSpec,
+    StateOptions,
+    StateTensor,
+    codec_bytes,
+    register,
+)
 
 PARTITIONS = ("row", "head", "tensor", "element")
 EMBED_NAMES = ("embed", "embd", "wte", "lm_head", "output", "final_layer")
@@ -133,7 +141,7 @@ class AdamMini8bit(AdamMini):
     default_codec = "8bit"
 
 
-def partition_of(name: str, p: Tensor) -> str:
+def partition_of(name: str, ndim: int) -> str:
     """The paper's block of a parameter by its name (``adam_mini``'s keyword lists): biases element-wise (Adam),
     query / key per head, other matrices per row (token of the embedding / output head, output neuron of value,
     attention-output and MLP matrices), other 1-D tensors (norm weights) per tensor."""
@@ -142,7 +150,7 @@ def partition_of(name: str, p: Tensor) -> str:
         return "element"
     if any(k in low for k in QK_NAMES):
         return "head"
-    return "row" if p.ndim >= 2 else "tensor"
+    return "row" if ndim >= 2 else "tensor"
 
 
 def decays(name: str) -> bool:
@@ -154,7 +162,7 @@ def decays(name: str) -> bool:
 def named_group(g: dict, name: str, p: Tensor, head_numel: int | None, weight_decay: float | None) -> dict:
     """A one-parameter group with the paper's partition; a Q/K matrix whose size the head block does not divide
     (or no head geometry) falls back to one value per row."""
-    part = partition_of(name, p)
+    part = partition_of(name, p.ndim)
     if part == "head" and (not head_numel or p.numel() % head_numel):
         part = "row"
     out = {**g, "params": [p], "names": [name], "partition": part,
@@ -202,6 +210,17 @@ def build_adam_mini(groups: list[dict], opts: OptimizerOptions, lr: float) -> to
                         weight_decay=opts.weight_decay, block_size=opts.block_size)
 
 
-register(OptimizerSpec("adam-mini", build_adam_mini, states=1, codec="8bit",
+def adam_mini_state(t: StateTensor, o: StateOptions) -> tuple[int, int]:
+    """Estimator: the 8-bit first moment plus one fp32 second moment per block of the named partition."""
+    n = math.prod(t.shape)
+    part = partition_of(t.name, len(t.shape))
+    if part == "head" and not (o.head_dim and t.shape[0] % o.head_dim == 0):
+        part = "row"
+    blocks = {"element": n, "tensor": 1, "row": t.shape[0],
+              "head": t.shape[0] // (o.head_dim or 1)}[part]
+    return STEP_BYTES + codec_bytes("8bit", n, o.block_size) + 4 * blocks, 0
+
+
+register(OptimizerSpec("adam-mini", build_adam_mini, states=1, codec="8bit", state_bytes=adam_mini_state,
                        summary="Adam-mini: one second moment per head (Q/K), per row (token / output neuron) of the "
                                "other matrices, per norm weight; 8-bit first moment", options=("block_size",)))

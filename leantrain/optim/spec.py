@@ -35,6 +35,46 @@ class OptimizerOptions(Protocol):
 
 
 Builder = Callable[[list[dict], OptimizerOptions, float], torch.optim.Optimizer]
+MIN_QUANT_NUMEL = 4096  # min_8bit_size: a moment of fewer values stays fp32 under the 8/4-bit codecs
+STEP_BYTES = 4  # the fp32 step counter every tensor's state holds
+
+
+@dataclass(frozen=True)
+class StateTensor:
+    """What the memory estimator knows of one trainable tensor: its name, shape, and whether it sits in a group
+    the optimizer's matrix rule takes (the method's "linear" weights or adapter matrices; not the task / output
+    head, embeddings, norms)."""
+
+    name: str
+    shape: tuple[int, ...]
+    matrix: bool
+
+
+@dataclass(frozen=True)
+class StateOptions:
+    """The run settings a state-bytes rule reads: projection rank, codec block size, bytes of a plain moment
+    (fp32, or bf16 under --state-dtype bf16), bytes of a projector basis value, the model's attention head width."""
+
+    rank: int
+    block_size: int
+    elt: int
+    basis_elt: int
+    head_dim: int | None = None
+
+
+# (state bytes including the step counter, projector bytes) of one tensor
+StateBytes = Callable[[StateTensor, StateOptions], tuple[int, int]]
+
+
+def codec_bytes(codec: str, numel: int, block_size: int, elt: int = 4) -> int:
+    """Bytes of one moment of ``numel`` values: ``elt`` each when plain ("native"/"fp32"/"bf16"); 8/4-bit
+    codes plus one fp32 absmax per block, or fp32 under ``MIN_QUANT_NUMEL`` values (Dettmers et al. 2022)."""
+    if codec in ("native", "fp32", "bf16"):
+        return numel * (2 if codec == "bf16" else elt)
+    if numel < MIN_QUANT_NUMEL:
+        return numel * 4
+    per = numel if codec == "8bit" else (numel + 1) // 2
+    return per + 4 * -(-numel // block_size)
 
 
 @dataclass(frozen=True)
@@ -45,6 +85,10 @@ class OptimizerSpec:
     parameter's dtype as torch does, else a leantrain codec); ``projected``: GaLore-style low-rank moments of 2-D
     parameters; ``compilable``: honours ``compile_optim`` (the fused 8/4-bit Adam kernel); ``options``: the run
     options it reads beyond lr, betas and weight_decay (the CLI warns about a given option nobody reads).
+
+    ``state_bytes``: the optimizer's own count of one tensor's state (:data:`StateBytes`) when ``states`` /
+    ``codec`` / ``projected`` cannot say it (different rules for matrices and the rest, a fixed rank, compressed
+    or factored moments); None: the estimator's generic rule from those three fields.
 
     ``lr_scale``: the default learning rate relative to AdamW's -- the run's default lr (the method's
     ``default_lr``, or the pre-training lr of ``--init-weights scratch``) times this; a mapping gives one scale
@@ -62,6 +106,7 @@ class OptimizerSpec:
     compilable: bool = False
     options: tuple[str, ...] = ()
     lr_scale: float | Mapping[str, float] = 1.0
+    state_bytes: StateBytes | None = None
 
     def lr_scale_for(self, task: str) -> float:
         """The default-lr factor of ``--task task``."""
