@@ -44,7 +44,7 @@ def default_lr(task: str, method: str, optim: str, scratch: bool) -> float:
     from .optim.registry import get_spec
 
     base = SCRATCH_LR if scratch else method_spec(method).default_lr
-    return base * get_spec(optim).lr_scale_for(task)
+    return float(f"{base * get_spec(optim).lr_scale_for(task):.6g}")  # 3e-3 x 10/3 reads 0.01 in config.json
 
 
 def _plain_moments(optim: str) -> bool:
