@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import qgalore
 from .adam import AdamW, AdamW4bit, AdamW8bit, adam_builder
 from .projector import GROUP_DEFAULTS
 from .spec import Builder, OptimizerOptions, OptimizerSpec, register
@@ -142,7 +143,8 @@ def galore_groups(groups: list[dict], opts: OptimizerOptions) -> list[dict]:
         rest = [p for p, f in zip(g["params"], fits) if not f]
         if mats:
             tagged.append({**g, "params": mats, "rank": opts.rank, "update_proj_gap": opts.gap,
-                           "scale": opts.proj_scale, "proj_type": "std", "svd": opts.svd})
+                           "scale": opts.proj_scale, "proj_type": "std", "svd": opts.svd,
+                           **qgalore.group_keys(opts)})
         if rest:
             tagged.append({**g, "params": rest})
     return tagged
