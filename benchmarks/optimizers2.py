@@ -12,6 +12,7 @@ Phases (each reuses finished runs: the experiment engine caches by config hash, 
 * ``seeds``: each optimizer at its best sweep lr (lowest final training loss) with seeds 1 and 2;
 * ``peers``: each peer at the best lr of its leantrain counterpart, seeds 0-2 (``train_with_peer``: the trainer
   with its optimizer replaced by the peer's over the same param groups);
+* ``qgalore``: GaLore at its best sweep lr with Q-GaLore's int4 projector, lazy refresh (threshold 0.4), both;
 * ``main``: the main job (``make run``: LoRA on MiniLM, the bundled sentiment data), ``--steps`` steps, each
   optimizer at its default lr (the spec's), seed 0 (``--seeds`` for more);
 * ``table`` (default): print both tables, write docs/img/optimizers2.png and (``--json``) the rows.
@@ -42,6 +43,9 @@ OURS = ["adamw", "adamw8bit", "galore-adamw", "galore-adamw8bit", "muon", "muon8
 PEERS = {"torch.optim.Muon": "muon", "adam_mini.Adam_mini": "adam-mini", "apollo_torch (APOLLO)": "apollo",
          "apollo_torch (APOLLO-Mini)": "apollo-mini", "fira.FiraAdamW": "fira", "flora_opt.Flora": "flora"}
 LRS = [1e-3, 3e-3, 1e-2]
+# Q-GaLore's options of the GaLore family (--extra), next to plain GaLore at its best lr
+QGALORE = {"int4 projector": {"proj_bits": 4}, "lazy refresh 0.4": {"lazy_refresh_cos": 0.4},
+           "int4 + lazy": {"proj_bits": 4, "lazy_refresh_cos": 0.4}}
 TINY = {"task": "causal-lm", "init_weights": "scratch", "arch": "llama", "preset": "tiny", "method": "full",
         "steps": 60, "val_size": 200, "progress": False, "save_every": 0}
 MAIN = {"progress": False, "save_every": 0}  # the README's `leantrain train`: LoRA, MiniLM, bundled data
@@ -187,10 +191,11 @@ def train_with_peer(cfg: Any) -> dict[str, Any]:
 
 # --- the grids --------------------------------------------------------------------------------------------------
 
-def _exp(part: str, label: str, optim: str, lr: float | None, seed: int, peer: str | None = None) -> Experiment:
+def _exp(part: str, label: str, optim: str, lr: float | None, seed: int, peer: str | None = None,
+         extra: dict | None = None) -> Experiment:
     over: dict[str, Any] = {"optim": optim, "seed": seed, **({} if lr is None else {"lr": lr})}
-    if peer:
-        over["extra"] = {"peer": peer}
+    if peer or extra:
+        over["extra"] = {**({"peer": peer} if peer else {}), **(extra or {})}
     slug = label.replace(" ", "").replace("(", "-").replace(")", "").replace(".", "_")
     lr_tag = "default" if lr is None else f"{lr:g}"
     return Experiment(f"{part}_{slug}_lr{lr_tag}_s{seed}", over, group=f"{label} @ {lr_tag}",
@@ -217,6 +222,9 @@ def grid(phase: str, rows: list[dict], seeds: list[int], lrs: list[float] = LRS)
         return [_exp("tiny", o, o, best[o], s) for o in OURS if o in best for s in seeds if s != 0]
     if phase == "peers":
         return [_exp("tiny", p, o, best[o], s, peer=p) for p, o in PEERS.items() if o in best for s in seeds]
+    if phase == "qgalore":
+        return [_exp("qgalore", f"galore-adamw {k}", "galore-adamw", best["galore-adamw"], 0, extra=v)
+                for k, v in QGALORE.items()]
     if phase == "main":
         return [_exp("main", o, o, None, s) for o in OURS for s in seeds]
     raise ValueError(f"unknown phase {phase!r}")
@@ -251,6 +259,17 @@ def sweep_table(rows: list[dict]) -> str:
     return format_table(sweep, [Column("optimizer", "opt"), Column("lr", "lr", "g"),
                                 Column("final train loss (seed 0)", "train_loss_last", ".3f")],
                         group_key="name")
+
+
+def qgalore_table(rows: list[dict]) -> str:
+    """Plain GaLore (sweep, seed 0, best lr) and its Q-GaLore options."""
+    best = best_lrs(rows).get("galore-adamw")
+    plain = [r for r in rows if r.get("part") == "tiny" and r.get("opt") == "galore-adamw" and not r.get("peer")
+             and r.get("seed") == 0 and r.get("lr") == best]
+    return format_table(plain + [r for r in rows if r.get("part") == "qgalore"], [
+        Column("GaLore (fp32 moments)", "opt"), Column("lr", "lr", "g"),
+        Column("final train loss", "train_loss_last", ".3f"), Column("val loss", "val_loss", ".3f"),
+        Column("state bytes (incl. projectors)", "optimizer_state_bytes", ","), Column("s/step", "sec_per_step", ".3f")])
 
 
 def main_table(rows: list[dict]) -> str:
@@ -289,8 +308,8 @@ def run_phase(phase: str, args: argparse.Namespace, rows: list[dict]) -> list[di
     todo = grid(phase, rows, seeds, [float(x) for x in args.lrs.split(",")])
     if args.only:
         keep = set(args.only.split(","))
-        todo = [e for e in todo if PEERS.get(e.tags["opt"], e.tags["opt"]) in keep]
-    part = "main" if phase == "main" else "tiny"
+        todo = [e for e in todo if PEERS.get(e.tags["opt"], e.tags["opt"]) in keep or phase == "qgalore"]
+    part = {"main": "main", "qgalore": "qgalore"}.get(phase, "tiny")
     base = ({**MAIN, **(QUICK_MAIN if args.quick else {"steps": args.main_steps})} if part == "main"
             else {**TINY, **(QUICK if args.quick else {})})
     env = {"OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -305,7 +324,8 @@ def run_phase(phase: str, args: argparse.Namespace, rows: list[dict]) -> list[di
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("phase", nargs="?", default="table", choices=["sweep", "seeds", "peers", "main", "table"])
+    ap.add_argument("phase", nargs="?", default="table",
+                    choices=["sweep", "seeds", "peers", "qgalore", "main", "table"])
     ap.add_argument("--out", type=Path, default=None, help="run folders (default: runs/bench_optim2[-quick])")
     ap.add_argument("--seeds", default="0,1,2", help="seeds of the seeds/peers/main phases")
     ap.add_argument("--only", default=None, help="comma list of leantrain optimizers (and their peers) to run")
@@ -327,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     print("lr sweep (tiny LLaMA, seed 0):\n" + sweep_table(rows))
     print("\nbest lr per optimizer:", best_lrs(rows))
     print("\ntiny LLaMA at the best lr:\n" + tiny_table(rows))
+    print("\nQ-GaLore options (tiny LLaMA, seed 0):\n" + qgalore_table(rows))
     print("\nmain job at the default lr:\n" + main_table(rows))
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
     if args.phase == "table" and not args.quick:
