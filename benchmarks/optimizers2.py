@@ -12,7 +12,8 @@ Phases (each reuses finished runs: the experiment engine caches by config hash, 
 * ``seeds``: each optimizer at its best sweep lr (lowest final training loss) with seeds 1 and 2;
 * ``peers``: each peer at the best lr of its leantrain counterpart, seeds 0-2 (``train_with_peer``: the trainer
   with its optimizer replaced by the peer's over the same param groups);
-* ``qgalore``: GaLore at its best sweep lr with Q-GaLore's int4 projector, lazy refresh (threshold 0.4), both;
+* ``qgalore``: GaLore at its best sweep lr and --gap 10: plain, Q-GaLore's int4 projector, lazy refresh
+  (threshold 0.4, k = 2), both;
 * ``main``: the main job (``make run``: LoRA on MiniLM, the bundled sentiment data), ``--steps`` steps, each
   optimizer at its default lr (the spec's), seed 0 (``--seeds`` for more);
 * ``table`` (default): print both tables, write docs/img/optimizers2.png and (``--json``) the rows.
@@ -44,8 +45,10 @@ PEERS = {"torch.optim.Muon": "muon", "adam_mini.Adam_mini": "adam-mini", "apollo
          "apollo_torch (APOLLO-Mini)": "apollo-mini", "fira.FiraAdamW": "fira", "flora_opt.Flora": "flora"}
 LRS = [1e-3, 3e-3, 1e-2]
 # Q-GaLore's options of the GaLore family (--extra), next to plain GaLore at its best lr
-QGALORE = {"int4 projector": {"proj_bits": 4}, "lazy refresh 0.4": {"lazy_refresh_cos": 0.4},
-           "int4 + lazy": {"proj_bits": 4, "lazy_refresh_cos": 0.4}}
+# (gap 10, so 60 steps see refreshes at 1, 11, ..., 51 and the lazy rule, k = 2, has something to skip)
+QGALORE = {"plain": {}, "int4 projector": {"proj_bits": 4}, "lazy refresh 0.4": {"lazy_refresh_cos": 0.4,
+           "lazy_refresh_k": 2}, "int4 + lazy": {"proj_bits": 4, "lazy_refresh_cos": 0.4, "lazy_refresh_k": 2}}
+QGALORE_GAP = 10
 TINY = {"task": "causal-lm", "init_weights": "scratch", "arch": "llama", "preset": "tiny", "method": "full",
         "steps": 60, "val_size": 200, "progress": False, "save_every": 0}
 MAIN = {"progress": False, "save_every": 0}  # the README's `leantrain train`: LoRA, MiniLM, bundled data
@@ -186,7 +189,9 @@ def train_with_peer(cfg: Any) -> dict[str, Any]:
         metrics = train_module.train(cfg)
     finally:
         run_module.build_optimizer_for = build
-    return {**metrics, "optimizer_state_bytes": deep_state_bytes(captured["opt"])}
+    states = [st for st in captured["opt"].state.values() if "proj_refreshes" in st]
+    refreshes = sum(int(st["proj_refreshes"]) for st in states) / len(states) if states else None
+    return {**metrics, "optimizer_state_bytes": deep_state_bytes(captured["opt"]), "projector_refreshes": refreshes}
 
 
 # --- the grids --------------------------------------------------------------------------------------------------
@@ -223,10 +228,12 @@ def grid(phase: str, rows: list[dict], seeds: list[int], lrs: list[float] = LRS)
     if phase == "peers":
         return [_exp("tiny", p, o, best[o], s, peer=p) for p, o in PEERS.items() if o in best for s in seeds]
     if phase == "qgalore":
-        return [_exp("qgalore", f"galore-adamw {k}", "galore-adamw", best["galore-adamw"], 0, extra=v)
-                for k, v in QGALORE.items()]
-    if phase == "main":
-        return [_exp("main", o, o, None, s) for o in OURS for s in seeds]
+        return [Experiment(e.name, {**e.overrides, "gap": QGALORE_GAP}, e.group, e.tags)
+                for e in (_exp("qgalore", f"galore-adamw {k}", "galore-adamw", best["galore-adamw"], 0, extra=v)
+                          for k, v in QGALORE.items())]
+    if phase == "main":  # the new optimizers first (a cut-short run still compares them with AdamW)
+        order = [*OURS[4:], "adamw", "adamw8bit", "galore-adamw", "galore-adamw8bit"]
+        return [_exp("main", o, o, None, s) for o in order for s in seeds]
     raise ValueError(f"unknown phase {phase!r}")
 
 
@@ -267,7 +274,8 @@ def qgalore_table(rows: list[dict]) -> str:
     plain = [r for r in rows if r.get("part") == "tiny" and r.get("opt") == "galore-adamw" and not r.get("peer")
              and r.get("seed") == 0 and r.get("lr") == best]
     return format_table(plain + [r for r in rows if r.get("part") == "qgalore"], [
-        Column("GaLore (fp32 moments)", "opt"), Column("lr", "lr", "g"),
+        Column("GaLore (fp32 moments)", "opt"), Column("lr", "lr", "g"), Column("gap", "gap"),
+        Column("refreshes per matrix", "projector_refreshes", ".1f"),
         Column("final train loss", "train_loss_last", ".3f"), Column("val loss", "val_loss", ".3f"),
         Column("state bytes (incl. projectors)", "optimizer_state_bytes", ","), Column("s/step", "sec_per_step", ".3f")])
 

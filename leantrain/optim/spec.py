@@ -93,7 +93,7 @@ class OptimizerSpec:
     ``lr_scale``: the default learning rate relative to AdamW's -- the run's default lr (the method's
     ``default_lr``, or the pre-training lr of ``--init-weights scratch``) times this; a mapping gives one scale
     per ``--task`` (tasks it leaves out: 1). Relative, because the method knows the scale of its parameters
-    (LoRA 2e-4, full fine-tuning 5e-5) and the optimizer only how large its update is next to Adam's. Each
+    (LoRA 5e-4, full fine-tuning 5e-5) and the optimizer only how large its update is next to Adam's. Each
     optimizer's file says where its value comes from (paper or measurement).
     """
 
