@@ -211,7 +211,8 @@ def best_lrs(rows: list[dict]) -> dict[str, float]:
     """Per optimizer, the sweep lr with the lowest seed-0 final training loss (ties: the lower lr)."""
     best: dict[str, tuple[float, float]] = {}
     for r in rows:
-        if "error" in r or r.get("peer") or r.get("seed") != 0 or r.get("train_loss_last") is None:
+        if (r.get("part") != "tiny" or "error" in r or r.get("peer") or r.get("seed") != 0
+                or r.get("train_loss_last") is None):
             continue
         key = (r["train_loss_last"], r["lr"])
         if r["opt"] not in best or key < best[r["opt"]]:
@@ -295,7 +296,7 @@ def plot(rows: list[dict], path: Path) -> None:
     chosen = [r for r in rows if r.get("part") == "tiny" and "error" not in r
               and r.get("lr") == best.get(PEERS.get(r["opt"], r["opt"]))]
     plot_panels(chosen, path, [
-        Panel("scatter", "tiny LLaMA, 60 steps: final training loss vs optimizer state (best lr, mean of seeds)",
+        Panel("scatter", "tiny LLaMA, 60 steps: final training loss vs optimizer state (best lr, seed 0)",
               y=("train_loss_last",), x=("optimizer_state_bytes",), scale=MIB, xlabel="optimizer state (MiB)",
               ylabel="final training loss")], size=(8, 5.5))
     curves = [r for r in chosen if r.get("seed") == 0 and not r.get("peer")]
