@@ -83,9 +83,9 @@ def optimizer_list() -> str:
         if set(scales.values()) == {1.0}:
             out.append(name)
         elif len(set(scales.values())) == 1:
-            out.append(f"{name} (lr x{scales[TASKS[0]]:g})")
+            out.append(f"{name} (lr x{scales[TASKS[0]]:.3g})")
         else:
-            out.append(f"{name} (lr " + ", ".join(f"x{v:g} {t}" for t, v in scales.items()) + ")")
+            out.append(f"{name} (lr " + ", ".join(f"x{v:.3g} {t}" for t, v in scales.items()) + ")")
     return ", ".join(out)
 
 
