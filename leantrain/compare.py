@@ -43,7 +43,7 @@ SUMMARY_KEYS = ("val_accuracy", "val_loss", "trainable_params", "total_params", 
                 "peak_rss_bytes", "wall_time_s", "steps", "majority_baseline_accuracy", "tfidf_baseline_accuracy",
                 "sec_per_step")
 MIB = 2.0**-20
-COLUMNS = [Column("run", "label"), Column("method", "method"), Column("optimizer", "optim"),
+COLUMNS = [Column("run", "label"), Column("method", "method"), Column("optimizer", "optim"), Column("lr", "lr", "g"),
            Column("val acc", "val_accuracy", ".4f"), Column("val loss", "val_loss", ".4f"),
            Column("trainable params", "trainable_params", ","),
            Column("optimizer state MiB", "optimizer_state_bytes", ".1f", MIB),
@@ -74,7 +74,8 @@ def _estimate(result: Result) -> int | None:
 def summary_row(result: Result) -> dict[str, Any]:
     """The results.json row of one run: label, method, optimizer, then its metrics (or its one-line error)."""
     entry = result.experiment.overrides
-    row: dict[str, Any] = {"label": result.experiment.name, "method": entry["method"], "optim": entry["optim"]}
+    row: dict[str, Any] = {"label": result.experiment.name, "method": entry["method"], "optim": entry["optim"],
+                           "lr": result.config.get("lr")}  # the resolved lr (method default x optimizer lr_scale)
     if not result.ok:
         return {**row, "error": result.error}
     row.update({k: result.metrics.get(k) for k in SUMMARY_KEYS})

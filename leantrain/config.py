@@ -38,6 +38,15 @@ DEMO_SIZE, DEMO_SIZES, DEMO_DATA = "auto", (4000, 1000), ("vader", "bible")
 REPORT_TO = ("jsonl", "tensorboard", "none")
 
 
+def default_lr(task: str, method: str, optim: str, scratch: bool) -> float:
+    """The lr a run without --lr uses: the method's (or pre-training's) AdamW lr times the optimizer's
+    ``lr_scale`` for the task (leantrain/optim/spec.py)."""
+    from .optim.registry import get_spec
+
+    base = SCRATCH_LR if scratch else method_spec(method).default_lr
+    return float(f"{base * get_spec(optim).lr_scale_for(task):.6g}")  # 3e-3 x 10/3 reads 0.01 in config.json
+
+
 def _plain_moments(optim: str) -> bool:
     """Whether --optim keeps uncompressed moments that --state-dtype may store in bf16 (its spec says)."""
     from .optim.registry import specs
@@ -90,7 +99,8 @@ class TrainConfig:
                                       "almost nothing: refused unless --lr is given too)")
     optim: str = option("adamw", "how the trained parameters are updated")
     lr: float | None = option(None, f"learning rate; None = {SCRATCH_LR:g} for --init-weights scratch "
-                                    "(docs/lm.md's pre-training recipe), else the method's default")
+                                    "(docs/lm.md's pre-training recipe), else the method's default, times the "
+                                    "optimizer's lr scale (--optim's list); config.json records the value")
     head_lr: float | None = option(None, "lr of the fresh task head; None = max(lr, 1e-3)")
     weight_decay: float = option(0.01, "decoupled weight decay (AdamW-style)")
     betas: tuple[float, float] = option((0.9, 0.999), "Adam moment decay rates")
@@ -307,8 +317,8 @@ class TrainConfig:
             self.data = "bible" if self.task == "causal-lm" else "vader"
         if self.method is None:
             self.method = SCRATCH_METHOD if scratch else PRETRAINED_METHOD
-        if self.lr is None and scratch:
-            self.lr = SCRATCH_LR
+        if self.lr is None:
+            self.lr = default_lr(self.task, self.method, self.optim, scratch)
         self._resolve_data_options()
 
     def _resolve_data_options(self) -> None:

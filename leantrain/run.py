@@ -115,6 +115,21 @@ def base_lr(cfg: TrainConfig, method: Method) -> float:
     return cfg.lr if cfg.lr is not None else method.default_lr
 
 
+def name_groups(model: nn.Module, groups: list[dict]) -> list[dict]:
+    """Each group with its parameters' ``names`` (parallel to ``params``) and the model's attention ``head_dim``
+    (None without an attention config): optimizers whose rule depends on a parameter's role read them (Adam-mini's
+    per-head blocks for query / key), the others ignore them."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    head_dim = None
+    for module in model.modules():
+        conf = getattr(module, "config", None)
+        heads = getattr(conf, "num_attention_heads", None)
+        if heads:
+            head_dim = getattr(conf, "head_dim", None) or conf.hidden_size // heads
+            break
+    return [{**g, "names": [names.get(id(p), "") for p in g["params"]], "head_dim": head_dim} for g in groups]
+
+
 def head_group(model: nn.Module, cfg: TrainConfig, lr: float) -> dict | None:
     """The task head's param group (every method trains it), or None for a model without a head.
 
@@ -223,6 +238,7 @@ def build_run(cfg: TrainConfig, ctx: dist.DistContext | None = None, task: Task 
     head = head_group(task.model, cfg, lr)
     if head is not None:
         groups.append(head)
+    groups = name_groups(task.model, groups)
     refuse_unsupported_strategy(cfg, method, ctx)
     if ctx.enabled and not changes_parameter_shapes(method):  # shape-changing methods sync gradients by hand
         groups = wrap_for_distributed(task, groups, ctx, bucket_view=cfg.layerwise)

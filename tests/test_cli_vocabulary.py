@@ -165,7 +165,7 @@ def test_scratch_runs_default_to_full_training_at_a_pretraining_lr():
 
 def test_pretrained_runs_keep_lora_at_the_methods_lr():
     cfg = TrainConfig()
-    assert (cfg.method, cfg.lr) == ("lora", None)
+    assert (cfg.method, cfg.lr) == ("lora", get_method("lora").default_lr)  # resolved: config.json records it
     assert TrainConfig(task="causal-lm", model="smollm2").method == "lora"
 
 

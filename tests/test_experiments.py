@@ -152,9 +152,10 @@ def test_compare_writes_table_json_and_plot(tmp_path, tiny_args):
     rows = run_compare(out, ["lora"], [*tiny_args, "--steps", "2"], progress=False)
     assert [r["label"] for r in rows] == ["lora"] and "error" not in rows[0]
     table = (out / "results.md").read_text().splitlines()
-    assert table[0] == ("| run | method | optimizer | val acc | val loss | trainable params | optimizer state MiB | "
+    assert table[0] == ("| run | method | optimizer | lr | val acc | val loss | trainable params | optimizer state MiB | "
                         "est. peak MiB (tensors) | peak RSS MiB (process) | s/step |")
-    assert table[2].startswith("| lora | lora | adamw | 0.") and table[-1].startswith("Baselines on the same split")
+    lr = json.loads((out / "lora" / "config.json").read_text())["lr"]  # the lr the run resolved and recorded
+    assert table[2].startswith(f"| lora | lora | adamw | {lr:g} | 0.") and table[-1].startswith("Baselines on the same split")
     saved = json.loads((out / "results.json").read_text())
     assert saved == rows and rows[0]["estimated_peak_bytes"] > 0 and rows[0]["trainable_params"] > 0
     assert (out / "compare.png").stat().st_size > 1000

@@ -72,9 +72,25 @@ def _hints() -> dict[str, Any]:
 TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
+def optimizer_list() -> str:
+    """Every --optim name with its default-lr scale where it is not AdamW's (``OptimizerSpec.lr_scale``)."""
+    from ..optim.registry import specs
+    from ..optim.spec import TASKS
+
+    out = []
+    for name, spec in specs().items():
+        scales = {task: spec.lr_scale_for(task) for task in TASKS}
+        if set(scales.values()) == {1.0}:
+            out.append(name)
+        elif len(set(scales.values())) == 1:
+            out.append(f"{name} (lr x{scales[TASKS[0]]:.3g})")
+        else:
+            out.append(f"{name} (lr " + ", ".join(f"x{v:.3g} {t}" for t, v in scales.items()) + ")")
+    return ", ".join(out)
+
+
 def register(subparsers) -> None:
     from ..methods import available_methods, get_method
-    from ..optim.registry import available_optimizers
 
     parser = subparsers.add_parser(
         "train", help="fine-tune a model (default: LoRA on the embedded MiniLM, sentiment data)",
@@ -90,7 +106,7 @@ def register(subparsers) -> None:
                              "JSON when it parses, else as text); repeatable")
     examples = ", ".join(f"{m} {get_method(m).default_lr:g}" for m in (PRETRAINED_METHOD, SCRATCH_METHOD))
     suffixes = {"method": f"; one of: {', '.join(available_methods())}",
-                "optim": f"; one of: {', '.join(available_optimizers())}",
+                "optim": f"; one of: {optimizer_list()}",
                 "lr": f" (e.g. {examples})"}
     for name in TRAIN_FIELDS:
         if name != "extra":

@@ -34,11 +34,12 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..optim.spec import MIN_QUANT_NUMEL, STEP_BYTES, StateBytes, StateOptions, StateTensor, codec_bytes
 from .activations import activation_bytes
 from .modelspec import ModelSpec, ParamSpec, model_spec
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
-MIN_QUANT_STATE = 4096  # bitsandbytes' min_8bit_size: smaller tensors keep fp32 states
+MIN_QUANT_STATE = MIN_QUANT_NUMEL  # bitsandbytes' min_8bit_size: smaller tensors keep fp32 states
 
 # Optimizers of the papers' memory tables that leantrain does not train with (torch.optim names): estimate only.
 REFERENCE_OPTIMIZERS: dict[str, tuple[int, str, bool]] = {
@@ -59,6 +60,14 @@ def optimizer_table() -> dict[str, tuple[int, str, bool]]:
 
 
 OPTIMIZERS = optimizer_table()
+
+
+def state_rule(optim: str) -> StateBytes | None:
+    """The optimizer's own per-tensor state count (``OptimizerSpec.state_bytes``), None for the generic rule."""
+    from ..optim.registry import specs
+
+    spec = specs().get(optim)
+    return spec.state_bytes if spec is not None else None
 
 
 def _registered_methods() -> tuple[str, ...]:
@@ -138,6 +147,7 @@ class _Trainable:
     name: str
     shape: tuple[int, ...]
     projected: bool = False  # GaLore-style low-rank moments
+    matrix: bool = False  # in a group an optimizer's matrix rule takes (Muon, APOLLO): not head/embedding/norm
 
     @property
     def numel(self) -> int:
@@ -146,14 +156,7 @@ class _Trainable:
 
 def state_bytes(numel: int, states: int, codec: str, elt: int, block_size: int = 256) -> int:
     """Bytes of ``states`` optimizer states of a tensor with ``numel`` elements under a codec."""
-    if states == 0:
-        return 0
-    if codec == "native":
-        return states * numel * elt
-    if numel < MIN_QUANT_STATE:
-        return states * numel * 4
-    per = numel if codec == "8bit" else (numel + 1) // 2
-    return states * (per + 4 * math.ceil(numel / block_size))
+    return states * codec_bytes(codec, numel, block_size, elt) if states else 0
 
 
 def quantized_bytes(numel: int, rows: int, scheme: str) -> int:
@@ -239,7 +242,8 @@ def _base_weights(ledger: _Ledger, spec: ModelSpec, method: Any, targets: list[P
         trains = p.is_head or other or (method.trains_base and p.module in target_modules)
         if trains:
             proj = projected and p.kind == "linear" and not p.is_head and min(p.shape) > opts.rank
-            ledger.trainables.append(_Trainable(p.name, p.shape, projected=proj))
+            ledger.trainables.append(_Trainable(p.name, p.shape, projected=proj,
+                                                matrix=p.kind == "linear" and not p.is_head))
         frozen_quantized = quantize and p.name in target_ids and not trains
         ledger.add("weights.base", quantized_bytes(p.numel, p.shape[0], quantize) if frozen_quantized
                    else p.numel * opts.elt)
@@ -256,7 +260,7 @@ def _method_weights(ledger: _Ledger, method: Any, targets: list[ParamSpec], opts
             numel = math.prod(t.shape)
             if t.trains:
                 proj = t.projectable and min(t.shape) > opts.rank
-                ledger.trainables.append(_Trainable(t.name, t.shape, projected=proj))
+                ledger.trainables.append(_Trainable(t.name, t.shape, projected=proj, matrix=len(t.shape) == 2))
             if t.stored and (t.trains or t.base):  # a frozen base tensor is still one of the model's weights
                 added += numel
             if t.stored:
@@ -271,18 +275,24 @@ def _method_weights(ledger: _Ledger, method: Any, targets: list[ParamSpec], opts
 
 
 def _states(ledger: _Ledger, n_states: int, codec: str, elt: int, rank: int, block_size: int,
-            basis_elt: int) -> int:
+            basis_elt: int, rule: StateBytes | None = None, head_dim: int | None = None) -> int:
     """Optimizer states (+ a step counter per tensor) and projector bases (in the gradient's dtype, ``basis_elt``)
-    of every trainable tensor; ``elt`` is the width of plain ("native") moments."""
+    of every trainable tensor; ``elt`` is the width of plain ("native") moments. An optimizer that declares its
+    own ``rule`` (OptimizerSpec.state_bytes) counts each tensor itself."""
     states = proj_bytes = 0
+    opts = StateOptions(rank, block_size, elt, basis_elt, head_dim)
     for t in ledger.trainables:
+        if rule is not None:
+            s, b = rule(StateTensor(t.name, t.shape, t.matrix), opts)
+            states, proj_bytes = states + s, proj_bytes + b
+            continue
         if t.projected:
             m, n = t.shape
             states += state_bytes(max(m, n) * rank, n_states, codec, elt, block_size)
             proj_bytes += min(m, n) * rank * basis_elt
         else:
             states += state_bytes(t.numel, n_states, codec, elt, block_size)
-        states += 4 if n_states else 0
+        states += STEP_BYTES if n_states else 0
     ledger.details["optimizer_states.projectors"] = proj_bytes
     return states + proj_bytes
 
@@ -344,7 +354,8 @@ def estimate(model: str | ModelSpec, method: str = "full", optim: str = "adamw",
     step_extra = sum(v for k, v in d.items() if k.startswith("gradients."))
     gradients = _gradient_bytes(ledger.trainables, elt, rank, layerwise and not ddp, grad_accum,
                                 _accumulates_low_rank(optim)) + step_extra
-    states = _states(ledger, n_states, codec, state_elt, rank, block_size, basis_elt)
+    head_dim = spec.hidden // spec.heads if spec.heads else None
+    states = _states(ledger, n_states, codec, state_elt, rank, block_size, basis_elt, state_rule(optim), head_dim)
     if compensated and bf16_update == "kahan":
         states += 2 * sum(t.numel for t in ledger.trainables)
     per_token = sum(m.activation_bytes_per_token(p.shape[0], p.shape[1], rank, elt) for p in targets_l)

@@ -14,10 +14,12 @@ Partition (group key ``partition``, or per tensor when unset):
   (= dim * dim / n_heads, the heads' rows), the paper's rule for Q and K;
 * ``"tensor"``: one value for the whole tensor (the paper's rule for norm weights); the default for 1-D tensors;
 * ``"element"``: plain Adam (the paper's rule for biases).
-:func:`adam_mini_groups` applies the paper's name rules to ``model.named_parameters()``. leantrain's ``--optim
-adam-mini`` sees only its method's groups ("linear" / "other" / "head"), no parameter names, so it cannot tell Q/K
-from V or a bias from a norm weight: every matrix is partitioned by row (finer than per head: one value per output
-neuron), every 1-D tensor element-wise (Adam; a negligible share of the state).
+:func:`adam_mini_groups` applies the paper's name rules to ``model.named_parameters()`` (:func:`partition_of`);
+``--optim adam-mini`` applies them to the run's param groups, which carry the parameter ``names`` and the model's
+attention ``head_dim`` (set by ``leantrain.run``). One departure from the reference: a matrix whose name is in none
+of its lists (e.g. BERT's ``attention.output.dense``) gets one value per row, the paper's rule for "the rest",
+where the reference falls back to one value for the whole tensor. No weight decay on norm weights and biases
+(the reference's rule).
 
 State: ``exp_avg`` in the group's codec (``AdamMini``: fp32; ``AdamMini8bit``, registered as ``adam-mini``: 8-bit
 block-wise, ~1 byte/weight) and ``exp_avg_sq``, fp32, one value per block. FSDP2-sharded (DTensor) parameters are
@@ -33,7 +35,15 @@ import torch
 from torch import Tensor, nn
 
 from .adam import BlockOptimizer, apply_decoupled
-from .spec import OptimizerOptions, OptimizerSpec, register
+from .spec import (
+    STEP_BYTES,
+    OptimizerOptions,
+    OptimizerSpec,
+    StateOptions,
+    StateTensor,
+    codec_bytes,
+    register,
+)
 
 PARTITIONS = ("row", "head", "tensor", "element")
 EMBED_NAMES = ("embed", "embd", "wte", "lm_head", "output", "final_layer")
@@ -131,35 +141,63 @@ class AdamMini8bit(AdamMini):
     default_codec = "8bit"
 
 
+def partition_of(name: str, ndim: int) -> str:
+    """The paper's block of a parameter by its name (``adam_mini``'s keyword lists): biases element-wise (Adam),
+    query / key per head, other matrices per row (token of the embedding / output head, output neuron of value,
+    attention-output and MLP matrices), other 1-D tensors (norm weights) per tensor."""
+    low = name.lower()
+    if "bias" in low:
+        return "element"
+    if any(k in low for k in QK_NAMES):
+        return "head"
+    return "row" if ndim >= 2 else "tensor"
+
+
+def decays(name: str) -> bool:
+    """The reference's weight-decay rule: none for norm weights and biases."""
+    low = name.lower()
+    return not ("norm" in low or "ln" in low or "bias" in low)
+
+
+def named_group(g: dict, name: str, p: Tensor, head_numel: int | None, weight_decay: float | None) -> dict:
+    """A one-parameter group with the paper's partition; a Q/K matrix whose size the head block does not divide
+    (or no head geometry) falls back to one value per row."""
+    part = partition_of(name, p.ndim)
+    if part == "head" and (not head_numel or p.numel() % head_numel):
+        part = "row"
+    out = {**g, "params": [p], "names": [name], "partition": part,
+           "head_numel": head_numel if part == "head" else None}
+    if not decays(name):
+        out["weight_decay"] = 0.0
+    elif weight_decay is not None:
+        out["weight_decay"] = weight_decay
+    return out
+
+
 def adam_mini_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], dim: int, n_heads: int,
                      weight_decay: float = 0.0) -> list[dict]:
-    """The paper's partition from parameter names (``adam_mini``'s keyword lists): Q/K per head (``head_numel``
-    = dim * dim / n_heads), biases element-wise, norms per tensor without weight decay, other matrices per row."""
+    """The paper's partition from parameter names (:func:`partition_of`; ``head_numel`` = dim * dim / n_heads,
+    one head's rows of a query / key matrix), no weight decay for norms and biases."""
     if dim * dim % n_heads:
         raise ValueError(f"adam_mini_groups: dim={dim} squared is not divisible by n_heads={n_heads}")
-    groups = []
-    for name, p in named_parameters:
-        low = name.lower()
-        if not p.requires_grad:
-            continue
-        no_decay = "norm" in low or "ln" in low or "bias" in low
-        if "bias" in low:
-            part = "element"
-        elif any(k in low for k in QK_NAMES):
-            part = "head"
-        else:
-            part = "row" if p.ndim >= 2 else "tensor"
-        groups.append({"params": [p], "partition": part, "head_numel": dim * dim // n_heads,
-                       "weight_decay": 0.0 if no_decay else weight_decay})
-    return groups
+    return [named_group({}, name, p, dim * dim // n_heads, weight_decay)
+            for name, p in named_parameters if p.requires_grad]
 
 
 def adam_mini_registry_groups(groups: list[dict]) -> list[dict]:
-    """Each group split into its matrices (one v per row: tokens of the embedding and head, output neurons of the
-    Linear layers) and its 1-D tensors, which get Adam's per-element v: without parameter names a bias (the paper:
-    Adam) cannot be told from a norm weight (the paper: one v), and 1-D tensors are a negligible share of state."""
+    """The run's groups under the paper's partition. The run assembly gives each group its parameter ``names``
+    and the model's attention ``head_dim`` (leantrain.run.name_groups); a Q/K head block is then head_dim whole
+    rows (head_dim * in_features values: dim * dim / n_heads for a square matrix, the reference's head_numel).
+    Groups without names (the Python API) get one value per row for every matrix and Adam for 1-D tensors: a
+    bias (the paper: Adam) cannot be told from a norm weight (the paper: one value) without its name."""
     out = []
     for g in groups:
+        names = g.get("names")
+        if names is not None and len(names) == len(g["params"]):
+            head_dim = g.get("head_dim")
+            out += [named_group(g, n, p, head_dim * p.shape[-1] if head_dim and p.ndim >= 2 else None, None)
+                    for n, p in zip(names, g["params"])]
+            continue
         mats = [p for p in g["params"] if p.ndim >= 2]
         rest = [p for p in g["params"] if p.ndim < 2]
         out += [{**g, "params": ps, "partition": part} for ps, part in ((mats, "row"), (rest, "element")) if ps]
@@ -172,6 +210,17 @@ def build_adam_mini(groups: list[dict], opts: OptimizerOptions, lr: float) -> to
                         weight_decay=opts.weight_decay, block_size=opts.block_size)
 
 
-register(OptimizerSpec("adam-mini", build_adam_mini, states=1, codec="8bit",
-                       summary="Adam-mini: one second moment per row (token / output neuron) of each matrix, "
-                               "8-bit first moment", options=("block_size",)))
+def adam_mini_state(t: StateTensor, o: StateOptions) -> tuple[int, int]:
+    """Estimator: the 8-bit first moment plus one fp32 second moment per block of the named partition."""
+    n = math.prod(t.shape)
+    part = partition_of(t.name, len(t.shape))
+    if part == "head" and not (o.head_dim and t.shape[0] % o.head_dim == 0):
+        part = "row"
+    blocks = {"element": n, "tensor": 1, "row": t.shape[0],
+              "head": t.shape[0] // (o.head_dim or 1)}[part]
+    return STEP_BYTES + codec_bytes("8bit", n, o.block_size) + 4 * blocks, 0
+
+
+register(OptimizerSpec("adam-mini", build_adam_mini, states=1, codec="8bit", state_bytes=adam_mini_state,
+                       summary="Adam-mini: one second moment per head (Q/K), per row (token / output neuron) of the "
+                               "other matrices, per norm weight; 8-bit first moment", options=("block_size",)))

@@ -33,7 +33,15 @@ from torch import Tensor
 
 from .adam import BlockOptimizer
 from .apollo import next_seed
-from .spec import OptimizerOptions, OptimizerSpec, register
+from .spec import (
+    STEP_BYTES,
+    OptimizerOptions,
+    OptimizerSpec,
+    StateOptions,
+    StateTensor,
+    codec_bytes,
+    register,
+)
 
 
 def split_seed(seed: int) -> tuple[int, int]:
@@ -215,6 +223,20 @@ def build_flora(groups: list[dict], opts: OptimizerOptions, lr: float) -> torch.
                  scale_parameter=False, block_size=opts.block_size, codec="8bit")
 
 
-register(OptimizerSpec("flora", build_flora, states=1, codec="8bit",
+def flora_state(t: StateTensor, o: StateOptions) -> tuple[int, int]:
+    """Estimator: the 8-bit momentum (rank x max(m, n) where compressed: min side >= rank, aspect <= 4; no stored
+    projection) plus the fp32 second moment (factored: m + n for a matrix, full otherwise)."""
+    n = math.prod(t.shape)
+    if len(t.shape) == 2:
+        m, k = t.shape
+        second = 4 * (m + k)
+        compressed = min(m, k) >= o.rank and max(m, k) / min(m, k) <= 4
+        moment = o.rank * max(m, k) if compressed else n
+    else:
+        second, moment = 4 * n, n
+    return STEP_BYTES + codec_bytes("8bit", moment, o.block_size) + second, 0
+
+
+register(OptimizerSpec("flora", build_flora, states=1, codec="8bit", state_bytes=flora_state,
                        summary="Flora: Adafactor with momentum compressed in a random rank-r projection "
                                "resampled every --gap steps; 8-bit momentum", options=("rank", "gap", "block_size")))

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import qgalore
 from .adam import AdamW, AdamW4bit, AdamW8bit, adam_builder
 from .projector import GROUP_DEFAULTS
 from .spec import Builder, OptimizerOptions, OptimizerSpec, register
@@ -142,7 +143,8 @@ def galore_groups(groups: list[dict], opts: OptimizerOptions) -> list[dict]:
         rest = [p for p, f in zip(g["params"], fits) if not f]
         if mats:
             tagged.append({**g, "params": mats, "rank": opts.rank, "update_proj_gap": opts.gap,
-                           "scale": opts.proj_scale, "proj_type": "std", "svd": opts.svd})
+                           "scale": opts.proj_scale, "proj_type": "std", "svd": opts.svd,
+                           **qgalore.group_keys(opts)})
         if rest:
             tagged.append({**g, "params": rest})
     return tagged
@@ -161,12 +163,18 @@ PROJECTION_OPTIONS = ("rank", "gap", "proj_scale", "svd")
 # The optimizers that take a low-rank gradient computed inside backward (--galore-in-backward, galore_backward.py):
 # plain Adam over GaLore groups, which uses nothing of the gradient but its coordinates in the basis.
 IN_BACKWARD = ("galore-adamw", "galore-adamw8bit", "galore-adamw4bit")
+# Default lr vs AdamW's: causal-lm 10/3, measured on tiny-LLaMA pre-training (60 steps, best of {3e-3, 1e-2} is
+# 1e-2; docs/optimizers2.md; the GaLore paper pre-trains at 1e-2 vs AdamW's 1e-3). classify: 1 -- on full
+# fine-tuning the projected update (x --proj-scale 0.25) wants ~4-5x (main job: best 1e-3 vs AdamW's 2e-4,
+# docs/projected.md), but the main job's default method is LoRA, whose rank-r factors are never projected
+# (min side = rank), so a classify scale would only raise the lr of plain AdamW there.
+GALORE_LR_SCALE = {"causal-lm": 10 / 3}
 register(OptimizerSpec("galore-adamw", _galore_builder(AdamW), states=2, codec="fp32", projected=True,
                        low_rank_accumulation=True, summary="GaLore: AdamW with fp32 moments in a rank-r gradient subspace (--rank, --gap)",
-                       options=PROJECTION_OPTIONS))
+                       options=PROJECTION_OPTIONS, lr_scale=GALORE_LR_SCALE))
 register(OptimizerSpec("galore-adamw8bit", _galore_builder(AdamW8bit), states=2, codec="8bit", projected=True,
                        compilable=True, low_rank_accumulation=True, summary="8-bit GaLore: low-rank moments in 8-bit block-wise states",
-                       options=(*PROJECTION_OPTIONS, "block_size", "compile_optim")))
+                       options=(*PROJECTION_OPTIONS, "block_size", "compile_optim"), lr_scale=GALORE_LR_SCALE))
 register(OptimizerSpec("galore-adamw4bit", _galore_builder(AdamW4bit), states=2, codec="4bit", projected=True,
                        compilable=True, low_rank_accumulation=True, summary="GaLore with 4-bit low-rank moments",
-                       options=(*PROJECTION_OPTIONS, "block_size", "compile_optim")))
+                       options=(*PROJECTION_OPTIONS, "block_size", "compile_optim"), lr_scale=GALORE_LR_SCALE))

@@ -43,5 +43,8 @@ def build_lion8bit(groups: list[dict], opts: OptimizerOptions, lr: float) -> tor
     return Lion8bit(groups, lr=lr, betas=(0.9, 0.99), weight_decay=opts.weight_decay, block_size=opts.block_size)
 
 
+# lr_scale: the Lion paper (Chen et al. 2023, https://arxiv.org/abs/2302.06675, section 5): "the default learning
+# rate for Lion is typically 3-10x smaller than that for AdamW" (the sign update has unit size per weight).
 register(OptimizerSpec("lion8bit", build_lion8bit, states=1, codec="8bit",
-                       summary="Lion (sign momentum), 8-bit momentum, betas (0.9, 0.99)", options=("block_size",)))
+                       summary="Lion (sign momentum), 8-bit momentum, betas (0.9, 0.99)", options=("block_size",),
+                       lr_scale=0.3))

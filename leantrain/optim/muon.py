@@ -34,7 +34,16 @@ import torch
 from torch import Tensor
 
 from .adam import BlockOptimizer, adam_direction, apply_decoupled
-from .spec import OptimizerOptions, OptimizerSpec, register
+from .spec import (
+    STEP_BYTES,
+    OptimizerOptions,
+    OptimizerSpec,
+    StateBytes,
+    StateOptions,
+    StateTensor,
+    codec_bytes,
+    register,
+)
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 ADJUST_LR = ("original", "match_rms_adamw", "none")
@@ -197,9 +206,21 @@ def _muon_builder(cls: type[Muon]):
     return build
 
 
-register(OptimizerSpec("muon", _muon_builder(Muon), states=1, codec="fp32",
+def _muon_state(codec: str) -> StateBytes:
+    def count(t: StateTensor, o: StateOptions) -> tuple[int, int]:
+        """Estimator: one momentum for a matrix of a Muon group, AdamW's two moments for everything else."""
+        moments = 1 if t.matrix and len(t.shape) >= 2 else 2
+        return STEP_BYTES + moments * codec_bytes(codec, math.prod(t.shape), o.block_size, o.elt), 0
+
+    return count
+
+
+# Default lr vs AdamW's: classify 1 (match-RMS scaling lets Muon reuse AdamW's lr, Liu et al. 2025); causal-lm
+# 10/3: measured on tiny-LLaMA pre-training, 60 steps, best of {3e-3, 1e-2} is 1e-2 (docs/optimizers2.md).
+MUON_LR_SCALE = {"causal-lm": 10 / 3}
+register(OptimizerSpec("muon", _muon_builder(Muon), states=1, codec="fp32", state_bytes=_muon_state("native"),
                        summary="Muon: Newton-Schulz-orthogonalised momentum for matrices (AdamW lr via "
-                               "match-RMS scaling), AdamW for head/embeddings/1-D"))
-register(OptimizerSpec("muon8bit", _muon_builder(Muon8bit), states=1, codec="8bit",
+                               "match-RMS scaling), AdamW for head/embeddings/1-D", lr_scale=MUON_LR_SCALE))
+register(OptimizerSpec("muon8bit", _muon_builder(Muon8bit), states=1, codec="8bit", state_bytes=_muon_state("8bit"),
                        summary="Muon with 8-bit block-wise momentum (AdamW8bit for head/embeddings/1-D)",
-                       options=("block_size",)))
+                       options=("block_size",), lr_scale=MUON_LR_SCALE))

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import qgalore
+
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 SVD_METHODS = ("full", "randomized")
 REFRESH_MOMENTS = ("keep", "reproject")
@@ -78,6 +80,7 @@ def check_group(group: Mapping[str, Any], where: str = "param group") -> None:
         value = group_option(group, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{where}: {key}={value!r} must be an int >= {low}")
+    qgalore.check(group, where)
 
 
 def projection_side(shape: tuple[int, ...] | torch.Size, proj_type: str) -> int:
@@ -270,8 +273,13 @@ def captured_energy(grad: Tensor, basis: Tensor, side: int, basis_right: Tensor 
 
 # ---------------------------------------------------------------------------------------------- hook API
 def needs_refresh(state: Mapping[str, Any], group: Mapping[str, Any], step: int) -> bool:
-    """True on the first call and at steps 1, T+1, 2T+1, ... (galore-torch's schedule, 1-based steps)."""
-    return "proj_basis" not in state or (step - 1) % int(group_option(group, "update_proj_gap")) == 0
+    """True on the first call and at steps 1, T+1, 2T+1, ... (galore-torch's schedule, 1-based steps); with
+    Q-GaLore's lazy refresh, at the layer's own next refresh step (qgalore.record_refresh)."""
+    if not qgalore.has_basis(state):
+        return True
+    if qgalore.lazy(group):
+        return step >= int(state.get("proj_next", 0))
+    return (step - 1) % int(group_option(group, "update_proj_gap")) == 0
 
 
 def rotation(old: Tensor, new: Tensor, side: int) -> Tensor:
@@ -312,14 +320,14 @@ def project(grad: Tensor, state: MutableMapping[str, Any], group: Mapping[str, A
     if needs_refresh(state, group, step):
         side = projection_side(grad.shape, group_option(group, "proj_type"))
         if not torch.isfinite(grad).all():
-            if "proj_basis" not in state:
+            if not qgalore.has_basis(state):
                 raise ValueError(f"cannot compute a projector from a non-finite gradient of shape {tuple(grad.shape)}")
             warnings.warn(f"GaLore projector: non-finite gradient of shape {tuple(grad.shape)} at step {step}; "
                           "keeping the previous basis", RuntimeWarning, stacklevel=2)
         else:
             basis, right = compute_basis(grad, int(group["rank"]), side, **basis_options(group, step))
-            store_basis(state, group, side, basis, right)
-    return project_with(grad, state["proj_basis"], state["proj_side"], state.get("proj_basis_right"))
+            store_basis(state, group, side, basis, right, step)
+    return project_with(grad, qgalore.stored_basis(state, group), state["proj_side"], state.get("proj_basis_right"))
 
 
 def accumulate(grad: Tensor, state: MutableMapping[str, Any], group: Mapping[str, Any], step: int) -> Tensor:
@@ -352,13 +360,19 @@ def basis_options(group: Mapping[str, Any], step: int) -> dict[str, Any]:
 
 
 def store_basis(state: MutableMapping[str, Any], group: Mapping[str, Any], side: int, basis: Tensor,
-                right: Tensor | None) -> None:
-    """Record a refreshed basis in ``state`` (and the moment rotation when ``refresh_moments="reproject"``)."""
-    old = state.get("proj_basis")
+                right: Tensor | None, step: int | None = None) -> None:
+    """Record a refreshed basis in ``state`` (and the moment rotation when ``refresh_moments="reproject"``);
+    Q-GaLore's options (qgalore.py): quantized storage, the lazy-refresh bookkeeping of the refresh at ``step``."""
+    old = qgalore.stored_basis(state, group) if qgalore.has_basis(state) else None
     if (group_option(group, "refresh_moments") == "reproject" and old is not None and side != BOTH
             and old.shape == basis.shape):
         state["proj_rotation"] = rotation(old, basis, side)
-    state["proj_basis"] = basis
+    if side == BOTH:
+        state["proj_basis"] = basis
+    else:
+        qgalore.keep_basis(state, group, basis)
+    if qgalore.lazy(group) and step is not None and side != BOTH:
+        qgalore.record_refresh(state, group, basis, side, step)
     if right is not None:
         state["proj_basis_right"] = right
     state["proj_side"] = side
@@ -379,7 +393,8 @@ def project_supplied(grad: Tensor | None, low: Tensor, state: MutableMapping[str
 
 def project_back(update: Tensor, state: Mapping[str, Any], group: Mapping[str, Any]) -> Tensor:
     """Full-shape update ``back(N) * scale`` from the low-rank one."""
-    full = project_back_with(update, state["proj_basis"], state["proj_side"], state.get("proj_basis_right"))
+    full = project_back_with(update, qgalore.stored_basis(state, group), state["proj_side"],
+                             state.get("proj_basis_right"))
     return full.mul_(float(group_option(group, "scale")))
 
 
@@ -387,7 +402,7 @@ def project_back_add_(param: Tensor, update: Tensor, state: Mapping[str, Any], g
                       alpha: float) -> Tensor:
     """``param += alpha * project_back(update)`` without a full-size temporary (one fused ``addmm_``)."""
     dtype = param.dtype
-    basis, side = _as(state["proj_basis"], dtype), state["proj_side"]
+    basis, side = _as(qgalore.stored_basis(state, group), dtype), state["proj_side"]
     a = alpha * float(group_option(group, "scale"))
     upd = update.to(dtype)
     if side == RIGHT:

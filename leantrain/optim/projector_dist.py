@@ -148,15 +148,16 @@ def project(local: Tensor, shape: tuple[int, int], comm: RowComm, state: Mutable
         side = projector.projection_side(shape, projector.group_option(group, "proj_type"))
         bad = comm.all_reduce(torch.tensor([0.0 if torch.isfinite(local).all() else 1.0], device=local.device))
         if bad.item():
-            if "proj_basis" not in state:
+            if not projector.qgalore.has_basis(state):
                 raise ValueError(f"cannot compute a projector from a non-finite gradient of shape {shape}")
             warnings.warn(f"GaLore projector: non-finite gradient of shape {shape} at step {step}; "
                           "keeping the previous basis", RuntimeWarning, stacklevel=2)
         else:
             basis, right = compute_basis(local, shape, int(group["rank"]), side, comm,
                                          **projector.basis_options(group, step))
-            projector.store_basis(state, group, side, basis, right)
-    return project_with(local, shape, comm, state["proj_basis"], state["proj_side"], state.get("proj_basis_right"))
+            projector.store_basis(state, group, side, basis, right, step)
+    return project_with(local, shape, comm, projector.qgalore.stored_basis(state, group), state["proj_side"],
+                        state.get("proj_basis_right"))
 
 
 def project_back_add_(param: Tensor, shape: tuple[int, int], comm: RowComm, update: Tensor,
@@ -165,7 +166,7 @@ def project_back_add_(param: Tensor, shape: tuple[int, int], comm: RowComm, upda
     parameter; local (no communication), one fused ``addmm_`` as projector.project_back_add_."""
     start, stop = row_range(shape[0], comm.world, comm.rank)
     dtype, side = param.dtype, state["proj_side"]
-    basis = projector._as(state["proj_basis"], dtype)
+    basis = projector._as(projector.qgalore.stored_basis(state, group), dtype)
     a = alpha * float(projector.group_option(group, "scale"))
     upd = update.to(dtype)
     if side == RIGHT:
