@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
+import json
+from pathlib import Path
 
 import pytest
 
@@ -59,5 +62,95 @@ def test_quick_dlrt_writes_table_and_plot(tmp_path):
                                 "--work", str(tmp_path / "w")])
     assert reproduce.run(args) == 0
     text = (tmp_path / "r" / "dlrt" / "README.md").read_text()
-    assert "| quantity | paper | ours |" in text and "98.82" in text
+    assert "| quantity | paper | ours | gap | reason |" in text and "98.82" in text
     assert (tmp_path / "r" / "dlrt" / "dlrt.png").stat().st_size > 1000
+
+
+# --- one definition per experiment: each reproduce experiment and its benchmark plan the very same runs --------------
+
+ROOT = Path(__file__).resolve().parents[1]
+MAIN_JOB_EXPERIMENTS = ("blockwise8bit", "galore", "gradnormlorp", "miss", "shira")
+
+
+class Planned(Exception):
+    """Raised by the capturing stand-in for the training call: the plan is known, nothing is trained."""
+
+
+def script(name: str):
+    """A benchmark script as a module (benchmarks/ is no package)."""
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def capture_engine(monkeypatch, module) -> list:
+    """Replace ``module.run_experiments`` by one that records (experiment name, resolved config) and stops."""
+    from leantrain.experiments.engine import resolve
+
+    seen: list = []
+
+    def planned(experiments, out, *, base=None, **kwargs):
+        for exp in experiments:
+            config = json.loads(resolve(exp, base or {}, Path("/plan")).to_json())
+            seen.append((exp.name, {k: v for k, v in config.items() if k not in ("out", "progress")}))
+        raise Planned
+
+    monkeypatch.setattr(module, "run_experiments", planned)
+    return seen
+
+
+@pytest.mark.parametrize("quick", [False, True], ids=["full", "quick"])
+@pytest.mark.parametrize("name", MAIN_JOB_EXPERIMENTS)
+def test_reproduce_runs_are_the_main_job_sweeps_runs(name, quick, monkeypatch, tmp_path):
+    from leantrain.reproduce import common
+
+    sweep = script("main_job_sweep")
+    planned_sweep = capture_engine(monkeypatch, sweep)
+    with pytest.raises(Planned):
+        sweep.main(["seeds", "--out", str(tmp_path / "sweep"), *(["--quick", "--seeds", "0"] if quick else [])])
+    planned_reproduce = capture_engine(monkeypatch, common)
+    with pytest.raises(Planned):
+        importlib.import_module(module_name(name)).run(tmp_path / "out", tmp_path / "work", quick=quick,
+                                                       progress=False)
+    by_name = dict(planned_sweep)
+    module = importlib.import_module(module_name(name))
+    assert len(planned_reproduce) == len(module.RUNS) * (1 if quick else 3)
+    for run_name, config in planned_reproduce:
+        sweep_name = run_name.removeprefix("quick-") if quick else run_name
+        assert sweep_name in by_name, f"{name}: {run_name} is not a run of main_job_sweep.py seeds"
+        assert config == by_name[sweep_name], f"{name}: {run_name} differs from the sweep's run"
+    if not quick:  # the validated settings, not a smoke run
+        assert {c["steps"] for _, c in planned_reproduce} == {120}
+        assert {c["train_size"] for _, c in planned_reproduce} == {4000}
+        assert {c["seed"] for _, c in planned_reproduce} == {0, 1, 2}
+
+
+def test_recorded_learning_rates_are_the_sweeps_choice():
+    """SWEPT_LR is what the lr grid chose (lowest seed-0 val loss) in the committed sweep results."""
+    from leantrain.experiments.definitions import SWEPT_LR
+
+    sweep = script("main_job_sweep")
+    rows = json.loads((ROOT / "docs" / "results" / "sweeps" / "main_job.json").read_text())
+    assert sweep.best_lrs(rows) == SWEPT_LR
+
+
+def test_reproduce_dlrt_and_benchmark_dlrt_train_the_same_runs(monkeypatch, tmp_path, capsys):
+    from leantrain.reproduce import dlrt
+
+    calls = []
+
+    def planned(taus, seeds, settings, progress=None):
+        calls.append((tuple(taus), tuple(seeds), dict(settings)))
+        raise Planned
+
+    monkeypatch.setattr(dlrt, "digits_runs", planned)
+    with pytest.raises(Planned):
+        dlrt.run(tmp_path, tmp_path, quick=False, progress=False)
+    bench = script("dlrt")
+    monkeypatch.setattr(bench, "digits_runs", planned)
+    with pytest.raises(Planned):
+        bench.main([])
+    assert calls[0] == calls[1]
+    taus, seeds, settings = calls[0]
+    assert taus == (0.09, 0.15, 0.3) and seeds == (0, 1, 2) and settings["epochs"] == 60
