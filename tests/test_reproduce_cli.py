@@ -154,3 +154,24 @@ def test_reproduce_dlrt_and_benchmark_dlrt_train_the_same_runs(monkeypatch, tmp_
     assert calls[0] == calls[1]
     taus, seeds, settings = calls[0]
     assert taus == (0.09, 0.15, 0.3) and seeds == (0, 1, 2) and settings["epochs"] == 60
+
+
+@pytest.mark.parametrize("quick", [False, True], ids=["full", "quick"])
+def test_reproduce_galore_pretraining_is_benchmark_lm_pretraining(quick, monkeypatch, tmp_path):
+    """The tiny-LLaMA runs of `reproduce galore` are benchmarks/lm.py's pre-training runs (seed 0; lm.py runs one
+    seed) for the same labels, at the same steps."""
+    from leantrain.reproduce import galore_pretrain
+
+    lm = script("lm")
+    planned_lm = capture_engine(monkeypatch, lm)
+    args = argparse.Namespace(threads=1, out=str(tmp_path / "lm"), preset="tiny", quick=quick)
+    with pytest.raises(Planned):
+        lm.run_part("pretrain", 10 if quick else 150, args)
+    planned_reproduce = capture_engine(monkeypatch, galore_pretrain)
+    with pytest.raises(Planned):
+        galore_pretrain.extra(tmp_path / "work", quick, False)
+    lm_by_method = {(c["method"], c["optim"]): c for _, c in planned_lm}
+    seed0 = [c for _, c in planned_reproduce if c["seed"] == 0]
+    assert len(seed0) == len(galore_pretrain.LABELS) and len(planned_reproduce) == len(seed0) * (1 if quick else 3)
+    for config in seed0:
+        assert config == lm_by_method[(config["method"], config["optim"])]

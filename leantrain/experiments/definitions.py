@@ -91,6 +91,7 @@ PRETRAIN: dict[str, Any] = {
     "preset": "tiny", "steps": PRETRAIN_STEPS, "batch_size": 16, "max_length": 64, "rank": 32, "gap": 50,
     "proj_scale": 0.25, "tau": 0.1, "train_size": None, "val_size": 64, "warmup_ratio": 0.1, "weight_decay": 0.0,
     "eval_every": PRETRAIN_STEPS // 5, "progress": False, "extra": {"eval_before": True}}
+PRETRAIN_QUICK: dict[str, Any] = {"steps": 10, "eval_every": 2}  # benchmarks/lm.py --quick
 # (label, method, optimizer, lr): benchmarks/lm.py's PRETRAIN table.
 PRETRAIN_RUNS = [("full Adam", "full", "adamw", 3e-3), ("GaLore", "full", "galore-adamw", 1e-2),
                  ("8-bit GaLore", "full", "galore-adamw8bit", 1e-2), ("GradNormLoRP", "gradnormlorp", "adamw", 1e-2),

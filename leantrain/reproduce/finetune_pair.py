@@ -2,8 +2,9 @@
 
 Each of those modules is data: ``PAPER``, ``TITLE``, ``RUNS`` (main-job config labels of
 ``leantrain.experiments.definitions``, each run at its validated lr and every seed), optionally ``PLOT`` (the
-metric of the second bar panel and its axis label), and ``compare(groups)`` -> (paper-vs-ours rows with the gap and
-the reason, explanation); ``run = pair_runner(__name__)`` turns that into the module's ``run``.
+metric of the second bar panel and its axis label), ``compare(groups)`` -> (paper-vs-ours rows with the gap and
+the reason, explanation), and optionally ``extra(work, quick, progress)`` -> (more rows, a markdown section) for
+runs outside the main job; ``run = pair_runner(__name__)`` turns that into the module's ``run``.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def pair_runner(module_name: str) -> Callable[..., Path]:
         name = module_name.rsplit(".", 1)[-1]
         return run_pair(name, title=module.TITLE, paper=module.PAPER, runs=planned_runs(name, quick), out=out,
                         work=work, quick=quick, progress=progress, compare=module.compare, metric=metric,
-                        metric_label=metric_label)
+                        metric_label=metric_label, extra=getattr(module, "extra", None))
 
     return run
 
@@ -66,8 +67,8 @@ def setup_text(rows: Rows, quick: bool) -> str:
 
 def run_pair(name: str, *, title: str, paper: str, runs: Sequence[Experiment], out: Path, work: Path, quick: bool,
              progress: bool, compare: Compare, metric: str = "optimizer_state_bytes",
-             metric_label: str = "optimizer state (MiB)") -> Path:
-    """Train (or reuse) ``runs``, then write ``out/<name>/README.md`` (paper vs ours from ``compare``) + PNG."""
+             metric_label: str = "optimizer state (MiB)", extra: Callable[..., Comparison] | None = None) -> Path:
+    """Train (or reuse) ``runs`` (and ``extra``'s), then write ``out/<name>/README.md`` (paper vs ours) + PNG."""
     rows = finetune(runs, work, quick, progress, desc=f"reproduce {name}")
     out = Path(out) / name
     bar_plot(out / f"{name}.png", rows, title, metric, metric_label, MIB)
@@ -76,6 +77,9 @@ def run_pair(name: str, *, title: str, paper: str, runs: Sequence[Experiment], o
         groups.setdefault(row["label"], []).append(row)
     comparison, explanation = compare(groups)
     details = runs_table(rows) + "\n\n" + setup_text(rows, quick)
+    if extra is not None:
+        more, section = extra(work, quick, progress)
+        comparison, details = comparison + more, details + "\n\n" + section
     return write_report(out, name, title, paper, comparison, explanation, details,
                         f"leantrain reproduce {name}" + (" --quick" if quick else ""), quick)
 

@@ -1,6 +1,8 @@
-"""GaLore: gradient low-rank projection vs full-rank AdamW (Zhao et al. 2024, https://arxiv.org/abs/2403.03507)."""
+"""GaLore: gradient low-rank projection vs full-rank AdamW (Zhao et al. 2024, https://arxiv.org/abs/2403.03507):
+the main job (fine-tuning) plus tiny-LLaMA pre-training (``galore_pretrain``, the paper's Table 2 in miniature)."""
 from __future__ import annotations
 
+from . import galore_pretrain
 from .finetune_pair import Comparison, Groups, acc, ms, pair_runner, points, reduction
 
 PAPER = "GaLore, Zhao et al. 2024, https://arxiv.org/abs/2403.03507"
@@ -29,3 +31,4 @@ def compare(groups: Groups) -> Comparison:
 
 
 run = pair_runner(__name__)
+extra = galore_pretrain.extra
