@@ -4,7 +4,9 @@ is the offline stand-in (``reproduce dlrt-lenet5`` runs the paper's own setup). 
 ``benchmarks/dlrt.py``: both call ``digits_runs`` with ``definitions.DIGITS``."""
 from __future__ import annotations
 
+import os
 import statistics
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -82,10 +84,12 @@ def run(out: Path, work: Path, quick: bool = False, progress: bool = True) -> Pa
     from ..lowrank.digits import plot_results, table
 
     settings, seeds = (DIGITS_QUICK, SEEDS[:1]) if quick else (DIGITS, SEEDS)
+    load_before, t0 = os.getloadavg()[0], time.perf_counter()
     bar = tqdm(total=len(seeds) * (1 + len(DIGITS_TAUS)) * settings["epochs"], desc="reproduce dlrt",
                disable=not progress, unit="epoch")
     rows = pool_seeds(digits_runs(DIGITS_TAUS, seeds, settings, bar))
     bar.close()
+    wall, load_after = time.perf_counter() - t0, os.getloadavg()[0]
     out = Path(out) / "dlrt"
     paths = plot_results(rows, out)
     paths[-1].replace(out / "dlrt.png")
@@ -96,6 +100,8 @@ def run(out: Path, work: Path, quick: bool = False, progress: bool = True) -> Pa
         f"\n\nSetup: MLP 64-500-500-500-10, {settings['epochs']} epochs, plain SGD lr {settings['lr']} (momentum "
         f"{settings['momentum']}), batch {settings['batch_size']}, start rank {settings['start_rank']}, KLS "
         f"integrator; seeds {','.join(map(str, seeds))} (split and init). This table: accuracy, params and s/epoch "
-        "are means over seeds (± sd in the paper-vs-ours table), ranks are the first seed's.\n\n![ranks](dlrt_rank_vs_step.png)")
+        "are means over seeds (± sd in the paper-vs-ours table), ranks are the first seed's. "
+        f"This invocation: {wall / 60:.1f} min of training, one thread, load average {load_before:.1f} before and "
+        f"{load_after:.1f} after on the shared 2-core machine.\n\n![ranks](dlrt_rank_vs_step.png)")
     return write_report(out, "dlrt", "DLRT vs dense (digits MLP)", PAPER, comparison_rows(rows), explanation,
                         details, "leantrain reproduce dlrt" + (" --quick" if quick else ""), quick)
