@@ -1,6 +1,6 @@
 """Benchmark: dense MLP vs DLRT (rank-adaptive KLS, plain SGD) at several τ on scikit-learn's bundled digits.
 
-    .venv/bin/python benchmarks/dlrt.py [--quick] [--json [PATH]] [--png-dir docs/img]
+    .venv/bin/python benchmarks/dlrt.py [--quick] [--json [PATH]] [--png-dir docs/img] [--repeats N]
 
 Reports test accuracy, inference parameters, compression (1 − params/dense), training seconds per epoch and the
 final ranks of the three hidden layers of a 64-500-500-500-10 MLP (the output layer stays dense). With ``--seeds``
@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--momentum", type=float, default=DIGITS["momentum"])
     p.add_argument("--start-rank", type=int, default=DIGITS["start_rank"])
     p.add_argument("--seeds", type=int, default=len(SEEDS))
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run dense and every τ this many times in turn (same seed) and report the median s/epoch: "
+                        "the methods alternate, so load from other jobs hits them alike")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 = fair timing on a shared machine)")
     p.add_argument("--png-dir", default=None, help="write dlrt_*.png here (e.g. docs/img)")
     p.add_argument("--json", nargs="?", const="-", default=None,
@@ -50,13 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     settings = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "momentum": args.momentum,
                 "start_rank": args.start_rank}
-    with tqdm(total=args.seeds * args.epochs * (1 + len(taus)), unit="epoch", desc="dlrt bench",
+    with tqdm(total=args.repeats * args.seeds * args.epochs * (1 + len(taus)), unit="epoch", desc="dlrt bench",
               file=sys.stderr) as bar:
-        rows = pool_seeds(digits_runs(taus, range(args.seeds), settings, bar))
+        rows = pool_seeds(digits_runs(taus, range(args.seeds), settings, bar, args.repeats))
     data = load_digits_split(0)
     print(f"digits, MLP {list(data[0].shape)} train / {len(data[2])} test, {args.epochs} epochs, batch "
           f"{args.batch_size}, SGD lr {args.lr} momentum {args.momentum}, start rank {args.start_rank}, "
-          f"{args.seeds} seed(s), {args.threads} thread(s)")
+          f"{args.seeds} seed(s), {args.threads} thread(s), median of {args.repeats} alternating repeat(s); "
+          f"load {os.getloadavg()}")
     print(table(rows))
     if args.png_dir:
         for path in plot_results(rows, args.png_dir):

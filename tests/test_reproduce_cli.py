@@ -140,8 +140,8 @@ def test_reproduce_dlrt_and_benchmark_dlrt_train_the_same_runs(monkeypatch, tmp_
 
     calls = []
 
-    def planned(taus, seeds, settings, progress=None):
-        calls.append((tuple(taus), tuple(seeds), dict(settings)))
+    def planned(taus, seeds, settings, progress=None, repeats=1):
+        calls.append((tuple(taus), tuple(seeds), dict(settings), repeats))
         raise Planned
 
     monkeypatch.setattr(dlrt, "digits_runs", planned)
@@ -152,7 +152,7 @@ def test_reproduce_dlrt_and_benchmark_dlrt_train_the_same_runs(monkeypatch, tmp_
     with pytest.raises(Planned):
         bench.main([])
     assert calls[0] == calls[1]
-    taus, seeds, settings = calls[0]
+    taus, seeds, settings, _ = calls[0]
     assert taus == (0.09, 0.15, 0.3) and seeds == (0, 1, 2) and settings["epochs"] == 60
 
 
@@ -175,3 +175,17 @@ def test_reproduce_galore_pretraining_is_benchmark_lm_pretraining(quick, monkeyp
     assert len(seed0) == len(galore_pretrain.LABELS) and len(planned_reproduce) == len(seed0) * (1 if quick else 3)
     for config in seed0:
         assert config == lm_by_method[(config["method"], config["optim"])]
+
+
+def test_pool_seeds_gives_mean_and_sample_sd_over_seeds():
+    from leantrain.reproduce.dlrt import pool_seeds
+
+    def row(acc, sec, params, ranks):
+        return {"method": "dlrt", "tau": 0.1, "accuracy": acc, "sec_per_epoch": sec, "params": params,
+                "compression": 1 - params / 100, "ranks": ranks}
+
+    [pooled] = pool_seeds([[row(0.9, 1.0, 10, [3])], [row(0.8, 3.0, 20, [4])]])
+    assert pooled["accuracy"] == pytest.approx(0.85) and pooled["accuracy_sd"] == pytest.approx(0.5**0.5 / 10)
+    assert pooled["sec_per_epoch"] == pytest.approx(2.0) and pooled["params"] == 15
+    assert pooled["compression"] == pytest.approx(0.85) and pooled["ranks_per_seed"] == [[3], [4]]
+    assert pooled["seeds"] == 2 and pooled["accuracy_per_seed"] == [0.9, 0.8]
