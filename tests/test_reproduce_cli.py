@@ -189,3 +189,32 @@ def test_pool_seeds_gives_mean_and_sample_sd_over_seeds():
     assert pooled["sec_per_epoch"] == pytest.approx(2.0) and pooled["params"] == 15
     assert pooled["compression"] == pytest.approx(0.85) and pooled["ranks_per_seed"] == [[3], [4]]
     assert pooled["seeds"] == 2 and pooled["accuracy_per_seed"] == [0.9, 0.8]
+
+
+@pytest.mark.parametrize("quick", [False, True], ids=["full", "quick"])
+def test_reproduce_shira_fusion_is_benchmark_fusion_text(quick, monkeypatch, tmp_path):
+    """`reproduce shira`'s fusion part trains what benchmarks/fusion_text.py trains with no options (quick: the
+    same smoke settings passed as options)."""
+    from leantrain.experiments.definitions import FUSION, FUSION_QUICK
+    from leantrain.reproduce import shira_fusion
+
+    calls = []
+
+    def planned(cfg, data, labels):
+        calls.append((json.loads(cfg.to_json()) | {"progress": None}, list(data), list(labels)))
+        raise Planned
+
+    monkeypatch.setattr(shira_fusion, "run_seed", planned)
+    with pytest.raises(Planned):
+        shira_fusion.extra(tmp_path, quick, False)
+    bench = script("fusion_text")
+    monkeypatch.setattr(bench, "run_seed", planned)
+    settings = FUSION_QUICK if quick else FUSION
+    options = [] if not quick else [f"--{k.replace('_', '-')}={v}" for k, v in FUSION_QUICK.items()
+                                    if FUSION.get(k) != v]
+    with pytest.raises(Planned):
+        bench.main([*options, "--no-progress", "--plot", ""])
+    assert calls[0] == calls[1]
+    config, data, labels = calls[0]
+    assert data == settings["data"].split(",") and labels == ["shira", "lora"] and config["seed"] == 0
+    assert (config["steps"], config["lr"]) == ((2, 2e-3) if quick else (100, 2e-3))

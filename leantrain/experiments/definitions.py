@@ -96,3 +96,10 @@ PRETRAIN_QUICK: dict[str, Any] = {"steps": 10, "eval_every": 2}  # benchmarks/lm
 PRETRAIN_RUNS = [("full Adam", "full", "adamw", 3e-3), ("GaLore", "full", "galore-adamw", 1e-2),
                  ("8-bit GaLore", "full", "galore-adamw8bit", 1e-2), ("GradNormLoRP", "gradnormlorp", "adamw", 1e-2),
                  ("DLRT", "dlrt", "adamw", 3e-3), ("low-rank (W=BA)", "lowrank", "adamw", 3e-3)]
+
+# --- multi-adapter fusion on the two text tasks (reproduce shira's second part, benchmarks/fusion_text.py): the
+# 4-seed setup of docs/shira_miss.md (adapter lr 2e-3, at which random-mask SHiRA learns as much as LoRA).
+FUSION: dict[str, Any] = {"model": "minilm", "data": "vader,bible", "methods": "shira,lora", "rank": 8, "steps": 100,
+                          "batch_size": 16, "train_size": 2000, "val_size": 500, "max_length": 64, "lr": 2e-3}
+FUSION_QUICK: dict[str, Any] = {**FUSION, "model": "tiny", "steps": 2, "batch_size": 8, "train_size": 96,
+                                "val_size": 48, "max_length": 24}
