@@ -39,7 +39,9 @@ def finetune(experiments: Sequence[Experiment], work: Path, quick: bool, progres
     if quick:
         experiments = [dataclasses.replace(e, name=f"quick-{e.name}") for e in experiments]
     base = {**(MAIN_JOB_QUICK if quick else MAIN_JOB), "progress": False}
-    results = run_experiments(experiments, Path(work), base=base, progress=progress, desc=desc)
+    # One thread per run, as the sweep runs them: thread count changes float reductions, so also the results.
+    results = run_experiments(experiments, Path(work), base=base, progress=progress, env={"OMP_NUM_THREADS": "1"},
+                              desc=desc)
     failed = next((r for r in results if not r.ok), None)
     if failed is not None:
         raise RunFailed(f"run {failed.experiment.name!r} failed: {failed.error}")
