@@ -85,15 +85,17 @@ def script(name: str):
 
 
 def capture_engine(monkeypatch, module) -> list:
-    """Replace ``module.run_experiments`` by one that records (experiment name, resolved config) and stops."""
+    """Replace ``module.run_experiments`` by one that records (experiment name, resolved config + threads per run)
+    and stops."""
     from leantrain.experiments.engine import resolve
 
     seen: list = []
 
-    def planned(experiments, out, *, base=None, **kwargs):
+    def planned(experiments, out, *, base=None, env=None, **kwargs):
         for exp in experiments:
             config = json.loads(resolve(exp, base or {}, Path("/plan")).to_json())
-            seen.append((exp.name, {k: v for k, v in config.items() if k not in ("out", "progress")}))
+            config = {k: v for k, v in config.items() if k not in ("out", "progress")}
+            seen.append((exp.name, {**config, "threads": (env or {}).get("OMP_NUM_THREADS")}))  # threads: numerics
         raise Planned
 
     monkeypatch.setattr(module, "run_experiments", planned)
