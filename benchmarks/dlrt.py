@@ -4,7 +4,9 @@
 
 Reports test accuracy, inference parameters, compression (1 − params/dense), training seconds per epoch and the
 final ranks of the three hidden layers of a 64-500-500-500-10 MLP (the output layer stays dense). With ``--seeds``
-> 1 accuracy/time are means over seeds (each seed = a different split and init). With ``--json`` the last stdout
+> 1 accuracy/time are means over seeds (each seed = a different split and init). The defaults are
+``leantrain.experiments.definitions.DIGITS`` / ``DIGITS_TAUS`` / ``SEEDS`` and the runs are
+``leantrain.reproduce.dlrt.digits_runs``: with no options this is exactly ``leantrain reproduce dlrt``. With ``--json`` the last stdout
 line is the JSON list of rows {"method", "tau", "accuracy", "params", "ranks", "sec_per_epoch", ...}.
 Goals (issue 8): ≥ 90 % fewer parameters at ≤ 1 point accuracy loss, time per step ≤ 2x dense.
 Paper: Schotthöfer et al. 2022, https://arxiv.org/abs/2205.13571.
@@ -14,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -23,19 +24,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from tqdm import tqdm
 
-from leantrain.lowrank.digits import load_digits_split, plot_results, table, train_run
+from leantrain.experiments.definitions import DIGITS, DIGITS_TAUS, SEEDS
+from leantrain.lowrank.digits import load_digits_split, plot_results, table
+from leantrain.reproduce.dlrt import digits_runs, pool_seeds
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny run (3 epochs, 2 τ) for smoke tests")
-    p.add_argument("--taus", default="0.05,0.1,0.15,0.2,0.3")
-    p.add_argument("--epochs", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--momentum", type=float, default=0.0)
-    p.add_argument("--start-rank", type=int, default=32)
-    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--taus", default=",".join(map(str, DIGITS_TAUS)))
+    p.add_argument("--epochs", type=int, default=DIGITS["epochs"])
+    p.add_argument("--batch-size", type=int, default=DIGITS["batch_size"])
+    p.add_argument("--lr", type=float, default=DIGITS["lr"])
+    p.add_argument("--momentum", type=float, default=DIGITS["momentum"])
+    p.add_argument("--start-rank", type=int, default=DIGITS["start_rank"])
+    p.add_argument("--seeds", type=int, default=len(SEEDS))
     p.add_argument("--repeats", type=int, default=1,
                    help="run dense and every τ this many times in turn (same seed) and report the median s/epoch: "
                         "the methods alternate, so load from other jobs hits them alike")
@@ -48,32 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.epochs, taus, args.seeds = 3, taus[:2], 1
     torch.set_num_threads(args.threads)
-    per_seed: list[list[dict]] = []
+    settings = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "momentum": args.momentum,
+                "start_rank": args.start_rank}
     with tqdm(total=args.repeats * args.seeds * args.epochs * (1 + len(taus)), unit="epoch", desc="dlrt bench",
               file=sys.stderr) as bar:
-        for seed in range(args.seeds):
-            data = load_digits_split(seed)
-            common = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-                      "momentum": args.momentum, "seed": seed, "data": data, "progress": bar}
-            repeats = []
-            for _ in range(args.repeats):
-                rows = [train_run("dense", None, **common)]
-                rows += [train_run("dlrt", tau, start_rank=args.start_rank, **common) for tau in taus]
-                repeats.append(rows)
-            for i, row in enumerate(repeats[0]):  # same seed: same result every repeat, only the time varies
-                row["sec_per_epoch"] = statistics.median(r[i]["sec_per_epoch"] for r in repeats)
-            per_seed.append(repeats[0])
-    rows = []
-    for i, first in enumerate(per_seed[0]):
-        runs = [s[i] for s in per_seed]
-        row = dict(first)
-        row["accuracy"] = statistics.mean(r["accuracy"] for r in runs)
-        row["accuracy_std"] = statistics.stdev(r["accuracy"] for r in runs) if len(runs) > 1 else 0.0
-        row["sec_per_epoch"] = statistics.mean(r["sec_per_epoch"] for r in runs)
-        row["params"] = round(statistics.mean(r["params"] for r in runs))
-        row["compression"] = statistics.mean(r["compression"] for r in runs)
-        row["ranks_per_seed"] = [r["ranks"] for r in runs]
-        rows.append(row)
+        rows = pool_seeds(digits_runs(taus, range(args.seeds), settings, bar, args.repeats))
+    data = load_digits_split(0)
     print(f"digits, MLP {list(data[0].shape)} train / {len(data[2])} test, {args.epochs} epochs, batch "
           f"{args.batch_size}, SGD lr {args.lr} momentum {args.momentum}, start rank {args.start_rank}, "
           f"{args.seeds} seed(s), {args.threads} thread(s), median of {args.repeats} alternating repeat(s); "

@@ -8,10 +8,13 @@ resumes), and writes results.json plus a markdown table of per-configuration mea
 
     .venv/bin/python benchmarks/main_job_sweep.py [GRID] [--out runs/sweep] [--jobs 2] [--steps 120] [--seeds 0,1,2]
 
-Grids: ``lr`` (seed 0, a few learning rates for full / LoRA / GaLore / GradNormLoRP), ``seeds`` (each method at the
-learning rate chosen from the lr grid, several seeds), ``masks`` (SHiRA random / magnitude / gradient / snip vs LoRA
-and MiSS, seed 0), ``table`` (the default: print the table of an existing --out and exit). ``--quick`` runs the
-grid on the random tiny BERT for 2 steps (a smoke run, into runs/sweep-quick).
+Grids: ``lr`` (seed 0, a few learning rates per method), ``seeds`` (every config `leantrain reproduce` uses, at its
+validated learning rate, several seeds: the very runs of the reproduce tables), ``masks`` (SHiRA random / magnitude
+/ gradient / snip vs LoRA and MiSS at the default lr), ``table`` (the default: print the table of an existing --out
+and exit). Steps, data sizes, configs, learning rates and seeds come from ``leantrain.experiments.definitions``
+(one copy, shared with `leantrain reproduce`); after an ``lr`` run, ``table`` says where the grid's choice differs
+from the recorded one. ``--quick`` runs the grid on the random tiny BERT for 2 steps (a smoke run, into
+runs/sweep-quick).
 """
 from __future__ import annotations
 
@@ -22,60 +25,37 @@ from typing import Any
 
 from leantrain.atomic import write_text_atomic
 from leantrain.experiments import Column, Experiment, Result, format_table, run_experiments
+from leantrain.experiments.definitions import (
+    LR_GRID,
+    MAIN_JOB,
+    MAIN_JOB_QUICK,
+    MAIN_JOB_SEEDED,
+    SEEDS,
+    SWEPT_LR,
+    lr_text,
+    main_job_experiment,
+    main_job_runs,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# label -> TrainConfig fields (method / optimizer / method settings); a learning rate and a seed are added per run.
-CONFIGS: dict[str, dict[str, Any]] = {
-    "full": {"method": "full", "optim": "adamw"},
-    "adamw8bit": {"method": "full", "optim": "adamw8bit"},
-    "lora": {"method": "lora", "optim": "adamw"},
-    "miss": {"method": "miss", "optim": "adamw"},
-    "galore": {"method": "full", "optim": "galore-adamw", "gap": 50},
-    "galore8bit": {"method": "full", "optim": "galore-adamw8bit", "gap": 50},
-    "gradnormlorp": {"method": "gradnormlorp", "optim": "adamw", "gap": 50},
-    "shira-random": {"method": "shira", "mask": "random"},
-    "shira-magnitude": {"method": "shira", "mask": "magnitude"},
-    "shira-gradient": {"method": "shira", "mask": "gradient"},
-    "shira-snip": {"method": "shira", "mask": "snip"},
-}
-
-LR_GRID = {
-    "full": [2e-5, 5e-5, 1e-4, 2e-4],
-    "lora": [1e-3, 2e-3, 5e-3],
-    "galore": [1e-4, 3e-4, 1e-3, 3e-3],
-    "gradnormlorp": [1e-4, 3e-4, 1e-3, 3e-3],
-}
-QUICK = {"model": "tiny", "train_size": 96, "val_size": 48, "max_length": 24, "batch_size": 8, "steps": 2}
 METRICS = ("val_accuracy", "val_loss", "optimizer_state_bytes", "sec_per_step", "trainable_params")
 COLUMNS = [Column("config", "label"), Column("lr", lambda r: lr_text(r["lr"])),
            Column("seeds", "seed", combine="each", sep=","),
            Column("val acc mean ± std", "val_accuracy", ".4f"), Column("val loss mean ± std", "val_loss", ".4f"),
            Column("per-seed acc", "val_accuracy", ".4f", combine="each"),
            Column("optimizer state MiB", "optimizer_state_bytes", ".1f", 2.0**-20)]
+MASKS = ["lora", "miss", "shira-random", "shira-magnitude", "shira-gradient", "shira-snip"]
 
 
-def lr_text(lr: float | None) -> str:
-    return "default" if lr is None else f"{lr:g}"
-
-
-def experiment(label: str, lr: float | None, seed: int) -> Experiment:
-    """One grid point: the config's fields plus seed (and lr unless the method default is meant)."""
-    overrides = {**CONFIGS[label], "seed": seed, **({} if lr is None else {"lr": lr})}
-    return Experiment(f"{label}_lr{lr_text(lr)}_s{seed}", overrides, tags={"lr": lr, "seed": seed, "config": label})
-
-
-def grid(name: str, seeds: list[int], best: dict[str, float]) -> list[Experiment]:
-    """The experiments of a named grid."""
+def grid(name: str, seeds: list[int]) -> list[Experiment]:
+    """The experiments of a named grid (``seeds``: the runs every ``leantrain reproduce`` table is made of)."""
     if name == "lr":
-        return [experiment(label, lr, 0) for label, lrs in LR_GRID.items() for lr in lrs]
+        return [main_job_experiment(label, 0, lr) for label, lrs in LR_GRID.items() for lr in lrs]
     if name == "seeds":
-        labels = ["full", "adamw8bit", "lora", "galore", "gradnormlorp"]
-        lr_of = {**best, "adamw8bit": best.get("full"), "galore8bit": best.get("galore")}
-        return [experiment(label, lr_of.get(label), seed) for label in labels for seed in seeds]
+        return main_job_runs(MAIN_JOB_SEEDED, seeds)
     if name == "masks":
-        labels = ["lora", "miss", "shira-random", "shira-magnitude", "shira-gradient", "shira-snip"]
-        return [experiment(label, None, seed) for label in labels for seed in seeds]
+        return [main_job_experiment(label, seed, None) for label in MASKS for seed in seeds]
     raise ValueError(f"unknown grid {name!r}; choose lr, seeds, masks or table")
 
 
@@ -126,8 +106,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("grid", nargs="?", default="table", choices=["lr", "seeds", "masks", "table"])
     ap.add_argument("--out", type=Path, default=None, help="runs and results.json (default: runs/sweep)")
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=120)
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--steps", type=int, default=MAIN_JOB["steps"])
+    ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     ap.add_argument("--only", default=None, help="comma list of config labels to keep from the grid")
     ap.add_argument("--quick", action="store_true", help="tiny random BERT, 2 steps (smoke run)")
     ap.add_argument("--json", type=Path, default=None, help="also write the result rows here")
@@ -138,11 +118,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run_grid(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
     """Run (or reuse) the grid's runs and return every row of --out (earlier grids included)."""
-    todo = grid(args.grid, [int(s) for s in args.seeds.split(",")], best_lrs(rows))
+    todo = grid(args.grid, [int(s) for s in args.seeds.split(",")])
     if args.only:
         keep = set(args.only.split(","))
         todo = [e for e in todo if e.tags["config"] in keep]
-    base = {**({**QUICK} if args.quick else {"steps": args.steps}), "progress": False}
+    base = {**(MAIN_JOB_QUICK if args.quick else {**MAIN_JOB, "steps": args.steps}), "progress": False}
     results = run_experiments(todo, args.out, base=base, jobs=args.jobs, env={"OMP_NUM_THREADS": "1"},
                               desc=args.grid)
     rows = merge(rows, [result_row(r) for r in results])
@@ -158,7 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.grid != "table":
         rows = run_grid(args, rows)
     print(table(rows))
-    print("best lr by seed-0 validation loss:", best_lrs(rows))
+    best = best_lrs(rows)
+    print("best lr by seed-0 validation loss:", best)
+    changed = {k: v for k, v in best.items() if SWEPT_LR.get(k) != v}
+    if changed:
+        print(f"differs from SWEPT_LR in leantrain/experiments/definitions.py (the seeds grid and `leantrain "
+              f"reproduce` use that): {changed}")
     if args.json:
         write_text_atomic(args.json, json.dumps(rows, indent=1) + "\n")
     return 0 if all("error" not in r for r in rows) else 1

@@ -1,30 +1,31 @@
 """GradNormLoRP vs LoRA and full fine-tuning (Huang et al. 2024, https://arxiv.org/abs/2412.19616)."""
 from __future__ import annotations
 
-from .finetune_pair import Comparison, Rows, acc, pair_runner, pct
+from .finetune_pair import Comparison, Groups, acc, mean_sd, pair_runner, points, reduction
 
 PAPER = "GradNormLoRP, Huang et al. 2024, https://arxiv.org/abs/2412.19616"
 TITLE = "Full AdamW vs LoRA vs GradNormLoRP (rank 8)"
-RUNS = [("full adamw", {"method": "full", "optim": "adamw"}),
-        ("lora r8", {"method": "lora", "rank": 8}),
-        ("gradnormlorp r8", {"method": "gradnormlorp", "rank": 8, "gap": 10})]
+RUNS = ("full", "lora", "gradnormlorp")
 
 
-def compare(rows: Rows) -> Comparison:
-    """The paper-vs-ours rows and the sentence on any difference."""
-    full, lora, gnl = rows
+def compare(groups: Groups) -> Comparison:
+    """The paper-vs-ours rows (with the gap and its reason) and the sentence on any difference."""
+    full, lora, gnl = groups["full"], groups["lora"], groups["gradnormlorp"]
+    ours = mean_sd(gnl, "val_accuracy", 100)[0] - mean_sd(lora, "val_accuracy", 100)[0]
+    saved = reduction(gnl, full, "optimizer_state_bytes")
     comparison = [
-        ("accuracy vs LoRA (rank 8)", "GLUE avg 80.65 vs LoRA 79.23 (RoBERTa)", f"{acc(gnl)} vs LoRA {acc(lora)}"),
-        ("optimizer memory reduction vs full Adam", "up to 89.5 % (8-bit variant)",
-         pct(gnl["optimizer_state_bytes"], full["optimizer_state_bytes"]) + " (32-bit states)"),
+        ("accuracy minus LoRA (rank 8)", "+1.42 points (GLUE avg 80.65 vs 79.23, RoBERTa)",
+         f"{acc(gnl)} vs LoRA {acc(lora)}: {points(gnl, lora)}", f"{ours - 1.42:+.2f} points",
+         ("argued: 120 steps (half an epoch) on one 3-class task; GradNormLoRP's projected matrices train at "
+         "scale 0.25 with the subspace refreshed every 50 steps, so short runs favour LoRA's free factors")),
+        ("optimizer memory reduction vs full Adam", "up to 89.5 % (8-bit variant)", f"{saved:.1f} % (32-bit states)",
+         f"{saved - 89.5:+.1f} points",
+         ("measured: the unprojected word embedding keeps fp32 Adam moments (89.4 MiB), bounding the reduction near "
+         "50 %; the paper's 89.5 % uses 8-bit low-rank moments on LLaMA")),
     ]
-    explanation = ("Memory: the unprojected word-embedding matrix (30522 x 384 = 11.7 M of MiniLM's 22.6 M "
-                   "parameters) keeps full 32-bit Adam states (~89 MiB), which alone bounds the reduction near 50 %; "
-                   "the paper's 89.5 % uses 8-bit low-rank moments on LLaMA, whose matrices dominate the parameter "
-                   f"count. Accuracy: ours is {100 * (gnl['val_accuracy'] - lora['val_accuracy']):+.2f} points vs "
-                   "LoRA, while the paper reports +1.42 (GLUE); with 30 steps, one seed, no lr/gap tuning for this "
-                   "task and ~160 validation sentences (one sentence ≈ 0.6 points) we cannot tell that apart from "
-                   "noise, so this run neither confirms nor contradicts the paper's accuracy claim.")
+    explanation = ("All three at their swept learning rates (docs/results/sweeps/main_job.json). The paper's "
+                   "accuracy claim is a GLUE average; ours is one task, so a gap of the paper's size is near what "
+                   "3 seeds can resolve (see the s.e.).")
     return comparison, explanation
 
 
