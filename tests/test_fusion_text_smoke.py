@@ -7,7 +7,6 @@ merged weights equal that sum, fusion changes the logits, and unmerge restores t
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -17,18 +16,7 @@ import torch
 
 from leantrain import adapters
 from leantrain.config import TrainConfig
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "fusion_text.py"
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_fusion_text", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ft = _load_bench()
+from leantrain.reproduce import fusion as ft  # the fusion experiment (benchmarks/fusion_text.py runs it)
 
 
 def _write(path: Path, rows: list[tuple[str, str]]) -> str:

@@ -49,7 +49,6 @@ def differences(a: Path, b: Path) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize("change,match", [
-    ({"strategy": "ddp", "grad_accum": 2}, "--grad-accum 2"),
     ({"strategy": "ddp", "method": "dlrt"}, "changes parameter shapes"),
 ])
 def test_what_stays_refused_under_torchrun(change: dict, match: str) -> None:
