@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .optim.projector import SUPPLIED_GRAD, low_rank_shape, needs_refresh, project_factors
+from .optim.projector import SUPPLIED_GRAD, current_basis, low_rank_shape, needs_refresh, project_factors
 
 ReadyHook = Callable[[Tensor, Tensor], None]  # (weight, its complete low-rank gradient)
 
@@ -53,12 +53,12 @@ class LowRankSource:
     def basis(self) -> tuple[Tensor, int, Tensor | None] | None:
         """(basis, side, right basis) the next step will use, or None when it refreshes (build the full gradient)."""
         state = self.optimizer.state.get(self.weight)
-        if not state or "proj_basis" not in state:
+        if not state:
             return None
         group = next(g for g in self.optimizer.param_groups if any(q is self.weight for q in g["params"]))
-        if needs_refresh(state, group, int(state["step"]) + 1):
+        if needs_refresh(state, group, int(state["step"]) + 1):  # also true before the first basis exists
             return None
-        return state["proj_basis"], state["proj_side"], state.get("proj_basis_right")
+        return current_basis(state, group)
 
     @torch.no_grad()
     def _ready(self, proxy: Tensor) -> None:

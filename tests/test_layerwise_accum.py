@@ -263,3 +263,22 @@ def test_spec_declares_what_the_optimizer_accumulates(name: str) -> None:
     assert (low is not None) == spec.low_rank_accumulation
     if low is not None:
         assert low.shape == (48, RANK)
+
+
+def test_accumulates_with_a_quantized_basis() -> None:
+    """Q-GaLore's ``proj_bits`` keeps the basis as codes (no ``proj_basis`` tensor): accumulation reads it through
+    ``projector.current_basis`` like ``project`` does (it raised KeyError before)."""
+    model = _stack()
+    mats = [p for p in model.parameters() if p.ndim == 2 and min(p.shape) > RANK]
+    rest = [p for p in model.parameters() if not any(p is q for q in mats)]
+    opt = GaLoreAdamW([{"params": rest}, {"params": mats, "rank": RANK, "update_proj_gap": 2, "proj_bits": 4}],
+                      lr=1e-2)
+    hooks = LayerwiseStep(opt, model).register()
+    for step, xs in enumerate(_batches(s, 2) for s in range(4)):
+        hooks.start_step(step)
+        for micro, x in enumerate(xs):
+            hooks.start_micro(micro, 2)
+            _loss(model, x, 2).backward()
+        hooks.finish()
+        assert hooks.stepped == len(list(model.parameters()))
+    assert all("proj_basis" not in opt.state[p] for p in mats)

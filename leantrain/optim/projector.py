@@ -327,7 +327,13 @@ def project(grad: Tensor, state: MutableMapping[str, Any], group: Mapping[str, A
         else:
             basis, right = compute_basis(grad, int(group["rank"]), side, **basis_options(group, step))
             store_basis(state, group, side, basis, right, step)
-    return project_with(grad, qgalore.stored_basis(state, group), state["proj_side"], state.get("proj_basis_right"))
+    return project_with(grad, *current_basis(state, group))
+
+
+def current_basis(state: Mapping[str, Any], group: Mapping[str, Any]) -> tuple[Tensor, int, Tensor | None]:
+    """(basis, side, right basis) as ``project_with`` takes them: the stored basis, dequantized when Q-GaLore's
+    ``proj_bits`` keeps it as codes."""
+    return qgalore.stored_basis(state, group), state["proj_side"], state.get("proj_basis_right")
 
 
 def accumulate(grad: Tensor, state: MutableMapping[str, Any], group: Mapping[str, Any], step: int) -> Tensor:
@@ -344,7 +350,7 @@ def accumulate(grad: Tensor, state: MutableMapping[str, Any], group: Mapping[str
     if acc is None:
         state[ACCUM_KEY] = project(g, state, group, step).to(grad.dtype)
         return state[ACCUM_KEY]
-    return acc.add_(project_with(g, state["proj_basis"], state["proj_side"], state.get("proj_basis_right")))
+    return acc.add_(project_with(g, *current_basis(state, group)))
 
 
 def drop_accumulated(state: MutableMapping[str, Any]) -> None:
@@ -388,7 +394,7 @@ def project_supplied(grad: Tensor | None, low: Tensor, state: MutableMapping[str
                            f"{step}, whose basis does not exist yet (the backward must build the full gradient)")
     if grad is None:
         return low
-    return project_with(grad, state["proj_basis"], state["proj_side"], state.get("proj_basis_right")).add_(low)
+    return project_with(grad, *current_basis(state, group)).add_(low)
 
 
 def project_back(update: Tensor, state: Mapping[str, Any], group: Mapping[str, Any]) -> Tensor:
