@@ -14,8 +14,9 @@ Phases (each reuses finished runs: the experiment engine caches by config hash, 
   with its optimizer replaced by the peer's over the same param groups);
 * ``qgalore``: GaLore at its best sweep lr and --gap 10: plain, Q-GaLore's int4 projector, lazy refresh
   (threshold 0.4, k = 2), both;
-* ``main``: the main job (``make run``: LoRA on MiniLM, the bundled sentiment data), ``--steps`` steps, each
-  optimizer at its default lr (the spec's), seed 0 (``--seeds`` for more);
+* ``main``: the main job (``make run``: LoRA on MiniLM, the bundled sentiment data), ``--main-steps`` steps, each
+  optimizer at every ``--main-lrs`` learning rate, seed 0;
+* ``main-seeds``: each optimizer at its best main-job lr (lowest seed-0 validation loss) with seeds 1 and 2;
 * ``table`` (default): print both tables, write docs/img/optimizers2.png and (``--json``) the rows.
 
 Runs share this process (``--isolate``: one process each, which adds ~20 s of imports and data loading per run
@@ -44,6 +45,7 @@ OURS = ["adamw", "adamw8bit", "galore-adamw", "galore-adamw8bit", "muon", "muon8
 PEERS = {"torch.optim.Muon": "muon", "adam_mini.Adam_mini": "adam-mini", "apollo_torch (APOLLO)": "apollo",
          "apollo_torch (APOLLO-Mini)": "apollo-mini", "fira.FiraAdamW": "fira", "flora_opt.Flora": "flora"}
 LRS = [1e-3, 3e-3, 1e-2]
+MAIN_LRS = [5e-4, 2e-3]  # LoRA's default lr, and 4x it (Muon/APOLLO updates of rank-8 factors are not AdamW-sized)
 # Q-GaLore's options of the GaLore family (--extra), next to plain GaLore at its best lr
 # (gap 10, so 60 steps see refreshes at 1, 11, ..., 51 and the lazy rule, k = 2, has something to skip)
 QGALORE = {"plain": {}, "int4 projector": {"proj_bits": 4}, "lazy refresh 0.4": {"lazy_refresh_cos": 0.4,
@@ -220,7 +222,20 @@ def best_lrs(rows: list[dict]) -> dict[str, float]:
     return {k: v[1] for k, v in best.items()}
 
 
-def grid(phase: str, rows: list[dict], seeds: list[int], lrs: list[float] = LRS) -> list[Experiment]:
+def best_main_lrs(rows: list[dict]) -> dict[str, float]:
+    """Per optimizer, the main-job lr with the lowest seed-0 validation loss (ties: the lower lr)."""
+    best: dict[str, tuple[float, float]] = {}
+    for r in rows:
+        if r.get("part") != "main" or "error" in r or r.get("seed") != 0 or r.get("val_loss") is None:
+            continue
+        key = (r["val_loss"], r["lr"])
+        if r["opt"] not in best or key < best[r["opt"]]:
+            best[r["opt"]] = key
+    return {k: v[1] for k, v in best.items()}
+
+
+def grid(phase: str, rows: list[dict], seeds: list[int], lrs: list[float] = LRS,
+         main_lrs: list[float] = MAIN_LRS) -> list[Experiment]:
     if phase == "sweep":
         return [_exp("tiny", o, o, lr, 0) for o in OURS for lr in lrs]
     best = best_lrs(rows)
@@ -232,9 +247,12 @@ def grid(phase: str, rows: list[dict], seeds: list[int], lrs: list[float] = LRS)
         return [Experiment(e.name, {**e.overrides, "gap": QGALORE_GAP}, e.group, e.tags)
                 for e in (_exp("qgalore", f"galore-adamw {k}", "galore-adamw", best["galore-adamw"], 0, extra=v)
                           for k, v in QGALORE.items())]
-    if phase == "main":  # the new optimizers first (a cut-short run still compares them with AdamW)
-        order = [*OURS[4:], "adamw", "adamw8bit", "galore-adamw", "galore-adamw8bit"]
-        return [_exp("main", o, o, None, s) for o in order for s in seeds]
+    order = [*OURS[4:], "adamw", "adamw8bit", "galore-adamw", "galore-adamw8bit"]  # the new optimizers first
+    if phase == "main":
+        return [_exp("main", o, o, lr, 0) for o in order for lr in main_lrs]
+    if phase == "main-seeds":
+        best_main = best_main_lrs(rows)
+        return [_exp("main", o, o, best_main[o], s) for o in order if o in best_main for s in seeds if s != 0]
     raise ValueError(f"unknown phase {phase!r}")
 
 
@@ -281,10 +299,20 @@ def qgalore_table(rows: list[dict]) -> str:
         Column("state bytes (incl. projectors)", "optimizer_state_bytes", ","), Column("s/step", "sec_per_step", ".3f")])
 
 
+def main_sweep_table(rows: list[dict]) -> str:
+    sweep = sorted((r for r in rows if r.get("part") == "main" and r.get("seed") == 0),
+                   key=lambda r: (OURS.index(r["opt"]) if r["opt"] in OURS else 99, r.get("lr") or 0))
+    return format_table(sweep, [Column("optimizer", "opt"), Column("lr", "lr", "g"),
+                                Column("val loss (seed 0)", "val_loss", ".4f"),
+                                Column("val acc (seed 0)", "val_accuracy", ".4f")], group_key="name")
+
+
 def main_table(rows: list[dict]) -> str:
-    main = [r for r in rows if r.get("part") == "main"]
+    """The main job at each optimizer's best lr: mean (and sd) over the seeds run."""
+    best = best_main_lrs(rows)
+    main = [r for r in rows if r.get("part") == "main" and r.get("lr") == best.get(r.get("opt"))]
     return format_table(main, [
-        Column("optimizer", "opt"), Column("default lr", "lr", "g"), Column("seeds", "seed", combine="each", sep=","),
+        Column("optimizer", "opt"), Column("best lr", "lr", "g"), Column("seeds", "seed", combine="each", sep=","),
         Column("val acc", "val_accuracy", ".4f"), Column("val loss", "val_loss", ".4f"),
         Column("final train loss", "train_loss_last", ".3f"),
         Column("state MiB", "optimizer_state_bytes", ".3f", MIB), Column("s/step", "sec_per_step", ".3f")])
@@ -314,11 +342,12 @@ def load_rows(out: Path) -> list[dict]:
 
 def run_phase(phase: str, args: argparse.Namespace, rows: list[dict]) -> list[dict]:
     seeds = [int(s) for s in args.seeds.split(",")]
-    todo = grid(phase, rows, seeds, [float(x) for x in args.lrs.split(",")])
+    todo = grid(phase, rows, seeds, [float(x) for x in args.lrs.split(",")],
+                [float(x) for x in args.main_lrs.split(",")])
     if args.only:
         keep = set(args.only.split(","))
         todo = [e for e in todo if PEERS.get(e.tags["opt"], e.tags["opt"]) in keep or phase == "qgalore"]
-    part = {"main": "main", "qgalore": "qgalore"}.get(phase, "tiny")
+    part = {"main": "main", "main-seeds": "main", "qgalore": "qgalore"}.get(phase, "tiny")
     base = ({**MAIN, **(QUICK_MAIN if args.quick else {"steps": args.main_steps})} if part == "main"
             else {**TINY, **(QUICK if args.quick else {})})
     env = {"OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -334,7 +363,7 @@ def run_phase(phase: str, args: argparse.Namespace, rows: list[dict]) -> list[di
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("phase", nargs="?", default="table",
-                    choices=["sweep", "seeds", "peers", "qgalore", "main", "table"])
+                    choices=["sweep", "seeds", "peers", "qgalore", "main", "main-seeds", "table"])
     ap.add_argument("--out", type=Path, default=None, help="run folders (default: runs/bench_optim2[-quick])")
     ap.add_argument("--seeds", default="0,1,2", help="seeds of the seeds/peers/main phases")
     ap.add_argument("--only", default=None, help="comma list of leantrain optimizers (and their peers) to run")
@@ -342,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--isolate", action="store_true", help="one process per run (peak RSS per run; ~20 s more "
                                                                 "per run for imports and data on this machine)")
     ap.add_argument("--main-steps", type=int, default=120)
+    ap.add_argument("--main-lrs", default=",".join(f"{x:g}" for x in MAIN_LRS), help="learning rates of ``main``")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="nano preset / tiny BERT, a few steps (smoke run)")
     ap.add_argument("--json", type=Path, default=None)
@@ -357,7 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\nbest lr per optimizer:", best_lrs(rows))
     print("\ntiny LLaMA at the best lr:\n" + tiny_table(rows))
     print("\nQ-GaLore options (tiny LLaMA, seed 0):\n" + qgalore_table(rows))
-    print("\nmain job at the default lr:\n" + main_table(rows))
+    print("\nmain job lr sweep (seed 0):\n" + main_sweep_table(rows))
+    print("\nbest main-job lr per optimizer:", best_main_lrs(rows))
+    print("\nmain job at the best lr:\n" + main_table(rows))
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
     if args.phase == "table" and not args.quick:
         plot(rows, ROOT / "docs" / "img" / "optimizers2.png")
