@@ -1,6 +1,7 @@
 """Estimator = trainer at LLaMA-350m / 1b: the estimate of each run beside its measured tensor peak and RSS.
 
     .venv/bin/python benchmarks/estimator_matrix.py [--sizes 350m,1b] [--optim galore-adamw8bit] [--json PATH]
+        [--return-freed-memory]
 
 For every size x ``--dtype fp32|bf16`` x ``--layerwise`` on/off x ``--activation-checkpointing`` on/off, one
 child process assembles exactly the run ``leantrain train --task causal-lm --init-weights scratch --preset SIZE
@@ -9,7 +10,8 @@ size) and measures its first training step -- the run's peak: optimizer states a
 first bases in it -- with the CPU profiler's allocation events (``leantrain.memory.measuring.measure_run``: the
 exact tensor bytes), and the child's peak RSS (``getrusage``, building included). Beside them: the estimator's
 tensor peak for the same config (``estimate_config`` with the corpus vocabulary) and the pre-flight's process
-estimate (that + ``preflight.RUNTIME_BYTES``). Goal (issue 19 item 6): both within +-10 %.
+estimate (that + ``preflight.RUNTIME_BYTES``). Goal (issue 19 item 6): both within +-10 %. ``--return-freed-memory``
+runs each child with that flag (glibc hands freed blocks back at once, so RSS follows the tensors).
 Run one at a time on a quiet machine: the 1b fp32 rows need ~13 GiB.
 """
 from __future__ import annotations
@@ -35,34 +37,36 @@ def configs(sizes: list[str]) -> list[dict]:
             for size, dtype, lw, ckpt in itertools.product(sizes, ("fp32", "bf16"), (False, True), (False, True))]
 
 
-def train_config(row: dict, optim: str, out: str):
+def train_config(row: dict, optim: str, out: str, return_freed: bool = False):
     from leantrain.config import TrainConfig
 
     return TrainConfig(task="causal-lm", init_weights="scratch", method="full", data="bible", batch_size=1,
                        max_length=256, train_size=8, val_size=4, steps=1, optim=optim,
-                       rank=GALORE_RANK.get(row["preset"], 128), out=out, progress=False, overwrite=True, **row)
+                       rank=GALORE_RANK.get(row["preset"], 128), out=out, progress=False, overwrite=True,
+                       return_freed_memory=return_freed, **row)
 
 
-def child(row: dict, optim: str, out: str) -> dict:
+def child(row: dict, optim: str, out: str, return_freed: bool = False) -> dict:
     """Measure one config in this process (called in a fresh child): tensor peak, RSS, both estimates."""
     from leantrain.memory import estimate_config
     from leantrain.memory.measuring import measure_run
     from leantrain.preflight import RUNTIME_BYTES
 
-    cfg = train_config(row, optim, out)
+    cfg = train_config(row, optim, out, return_freed)
     measured, run = measure_run(cfg)
     report = estimate_config(cfg, vocab_size=int(run.model.config.vocab_size))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {**row, "optim": optim, "tensor_peak": measured.peak, "tensor_estimate": report.total,
+    return {**row, "optim": optim, "return_freed_memory": return_freed, "tensor_peak": measured.peak, "tensor_estimate": report.total,
             "rss_peak": rss, "rss_estimate": report.total + RUNTIME_BYTES,
             "estimate_terms": {"weights": report.weights, "gradients": report.gradients,
                                "optimizer_states": report.optimizer_states, "activations": report.activations,
                                "workspace": report.optimizer_workspace}}
 
 
-def run_child(row: dict, optim: str, tmp: str) -> dict:
+def run_child(row: dict, optim: str, tmp: str, return_freed: bool = False) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(row), "--optim", optim, "--out", tmp],
+    flag = ["--return-freed-memory"] if return_freed else []
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(row), "--optim", optim, "--out", tmp, *flag],
                           check=False, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {**row, "optim": optim, "note": f"failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}"}
@@ -92,18 +96,19 @@ def main() -> None:
     ap.add_argument("--sizes", default="350m,1b")
     ap.add_argument("--optim", default="galore-adamw8bit")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--return-freed-memory", action="store_true", help="run each child with that training flag")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
-        print(json.dumps(child(json.loads(args.child), args.optim, args.out)))
+        print(json.dumps(child(json.loads(args.child), args.optim, args.out, args.return_freed_memory)))
         return
     import tempfile
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for row in configs(args.sizes.split(",")):
-            rows.append(run_child(row, args.optim, str(Path(tmp) / "run")))
+            rows.append(run_child(row, args.optim, str(Path(tmp) / "run"), args.return_freed_memory))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "estimate_terms"}), flush=True)
             if args.json:
                 args.json.write_text(json.dumps(rows, indent=1) + "\n")

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from . import dist, galore_backward, preflight
+from . import allocator, dist, galore_backward, preflight
 from .config import TrainConfig
 from .data import prefetch_data
 from .layerwise import LayerwiseStep
@@ -225,6 +225,8 @@ def build_run(cfg: TrainConfig, ctx: dist.DistContext | None = None, task: Task 
     if cfg.galore_in_backward and ctx.enabled:
         raise ValueError("--galore-in-backward runs on one process, not under torchrun (DDP/FSDP2 would sync "
                          "and shard the full gradients it never builds)")
+    if cfg.return_freed_memory:  # before the model exists: its blocks are then mapped one by one
+        allocator.return_freed_memory()
     method = get_method(cfg.method)
     memory_plan = preflight.plan(cfg, str(ctx.device)) if task is None else {}  # before anything big exists
     task = task if task is not None else new_task(cfg, ctx)
