@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from leantrain.experiments import Column, Experiment, Panel, format_table, plot_panels, run_experiments
+from leantrain.experiments.definitions import PRETRAIN as PRETRAIN_SETTINGS
+from leantrain.experiments.definitions import PRETRAIN_RUNS
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNNER = f"{Path(__file__).resolve()}:train_with_state_split"
@@ -33,14 +35,7 @@ FINETUNE = [
     ("SHiRA r=8", "shira", "adamw", 1e-3),
     ("GaLore r=8", "full", "galore-adamw", 1e-4),
 ]
-PRETRAIN = [
-    ("full Adam", "full", "adamw", 3e-3),
-    ("GaLore", "full", "galore-adamw", 1e-2),
-    ("8-bit GaLore", "full", "galore-adamw8bit", 1e-2),
-    ("GradNormLoRP", "gradnormlorp", "adamw", 1e-2),
-    ("DLRT", "dlrt", "adamw", 3e-3),
-    ("low-rank (W=BA)", "lowrank", "adamw", 3e-3),
-]
+PRETRAIN = PRETRAIN_RUNS  # (label, method, optimizer, lr): the experiment `reproduce galore` runs too
 # (c): (label, method, optimizer, lr, extra); the warm start and restart period suit a 60-step run
 SPARSE = [
     ("full Adam", "full", "adamw", 3e-3, {}),
@@ -61,11 +56,8 @@ def finetune_base(steps: int) -> dict[str, Any]:
 
 
 def pretrain_base(steps: int, preset: str) -> dict[str, Any]:
-    return {"task": "causal-lm", "model": "minilm", "data": "bible", "init_weights": "scratch", "arch": "llama",
-            "preset": preset, "steps": steps, "batch_size": 16, "max_length": 64, "rank": 32, "gap": 50,
-            "proj_scale": 0.25, "tau": 0.1, "train_size": None, "val_size": 64, "warmup_ratio": 0.1,
-            "weight_decay": 0.0, "eval_every": max(1, steps // 5), "progress": False,
-            "extra": {"eval_before": True}}
+    """The shared tiny-LLaMA pre-training settings (leantrain/experiments/definitions.py) at ``steps`` / ``preset``."""
+    return {**PRETRAIN_SETTINGS, "preset": preset, "steps": steps, "eval_every": max(1, steps // 5)}
 
 
 def experiments(part: str, table: list[tuple[str, str, str, float]]) -> list[Experiment]:

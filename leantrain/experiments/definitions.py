@@ -83,8 +83,8 @@ DIGITS: dict[str, Any] = {"epochs": 60, "batch_size": 32, "lr": 0.1, "momentum":
 DIGITS_TAUS = (0.09, 0.15, 0.3)
 DIGITS_QUICK: dict[str, Any] = {**DIGITS, "epochs": 2}
 
-# --- tiny-LLaMA pre-training from scratch on KJV (docs/lm.md (b); benchmarks/lm.py keeps its own copy until it
-# imports this one): the GaLore paper's Table 2 in miniature.
+# --- tiny-LLaMA pre-training from scratch on KJV (docs/lm.md (b); benchmarks/lm.py and `reproduce galore` both
+# read it): the GaLore paper's Table 2 in miniature.
 PRETRAIN_STEPS = 150
 PRETRAIN: dict[str, Any] = {
     "task": "causal-lm", "model": "minilm", "data": "bible", "init_weights": "scratch", "arch": "llama",
