@@ -6,8 +6,9 @@
 For every size x ``--dtype fp32|bf16`` x ``--layerwise`` on/off x ``--activation-checkpointing`` on/off, one
 child process assembles exactly the run ``leantrain train --task causal-lm --init-weights scratch --preset SIZE
 --data bible --batch-size 1 --max-length 256 --optim OPTIM --rank R`` would (R: the GaLore paper's rank for the
-size) and measures its first training step -- the run's peak: optimizer states are created and GaLore computes its
-first bases in it -- with the CPU profiler's allocation events (``leantrain.memory.measuring.measure_run``: the
+size) and measures its first two training steps -- the larger peak is the run's: optimizer states are created and
+GaLore computes its first bases in step 1, but under ``--layerwise`` all states sit beside all activations only
+from step 2 on -- with the CPU profiler's allocation events (``leantrain.memory.measuring.measure_run``: the
 exact tensor bytes), and the child's peak RSS (``getrusage``, building included). Beside them: the estimator's
 tensor peak for the same config (``estimate_config`` with the corpus vocabulary) and the pre-flight's process
 estimate (that + ``preflight.RUNTIME_BYTES``). Goal (issue 19 item 6): both within +-10 %. ``--return-freed-memory``
@@ -41,7 +42,7 @@ def train_config(row: dict, optim: str, out: str, return_freed: bool = False):
     from leantrain.config import TrainConfig
 
     return TrainConfig(task="causal-lm", init_weights="scratch", method="full", data="bible", batch_size=1,
-                       max_length=256, train_size=8, val_size=4, steps=1, optim=optim,
+                       max_length=256, train_size=8, val_size=4, steps=2, optim=optim,
                        rank=GALORE_RANK.get(row["preset"], 128), out=out, progress=False, overwrite=True,
                        return_freed_memory=return_freed, **row)
 
@@ -53,7 +54,7 @@ def child(row: dict, optim: str, out: str, return_freed: bool = False) -> dict:
     from leantrain.preflight import RUNTIME_BYTES
 
     cfg = train_config(row, optim, out, return_freed)
-    measured, run = measure_run(cfg)
+    measured, run = measure_run(cfg, steps=2)
     report = estimate_config(cfg, vocab_size=int(run.model.config.vocab_size))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {**row, "optim": optim, "return_freed_memory": return_freed, "tensor_peak": measured.peak, "tensor_estimate": report.total,

@@ -117,3 +117,23 @@ ACTIVATION_CASES = [("full", "adamw"), ("lora", "adamw"), ("dora", "adamw")]
 @pytest.mark.parametrize("method,optim", ACTIVATION_CASES, ids=[f"{m}-{o}" for m, o in ACTIVATION_CASES])
 def test_estimate_matches_measured_step_when_activations_dominate(method: str, optim: str) -> None:
     _compare(method, optim, 16, 128)
+
+
+def test_layerwise_run_peaks_in_its_second_step(tmp_path) -> None:
+    """Under --layerwise the first step creates each optimizer state in its hook while backward frees activations,
+    so all states sit beside all activations only from step 2 on: measure_run(steps=2) finds the run's peak (the
+    one the estimator models), about the states' bytes above the first step's."""
+    from leantrain.config import TrainConfig
+    from leantrain.memory.measuring import measure_run
+
+    cfg = TrainConfig(task="causal-lm", init_weights="scratch", arch="llama", preset="tiny", method="full",
+                      data="bible", batch_size=8, max_length=64, train_size=32, val_size=4, steps=2, optim="adamw",
+                      layerwise=True, out=str(tmp_path / "run"), progress=False, save_every=0, overwrite=True)
+    first, _ = measure_run(cfg, steps=1)
+    peak, run = measure_run(cfg, steps=2)
+    states = sum(t.numel() * t.element_size() for s in run.optimizer.state.values() for t in s.values()
+                 if isinstance(t, torch.Tensor))
+    assert states > 0
+    assert peak.peak - first.peak > 0.5 * states, (first.peak, peak.peak, states)
+    with pytest.raises(ValueError, match="steps=0"):
+        measure_run(cfg, steps=0)
