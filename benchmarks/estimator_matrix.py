@@ -9,7 +9,8 @@ child process assembles exactly the run ``leantrain train --task causal-lm --ini
 size) and measures its first two training steps -- the larger peak is the run's: optimizer states are created and
 GaLore computes its first bases in step 1, but under ``--layerwise`` all states sit beside all activations only
 from step 2 on -- with the CPU profiler's allocation events (``leantrain.memory.measuring.measure_run``: the
-exact tensor bytes), and the child's peak RSS (``getrusage``, building included). Beside them: the estimator's
+exact tensor bytes), and, in a second child without the profiler, the same two steps' peak RSS (``getrusage``,
+building included). Beside them: the estimator's
 tensor peak for the same config (``estimate_config`` with the corpus vocabulary) and the pre-flight's process
 estimate (that + ``preflight.RUNTIME_BYTES``). Goal (issue 19 item 6): both within +-10 %. ``--return-freed-memory``
 runs each child with that flag (glibc hands freed blocks back at once, so RSS follows the tensors).
@@ -47,31 +48,51 @@ def train_config(row: dict, optim: str, out: str, return_freed: bool = False):
                        return_freed_memory=return_freed, **row)
 
 
-def child(row: dict, optim: str, out: str, return_freed: bool = False) -> dict:
-    """Measure one config in this process (called in a fresh child): tensor peak, RSS, both estimates."""
+def child(row: dict, optim: str, out: str, return_freed: bool = False, mode: str = "tensors") -> dict:
+    """Measure one config in this process (called in a fresh child). ``tensors``: the profiled tensor peak of the
+    first two steps and the estimates. ``rss``: the same two steps without the profiler (whose event records are
+    themselves hundreds of MB at 350m), for the process's peak RSS."""
     from leantrain.memory import estimate_config
-    from leantrain.memory.measuring import measure_run
+    from leantrain.memory.measuring import measure_run, run_step
     from leantrain.preflight import RUNTIME_BYTES
+    from leantrain.run import build_run
 
     cfg = train_config(row, optim, out, return_freed)
+    if mode == "rss":
+        run = build_run(cfg)
+        run.model.train()
+        step = run_step(run)
+        step()
+        step()
+        return {"rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     measured, run = measure_run(cfg, steps=2)
     report = estimate_config(cfg, vocab_size=int(run.model.config.vocab_size))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {**row, "optim": optim, "return_freed_memory": return_freed, "tensor_peak": measured.peak, "tensor_estimate": report.total,
-            "rss_peak": rss, "rss_estimate": report.total + RUNTIME_BYTES,
+    return {**row, "optim": optim, "return_freed_memory": return_freed, "tensor_peak": measured.peak,
+            "tensor_estimate": report.total, "rss_estimate": report.total + RUNTIME_BYTES,
             "estimate_terms": {"weights": report.weights, "gradients": report.gradients,
                                "optimizer_states": report.optimizer_states, "activations": report.activations,
                                "workspace": report.optimizer_workspace}}
 
 
-def run_child(row: dict, optim: str, tmp: str, return_freed: bool = False) -> dict:
+def _spawn(row: dict, optim: str, tmp: str, return_freed: bool, mode: str) -> dict | str:
+    """One child; its result dict, or the last line of its error."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     flag = ["--return-freed-memory"] if return_freed else []
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(row), "--optim", optim, "--out", tmp, *flag],
-                          check=False, capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(row), "--mode", mode, "--optim", optim,
+                           "--out", tmp, *flag], check=False, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        return {**row, "optim": optim, "note": f"failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}"}
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+        return f"failed ({mode}): {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_child(row: dict, optim: str, tmp: str, return_freed: bool = False) -> dict:
+    """The tensor child, then the RSS child, of one config."""
+    result = _spawn(row, optim, tmp, return_freed, "tensors")
+    rss = _spawn(row, optim, tmp, return_freed, "rss") if isinstance(result, dict) else None
+    for failed in (result, rss):
+        if isinstance(failed, str):
+            return {**row, "optim": optim, "note": failed}
+    result.update(rss)
     result["tensor_ratio"] = round(result["tensor_estimate"] / result["tensor_peak"], 3)
     result["rss_ratio"] = round(result["rss_estimate"] / result["rss_peak"], 3)
     return result
@@ -100,9 +121,10 @@ def main() -> None:
     ap.add_argument("--return-freed-memory", action="store_true", help="run each child with that training flag")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--mode", choices=("tensors", "rss"), default="tensors", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
-        print(json.dumps(child(json.loads(args.child), args.optim, args.out, args.return_freed_memory)))
+        print(json.dumps(child(json.loads(args.child), args.optim, args.out, args.return_freed_memory, args.mode)))
         return
     import tempfile
 
