@@ -1,6 +1,6 @@
 """Estimator = trainer at LLaMA-350m / 1b: the estimate of each run beside its measured tensor peak and RSS.
 
-    .venv/bin/python benchmarks/estimator_matrix.py [--sizes 350m,1b] [--optim galore-adamw8bit] [--json PATH]
+    .venv/bin/python benchmarks/estimator_matrix.py [--sizes 350m,1b] [--dtypes fp32,bf16] [--optim galore-adamw8bit] [--json PATH]
         [--return-freed-memory]
 
 For every size x ``--dtype fp32|bf16`` x ``--layerwise`` on/off x ``--activation-checkpointing`` on/off, one
@@ -33,10 +33,10 @@ GALORE_RANK = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}  # t
 GIB = 2**30
 
 
-def configs(sizes: list[str]) -> list[dict]:
+def configs(sizes: list[str], dtypes: tuple[str, ...] = ("fp32", "bf16")) -> list[dict]:
     """Every (size, dtype, layerwise, checkpointing) combination, smallest first."""
     return [{"preset": size, "dtype": dtype, "layerwise": lw, "activation_checkpointing": ckpt}
-            for size, dtype, lw, ckpt in itertools.product(sizes, ("fp32", "bf16"), (False, True), (False, True))]
+            for size, dtype, lw, ckpt in itertools.product(sizes, dtypes, (False, True), (False, True))]
 
 
 def train_config(row: dict, optim: str, out: str, return_freed: bool = False):
@@ -116,6 +116,7 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="350m,1b")
+    ap.add_argument("--dtypes", default="fp32,bf16", help="comma list (e.g. one dtype per process)")
     ap.add_argument("--optim", default="galore-adamw8bit")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--return-freed-memory", action="store_true", help="run each child with that training flag")
@@ -130,7 +131,7 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for row in configs(args.sizes.split(",")):
+        for row in configs(args.sizes.split(","), tuple(args.dtypes.split(","))):
             rows.append(run_child(row, args.optim, str(Path(tmp) / "run"), args.return_freed_memory))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "estimate_terms"}), flush=True)
             if args.json:
