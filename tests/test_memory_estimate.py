@@ -216,3 +216,15 @@ def test_old_galore_method_names_are_aliases_of_trains_spelling(old, new) -> Non
     a = estimate("llama-60m", method=old[0], optim=old[1], **kw).as_dict()
     assert a == estimate("llama-60m", method=new[0], optim=new[1], **kw).as_dict()
     assert (a["setting"]["method"], a["setting"]["optim"]) == new
+
+
+def test_layerwise_steps_inside_backward_so_the_workspace_meets_the_activations() -> None:
+    """--layerwise steps the head while nearly all activations are alive: its step workspace is counted at the
+    backward start; the ordinary step runs after backward, when the activations are gone."""
+    kwargs = {"method": "full", "optim": "adamw8bit", "dtype": "bf16", "batch_size": 1, "seq_len": 256}
+    ordinary, layerwise = estimate("llama-60m", **kwargs), estimate("llama-60m", layerwise=True, **kwargs)
+    assert layerwise.step_in_backward and not ordinary.step_in_backward
+    resident = layerwise.weights + layerwise.optimizer_states
+    assert layerwise.total >= resident + layerwise.activations + layerwise.optimizer_workspace
+    assert ordinary.total == ordinary.weights + ordinary.optimizer_states + max(
+        ordinary.activations + ordinary.backward_start_gradients, ordinary.gradients + ordinary.optimizer_workspace)
