@@ -45,7 +45,7 @@ OURS = ["adamw", "adamw8bit", "galore-adamw", "galore-adamw8bit", "muon", "muon8
 PEERS = {"torch.optim.Muon": "muon", "adam_mini.Adam_mini": "adam-mini", "apollo_torch (APOLLO)": "apollo",
          "apollo_torch (APOLLO-Mini)": "apollo-mini", "fira.FiraAdamW": "fira", "flora_opt.Flora": "flora"}
 LRS = [1e-3, 3e-3, 1e-2]
-MAIN_LRS = [5e-4, 2e-3]  # LoRA's default lr, and 4x it (Muon/APOLLO updates of rank-8 factors are not AdamW-sized)
+MAIN_LRS = [5e-4, 2e-3, 8e-3]  # LoRA's default lr, 4x and 16x it (APOLLO's best was 8e-3: docs/optimizers2.md)
 # Q-GaLore's options of the GaLore family (--extra), next to plain GaLore at its best lr
 # (gap 10, so 60 steps see refreshes at 1, 11, ..., 51 and the lazy rule, k = 2, has something to skip)
 QGALORE = {"plain": {}, "int4 projector": {"proj_bits": 4}, "lazy refresh 0.4": {"lazy_refresh_cos": 0.4,
