@@ -324,7 +324,7 @@ def plot(rows: list[dict], path: Path) -> None:
     chosen = [r for r in rows if r.get("part") == "tiny" and "error" not in r
               and r.get("lr") == best.get(PEERS.get(r["opt"], r["opt"]))]
     plot_panels(chosen, path, [
-        Panel("scatter", "tiny LLaMA, 60 steps: final training loss vs optimizer state (best lr, seed 0)",
+        Panel("scatter", "tiny LLaMA, 60 steps: final training loss vs optimizer state (best lr, mean over the seeds run)",
               y=("train_loss_last",), x=("optimizer_state_bytes",), scale=MIB, xlabel="optimizer state (MiB)",
               ylabel="final training loss")], size=(8, 5.5))
     curves = [r for r in chosen if r.get("seed") == 0 and not r.get("peer")]
