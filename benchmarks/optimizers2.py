@@ -17,6 +17,7 @@ Phases (each reuses finished runs: the experiment engine caches by config hash, 
 * ``main``: the main job (``make run``: LoRA on MiniLM, the bundled sentiment data), ``--main-steps`` steps, each
   optimizer at every ``--main-lrs`` learning rate, seed 0;
 * ``main-seeds``: each optimizer at its best main-job lr (lowest seed-0 validation loss) with seeds 1 and 2;
+* ``main-peers``: each peer on the main job at its counterpart's best main-job lr, seeds 0-2;
 * ``table`` (default): print both tables, write docs/img/optimizers2.png and (``--json``) the rows.
 
 Runs share this process (``--isolate``: one process each, which adds ~20 s of imports and data loading per run
@@ -253,6 +254,10 @@ def grid(phase: str, rows: list[dict], seeds: list[int], lrs: list[float] = LRS,
     if phase == "main-seeds":
         best_main = best_main_lrs(rows)
         return [_exp("main", o, o, best_main[o], s) for o in order if o in best_main for s in seeds if s != 0]
+    if phase == "main-peers":
+        best_main = best_main_lrs(rows)
+        return [_exp("main", p, o, best_main[o], s, peer=p) for p, o in PEERS.items() if o in best_main
+                for s in seeds]
     raise ValueError(f"unknown phase {phase!r}")
 
 
@@ -310,7 +315,7 @@ def main_sweep_table(rows: list[dict]) -> str:
 def main_table(rows: list[dict]) -> str:
     """The main job at each optimizer's best lr: mean (and sd) over the seeds run."""
     best = best_main_lrs(rows)
-    main = [r for r in rows if r.get("part") == "main" and r.get("lr") == best.get(r.get("opt"))]
+    main = [r for r in rows if r.get("part") == "main" and r.get("lr") == best.get(PEERS.get(r["opt"], r["opt"]))]
     return format_table(main, [
         Column("optimizer", "opt"), Column("best lr", "lr", "g"), Column("seeds", "seed", combine="each", sep=","),
         Column("val acc", "val_accuracy", ".4f"), Column("val loss", "val_loss", ".4f"),
@@ -347,7 +352,7 @@ def run_phase(phase: str, args: argparse.Namespace, rows: list[dict]) -> list[di
     if args.only:
         keep = set(args.only.split(","))
         todo = [e for e in todo if PEERS.get(e.tags["opt"], e.tags["opt"]) in keep or phase == "qgalore"]
-    part = {"main": "main", "main-seeds": "main", "qgalore": "qgalore"}.get(phase, "tiny")
+    part = {"main": "main", "main-seeds": "main", "main-peers": "main", "qgalore": "qgalore"}.get(phase, "tiny")
     base = ({**MAIN, **(QUICK_MAIN if args.quick else {"steps": args.main_steps})} if part == "main"
             else {**TINY, **(QUICK if args.quick else {})})
     env = {"OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -363,7 +368,7 @@ def run_phase(phase: str, args: argparse.Namespace, rows: list[dict]) -> list[di
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("phase", nargs="?", default="table",
-                    choices=["sweep", "seeds", "peers", "qgalore", "main", "main-seeds", "table"])
+                    choices=["sweep", "seeds", "peers", "qgalore", "main", "main-seeds", "main-peers", "table"])
     ap.add_argument("--out", type=Path, default=None, help="run folders (default: runs/bench_optim2[-quick])")
     ap.add_argument("--seeds", default="0,1,2", help="seeds of the seeds/peers/main phases")
     ap.add_argument("--only", default=None, help="comma list of leantrain optimizers (and their peers) to run")
