@@ -53,15 +53,12 @@ def child(row: dict, optim: str, out: str, return_freed: bool = False, mode: str
     first two steps and the estimates. ``rss``: the same two steps without the profiler (whose event records are
     themselves hundreds of MB at 350m), for the process's peak RSS."""
     from leantrain.memory import estimate_config
-    from leantrain.memory.measuring import measure_run, run_step
+    from leantrain.memory.measuring import assembled_step, measure_run
     from leantrain.preflight import RUNTIME_BYTES
-    from leantrain.run import build_run
 
     cfg = train_config(row, optim, out, return_freed)
     if mode == "rss":
-        run = build_run(cfg)
-        run.model.train()
-        step = run_step(run)
+        step, _ = assembled_step(cfg)
         step()
         step()
         return {"rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}

@@ -152,8 +152,9 @@ def peer_optimizer(peer: str, groups: list[dict], cfg: Any, lr: float, model: An
     if peer == "adam_mini.Adam_mini":
         from adam_mini import Adam_mini
 
-        conf = next(m.config for m in model.modules()  # leantrain's classifier wraps the HF encoder
-                    if getattr(getattr(m, "config", None), "num_attention_heads", None))
+        from leantrain.run import attention_config
+
+        conf = attention_config(model)
         return Adam_mini(named_parameters=list(model.named_parameters()), lr=lr, betas=cfg.betas,
                          weight_decay=cfg.weight_decay, dim=conf.hidden_size, n_heads=conf.num_attention_heads,
                          n_kv_heads=getattr(conf, "num_key_value_heads", None), verbose=False)

@@ -115,18 +115,22 @@ def base_lr(cfg: TrainConfig, method: Method) -> float:
     return cfg.lr if cfg.lr is not None else method.default_lr
 
 
+def attention_config(model: nn.Module) -> Any:
+    """The first (sub)module config with attention heads -- leantrain's classifier wraps the HF encoder -- or None."""
+    for module in model.modules():
+        conf = getattr(module, "config", None)
+        if getattr(conf, "num_attention_heads", None):
+            return conf
+    return None
+
+
 def name_groups(model: nn.Module, groups: list[dict]) -> list[dict]:
     """Each group with its parameters' ``names`` (parallel to ``params``) and the model's attention ``head_dim``
     (None without an attention config): optimizers whose rule depends on a parameter's role read them (Adam-mini's
     per-head blocks for query / key), the others ignore them."""
     names = {id(p): n for n, p in model.named_parameters()}
-    head_dim = None
-    for module in model.modules():
-        conf = getattr(module, "config", None)
-        heads = getattr(conf, "num_attention_heads", None)
-        if heads:
-            head_dim = getattr(conf, "head_dim", None) or conf.hidden_size // heads
-            break
+    conf = attention_config(model)
+    head_dim = None if conf is None else getattr(conf, "head_dim", None) or conf.hidden_size // conf.num_attention_heads
     return [{**g, "names": [names.get(id(p), "") for p in g["params"]], "head_dim": head_dim} for g in groups]
 
 

@@ -46,11 +46,10 @@ def test_main_peers_run_at_their_counterparts_best_lr_and_join_its_table(bench):
     peers = bench.grid("main-peers", rows, [0, 1])
     assert [(e.overrides["optim"], e.overrides["lr"], e.overrides["seed"], e.overrides["extra"]["peer"])
             for e in peers] == [("muon", 2e-3, 0, "torch.optim.Muon"), ("muon", 2e-3, 1, "torch.optim.Muon")]
-    done = rows + [{**_main_row("torch.optim.Muon", 2e-3, 0, 0.81), "name": "p", "val_accuracy": 0.7,
-                    "train_loss_last": 0.7, "optimizer_state_bytes": 8, "sec_per_step": 1.0}]
-    for r in done:
-        r.setdefault("name", f"{r['opt']}-{r['lr']}")
-        r.update({k: r.get(k, 0.5) for k in ("val_accuracy", "train_loss_last", "optimizer_state_bytes",
-                                              "sec_per_step")})
+    def finished(opt, lr, val_loss):
+        return {**_main_row(opt, lr, 0, val_loss), "name": f"{opt}-{lr}", "val_accuracy": 0.7,
+                "train_loss_last": 0.7, "optimizer_state_bytes": 8, "sec_per_step": 1.0}
+
+    done = [finished("muon", 2e-3, 0.8), finished("muon", 5e-4, 0.9), finished("torch.optim.Muon", 2e-3, 0.81)]
     table = bench.main_table(done)
     assert "torch.optim.Muon" in table and "| muon | 0.002 |" in table

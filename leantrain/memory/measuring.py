@@ -182,19 +182,25 @@ def run_step(run: Any) -> Callable[[], None]:
     return step
 
 
+def assembled_step(cfg: Any) -> tuple[Callable[[], None], Any]:
+    """One training iteration of the run ``leantrain train`` assembles for ``cfg`` (model in train mode), and the
+    run."""
+    from ..run import build_run
+
+    run = build_run(cfg)
+    run.model.train()
+    return run_step(run), run
+
+
 def measure_run(cfg: Any, warmup: int = 0, steps: int = 1) -> tuple[MeasuredMemory, Any]:
     """Peak tensor memory of the run ``leantrain train`` assembles for ``cfg`` (its own data; any task), and the
     run: the largest peak of steps ``warmup + 1`` ... ``warmup + steps``. The first step allocates the optimizer
     states and computes GaLore's first projector basis; under ``--layerwise`` it is not the peak, though: the hooks
     create each state as backward frees activations, so only from step 2 on are all states alive beside all
     activations -- measure ``steps=2`` for the run's peak."""
-    from ..run import build_run
-
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1")
-    run = build_run(cfg)
-    run.model.train()
-    step = run_step(run)
+    step, run = assembled_step(cfg)
     peaks = [measure(step, run.model, run.optimizer, warmup=warmup if i == 0 else 0) for i in range(steps)]
     return max(peaks, key=lambda m: m.peak), run
 
