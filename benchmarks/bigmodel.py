@@ -29,7 +29,7 @@ RECIPES: dict[str, list[str]] = {
                                        "--activation-checkpointing"],
     "lora-nf4-bf16": ["--optim", "adamw", "--dtype", "bf16", "--method", "lora", "--quantize", "nf4", "--lr", "1e-3"],
 }
-GALORE_RANK = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}  # the GaLore paper's ranks
+GALORE_RANK = {"nano": 8, "tiny": 32, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}  # the paper's
 GIB = 2**30
 
 
@@ -38,11 +38,12 @@ def rank_of(size: str, recipe: str) -> int:
     return GALORE_RANK.get(size, 128) if recipe.startswith("galore") else 8
 
 
-def command(size: str, recipe: str, steps: int, out: Path) -> list[str]:
+def command(size: str, recipe: str, steps: int, out: Path, return_freed: bool = False) -> list[str]:
+    freed = ["--return-freed-memory"] if return_freed else []
     return [sys.executable, "-m", "leantrain", "train", "--task", "causal-lm", "--init-weights", "scratch",
             "--preset", size, "--method", "full", "--data", "bible", "--batch-size", "1", "--max-length", "256",
             "--steps", str(steps), "--val-size", "4", "--rank", str(rank_of(size, recipe)), "--no-progress",
-            "--out", str(out), "--overwrite", *RECIPES[recipe]]
+            "--out", str(out), "--overwrite", *RECIPES[recipe], *freed]
 
 
 def estimate_only(size: str, recipe: str) -> int:
@@ -60,14 +61,15 @@ def estimate_only(size: str, recipe: str) -> int:
     return predicted_bytes(cfg, "cpu")
 
 
-def run_one(size: str, recipe: str, steps: int, budget: int) -> dict:
-    row = {"size": size, "recipe": recipe, "estimate_gib": round(estimate_only(size, recipe) / GIB, 2)}
+def run_one(size: str, recipe: str, steps: int, budget: int, return_freed: bool = False) -> dict:
+    row = {"size": size, "recipe": recipe, "estimate_gib": round(estimate_only(size, recipe) / GIB, 2),
+           "return_freed_memory": return_freed}
     if row["estimate_gib"] * GIB > budget:
         return {**row, "note": "estimate over budget: not run"}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
-        proc = subprocess.run(command(size, recipe, steps, out), capture_output=True, text=True,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        proc = subprocess.run(command(size, recipe, steps, out, return_freed), capture_output=True, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=False)
         if proc.returncode != 0:
             return {**row, "note": f"failed: {proc.stderr.strip().splitlines()[-1][:200]}"}
         m = json.loads((out / "metrics.json").read_text())
@@ -87,13 +89,15 @@ def main() -> None:
     ap.add_argument("--budget-gib", type=float, default=None, help="skip runs estimated above this (default: "
                                                                     "available RAM)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--return-freed-memory", action="store_true",
+                    help="pass --return-freed-memory to every run (RSS then follows the live tensors)")
     args = ap.parse_args()
     recipes = list(RECIPES) if args.recipes == "all" else args.recipes.split(",")
     budget = int(args.budget_gib * GIB) if args.budget_gib else available_bytes("cpu")
     rows = []
     for size in args.sizes.split(","):
         for recipe in recipes:
-            rows.append(run_one(size, recipe, args.steps, budget))
+            rows.append(run_one(size, recipe, args.steps, budget, args.return_freed_memory))
             print(json.dumps(rows[-1]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
