@@ -36,18 +36,19 @@ MAIN_JOB_CONFIGS: dict[str, dict[str, Any]] = {
     "shira-gradient": {"method": "shira", "mask": "gradient"},
     "shira-snip": {"method": "shira", "mask": "snip"},
 }
-# The learning-rate grid of the sweep (seed 0). miss and shira-random were added after the 2026-11-23 sweep and
-# have no measured choice yet (they run at the method default until the grid is re-run).
+# The learning-rate grid of the sweep (seed 0). miss and shira-random were added after the 2026-11-23 sweep; their
+# grid ran on 2026-12-03 (shira-random's 1e-2 after 5e-3 came out best at the grid's edge).
 LR_GRID: dict[str, list[float]] = {
-    "full": [2e-5, 5e-5, 1e-4, 2e-4],
+    "full": [2e-5, 5e-5, 1e-4, 2e-4, 5e-4],
     "lora": [1e-3, 2e-3, 5e-3],
     "galore": [1e-4, 3e-4, 1e-3, 3e-3],
     "gradnormlorp": [1e-4, 3e-4, 1e-3, 3e-3],
     "miss": [5e-4, 1e-3, 2e-3, 5e-3],
-    "shira-random": [5e-4, 1e-3, 2e-3, 5e-3],
+    "shira-random": [5e-4, 1e-3, 2e-3, 5e-3, 1e-2],
 }
 # The grid's choice (lowest seed-0 validation loss) in docs/results/sweeps/main_job.json; a test recomputes it.
-SWEPT_LR: dict[str, float] = {"full": 2e-4, "lora": 2e-3, "galore": 1e-3, "gradnormlorp": 1e-3}
+SWEPT_LR: dict[str, float] = {"full": 2e-4, "lora": 2e-3, "galore": 1e-3, "gradnormlorp": 1e-3, "miss": 1e-3,
+                               "shira-random": 5e-3}
 LR_FROM = {"adamw8bit": "full", "galore8bit": "galore"}  # variants that run at their base config's lr
 # The configs every reproduce experiment draws from, run at 3 seeds by the sweep's ``seeds`` grid.
 MAIN_JOB_SEEDED = ("full", "adamw8bit", "lora", "galore", "gradnormlorp", "miss", "shira-random")
