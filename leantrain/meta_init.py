@@ -11,6 +11,9 @@ while it is constructed (kaiming/normal draws that are later overwritten, but th
 every module not initialised yet with ``_init_weights``. A sub-model (``LlamaModel`` inside ``LlamaForCausalLM``)
 therefore initialises itself before its parent's later layers (``lm_head``) are even constructed.
 ``tests/test_meta_init.py`` checks the equality against the eager constructor.
+
+``convert`` replaces a module as soon as it holds its values (``--quantize``: a Linear becomes its NF4/int8 form),
+so a quantized base never exists in full precision either; conversion draws nothing from the generator.
 """
 from __future__ import annotations
 
@@ -21,14 +24,21 @@ import torch
 from torch import nn
 
 BUILT = "_leantrain_materialised"
+Convert = Callable[[str, nn.Module], "nn.Module | None"]  # (qualified name, materialised module) -> replacement
 
 
-def build_materialised(factory: Callable[[], nn.Module], dtype: torch.dtype, seed: int) -> nn.Module:
-    """``factory()`` built on meta and materialised on CPU in ``dtype``, with the values of a seeded eager build."""
+def build_materialised(factory: Callable[[], nn.Module], dtype: torch.dtype, seed: int,
+                       convert: Callable[[nn.Module], Convert | None] | None = None) -> nn.Module:
+    """``factory()`` built on meta and materialised on CPU in ``dtype``, with the values of a seeded eager build.
+
+    ``convert(meta_model)`` may return a function that is given each module once it is materialised and returns
+    its replacement (or None to keep it); it sees the whole model first, on meta, to resolve names.
+    """
     with torch.device("meta"):
         model = factory()
+    replace = convert(model) if convert is not None else None
     torch.manual_seed(seed)
-    _construct(model, dtype)
+    _construct(model, dtype, replace or _keep, "")
     leftover = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:
         raise RuntimeError(f"meta init: {type(model).__name__} left {leftover[0]} (and {len(leftover) - 1} more) "
@@ -42,14 +52,18 @@ def _is_pretrained(module: nn.Module) -> bool:
     return isinstance(module, PreTrainedModel)
 
 
-def _construct(module: nn.Module, dtype: torch.dtype) -> None:
+def _keep(name: str, module: nn.Module) -> None:
+    return None
+
+
+def _construct(module: nn.Module, dtype: torch.dtype, replace: Convert, prefix: str) -> None:
     """Replay the generator draws of constructing ``module`` (and, for a PreTrainedModel, its ``post_init``)."""
     if not _is_pretrained(module):
         _draw_constructor_init(module)
-    for child in module.children():
-        _construct(child, dtype)
+    for name, child in module.named_children():
+        _construct(child, dtype, replace, f"{prefix}{name}.")
     if _is_pretrained(module):
-        _initialise(module, module, dtype)
+        _initialise(module, module, dtype, replace, prefix)
 
 
 def _draw_constructor_init(module: nn.Module) -> None:
@@ -64,10 +78,16 @@ def _draw_constructor_init(module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _initialise(owner: nn.Module, module: nn.Module, dtype: torch.dtype) -> None:
-    """``owner._init_weights`` on every not yet materialised module below ``module``, children first (post_init)."""
-    for child in module.children():
-        _initialise(owner, child, dtype)
+def _initialise(owner: nn.Module, module: nn.Module, dtype: torch.dtype, replace: Convert, prefix: str) -> None:
+    """``owner._init_weights`` on every not yet materialised module below ``module``, children first (post_init);
+    each child is offered to ``replace`` right after it is complete."""
+    for name, child in list(module.named_children()):
+        _initialise(owner, child, dtype, replace, f"{prefix}{name}.")
+        if getattr(child, BUILT, False):
+            new = replace(f"{prefix}{name}", child)
+            if new is not None:
+                setattr(new, BUILT, True)
+                setattr(module, name, new)
     if getattr(module, BUILT, False):
         return
     if any(t.is_meta for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]):

@@ -153,10 +153,11 @@ def shape_model(model: nn.Module, cfg: TrainConfig, method: Method, calib: Calib
     LoftQ quantizes *after* the adapter exists, so the quantized base Q and the adapter BA approximate W jointly;
     the method therefore sees ``init="default"`` and the base stays in full precision until then.
     """
-    loftq = cfg.init == "loftq"
-    if cfg.quantize and not loftq:
-        from .quant import quantize
+    from .quant import quantize, quantized_layers, quantizes_before_method
 
+    loftq = cfg.init == "loftq"
+    # a scratch model was quantized while it was built (lm.task), with the same targets
+    if quantizes_before_method(cfg.quantize, cfg.init) and not quantized_layers(model):
         quantize(model, bits=QUANT_BITS[cfg.quantize], targets=cfg.targets)
     groups = method.apply(model, replace(cfg, init="default") if loftq else cfg, calib)
     if loftq:

@@ -148,15 +148,16 @@ def llama_config(preset: str, vocab_size: int | None = None, **overrides):
 
 
 def build_scratch_lm(arch: str | None, preset: str | None, vocab_size: int, seed: int,
-                     dtype: torch.dtype = torch.float32, **ids) -> nn.Module:
+                     dtype: torch.dtype = torch.float32, convert=None, **ids) -> nn.Module:
     """A randomly initialised LlamaForCausalLM, seeded (every optimizer starts from the same weights) and built
-    directly in ``dtype``: no full-size fp32 copy exists, and the values are the eager fp32 build's, cast."""
+    directly in ``dtype``: no full-size fp32 copy exists, and the values are the eager fp32 build's, cast.
+    ``convert``: a ``meta_init.build_materialised`` hook (``quant.quantize_while_building`` for --quantize)."""
     from transformers import LlamaForCausalLM
 
     if (arch or "llama") != "llama":
         raise ValueError(f"--arch {arch!r}: only 'llama' is available for --init-weights scratch")
     config = llama_config(preset or "tiny", vocab_size, **ids)
-    return build_materialised(lambda: LlamaForCausalLM(config), dtype, seed)
+    return build_materialised(lambda: LlamaForCausalLM(config), dtype, seed, convert)
 
 
 def context_length(model: nn.Module) -> int | None:

@@ -41,6 +41,15 @@ SAMPLE_PROMPT_TOKENS = 8
 SAMPLE_NEW_TOKENS = 32
 
 
+def _base_quantizer(cfg: TrainConfig):
+    """--quantize on a scratch model: quantize each Linear as it is built, not the finished full-precision base."""
+    from ..quant import quantize_while_building, quantizes_before_method
+
+    if not quantizes_before_method(cfg.quantize, cfg.init):
+        return None
+    return quantize_while_building(cfg.quantize, cfg.targets)
+
+
 def token_loss_sum(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token cross-entropies over target positions, number of target positions)."""
@@ -83,7 +92,8 @@ class CausalLMTask:
             val = Blocks(self.vocab.to_compact(val.ids), val.mask)
             eos = int(self.vocab.to_compact(torch.tensor([self.eos_id]))[0])
             model = build_scratch_lm(cfg.arch, cfg.preset, len(self.vocab), cfg.seed, torch_dtype(cfg.weight_dtype),
-                                     bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+                                     convert=_base_quantizer(cfg), bos_token_id=eos, eos_token_id=eos,
+                                     pad_token_id=eos)
         train, val = train.subset(cfg.train_size), val.subset(cfg.val_size)
         self.train_blocks, self.val_blocks = train, val
         model.config.use_cache = False

@@ -5,7 +5,16 @@ LoftQ, Li et al. 2023, https://arxiv.org/abs/2310.08659 (quantization-aware LoRA
 """
 from __future__ import annotations
 
-from .convert import dequantize_model, merge, model_nbytes, quantize, quantized_layers, target_linear_names
+from .convert import (
+    dequantize_model,
+    merge,
+    model_nbytes,
+    quantize,
+    quantize_while_building,
+    quantized_layers,
+    quantizes_before_method,
+    target_linear_names,
+)
 from .functional import (
     QuantizedTensor,
     dequantize_tensor,
@@ -33,7 +42,9 @@ __all__ = [
     "nf4_code",
     "quantize",
     "quantize_tensor",
+    "quantize_while_building",
     "quantized_layers",
+    "quantizes_before_method",
     "save_quantized",
     "target_linear_names",
 ]

@@ -35,16 +35,46 @@ def quantize(model: nn.Module, bits: int = 4, targets: str | Iterable[str] = "al
     bits=4 -> NF4, bits=8 -> int8, both block-wise absmax. Returns the converted module names. Heads
     (``classifier``, ``lm_head``, ``score``) are skipped. Already-quantized layers are left alone.
     """
-    if isinstance(bits, str):
-        bits = {"nf4": 4, "int8": 8}.get(bits.lower(), bits)  # type: ignore[assignment]
-    check_bits(bits)
-    check_block_size(block_size)
+    bits = _checked_bits(bits, block_size)
     names = target_linear_names(model, targets)
     for name in names:
         linear = model.get_submodule(name)
         _set_module(model, name, QuantLinear.from_linear(linear, bits=bits, block_size=block_size,
                                                          double_quant=double_quant, merge_policy=merge_policy))
     return names
+
+
+def quantizes_before_method(quantize: str | None, init: str | None) -> bool:
+    """Whether ``--quantize`` converts the frozen base before the method exists: always, except LoftQ, which
+    quantizes after the adapter so that base and adapter approximate the weight jointly."""
+    return bool(quantize) and init != "loftq"
+
+
+def quantize_while_building(bits: int | str = 4, targets: str | Iterable[str] = "all-linear",
+                            double_quant: bool = True, block_size: int = 64, merge_policy: str = "exact"):
+    """``quantize``'s conversion as a ``meta_init.build_materialised`` hook: each targeted Linear is quantized as
+    soon as it holds its values, so the full-precision base never exists at once (the same codes as building
+    first and calling ``quantize`` after: quantization draws no random numbers)."""
+    bits = _checked_bits(bits, block_size)
+
+    def on_meta(model: nn.Module):
+        names = set(target_linear_names(model, targets))
+
+        def replace(name: str, module: nn.Module) -> nn.Module | None:
+            if name not in names or not isinstance(module, nn.Linear):
+                return None
+            return QuantLinear.from_linear(module, bits=bits, block_size=block_size, double_quant=double_quant,
+                                           merge_policy=merge_policy)
+        return replace
+    return on_meta
+
+
+def _checked_bits(bits: int | str, block_size: int) -> int:
+    if isinstance(bits, str):
+        bits = {"nf4": 4, "int8": 8}.get(bits.lower(), bits)  # type: ignore[assignment]
+    check_bits(bits)
+    check_block_size(block_size)
+    return bits  # type: ignore[return-value]
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
