@@ -32,3 +32,10 @@ def test_a_run_over_the_budget_is_estimated_not_run() -> None:
 def test_the_flag_reaches_the_child() -> None:
     assert "--return-freed-memory" in bigmodel.command("nano", "adamw-fp32", 1, Path("x"), return_freed=True)
     assert "--return-freed-memory" not in bigmodel.command("nano", "adamw-fp32", 1, Path("x"))
+
+
+def test_largest_fitting_size_per_recipe() -> None:
+    import bigmodel_plot
+
+    lines = {"small": [1.0, 2.0, 4.0, 10.0, 30.0], "none": [25.0] * 5, "all": [1.0] * 5}
+    assert bigmodel_plot.largest_fitting(lines) == {"small": "1b", "none": None, "all": "7b"}
