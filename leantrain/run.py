@@ -32,7 +32,6 @@ from .precision import cast_model, wrap_for_dtype
 
 CALIBRATION_BATCHES = 4  # training batches a data-dependent init (SHiRA gradient/SNIP masks) may look at
 HEAD_MIN_LR = 1e-3  # a fresh head learns from scratch: it never trains slower than this unless --head-lr says so
-QUANT_BITS = {"nf4": 4, "int8": 8}
 
 
 class Task(Protocol):
@@ -154,16 +153,17 @@ def shape_model(model: nn.Module, cfg: TrainConfig, method: Method, calib: Calib
     the method therefore sees ``init="default"`` and the base stays in full precision until then.
     """
     from .quant import quantize, quantized_layers, quantizes_before_method
+    from .quant.convert import BITS
 
     loftq = cfg.init == "loftq"
     # a scratch model was quantized while it was built (lm.task), with the same targets
     if quantizes_before_method(cfg.quantize, cfg.init) and not quantized_layers(model):
-        quantize(model, bits=QUANT_BITS[cfg.quantize], targets=cfg.targets)
+        quantize(model, bits=BITS[cfg.quantize], targets=cfg.targets)
     groups = method.apply(model, replace(cfg, init="default") if loftq else cfg, calib)
     if loftq:
         from .quant import apply_loftq
 
-        apply_loftq(model, "default", bits=QUANT_BITS[cfg.quantize])
+        apply_loftq(model, "default", bits=BITS[cfg.quantize])
     return groups
 
 

@@ -69,9 +69,12 @@ def quantize_while_building(bits: int | str = 4, targets: str | Iterable[str] = 
     return on_meta
 
 
+BITS = {"nf4": 4, "int8": 8}  # --quantize NAME -> bits
+
+
 def _checked_bits(bits: int | str, block_size: int) -> int:
     if isinstance(bits, str):
-        bits = {"nf4": 4, "int8": 8}.get(bits.lower(), bits)  # type: ignore[assignment]
+        bits = BITS.get(bits.lower(), bits)  # type: ignore[assignment]
     check_bits(bits)
     check_block_size(block_size)
     return bits  # type: ignore[return-value]
