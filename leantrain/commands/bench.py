@@ -24,7 +24,7 @@ from pathlib import Path
 # Every script in benchmarks/ (tests/test_bench_cli.py checks this list against the folder).
 BENCHMARKS = ("optimizers", "optimizers2", "projected", "adapters", "switching", "quantized", "dlrt", "memory", "lm",
               "distributed", "fusion", "fusion_text", "main_job_sweep", "init_compare", "bigmodel", "galore_fsdp",
-              "dcp_save", "galore_backward", "estimator_matrix")
+              "dcp_save", "galore_backward", "estimator_matrix", "bigmodel_plot")
 # Run when no name is given: the peer comparisons (the others are long sweeps or multi-process matrices).
 DEFAULT = ("optimizers", "projected", "adapters", "switching", "quantized", "dlrt", "memory", "lm")
 NO_CHECKOUT = ("the benchmarks ship with the source checkout, not the installed package: clone the repository "
