@@ -85,3 +85,30 @@ def test_ctrl_c_during_a_benchmark_is_one_line_and_exit_130(tmp_path):
     while _alive(pid) and time.time() < deadline:
         time.sleep(0.1)
     assert not _alive(pid)
+
+
+LATE_INTERRUPT = """
+import os, signal, subprocess, time
+class LateInterrupt(subprocess.Popen):
+    # Ctrl-C after the fork, before Popen returns: the moment that lost the child's handle.
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        print("child", self.pid, flush=True)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)
+subprocess.Popen = LateInterrupt
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups and SIGINT are POSIX")
+def test_ctrl_c_while_the_benchmark_is_starting_still_stops_it(tmp_path):
+    (tmp_path / "slow.py").write_text(SLOW)
+    code = LATE_INTERRUPT + CHILD.format(folder=str(tmp_path), out=str(tmp_path / "out"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["leantrain: interrupted"]
+    pid = int(next(line for line in proc.stdout.splitlines() if line.startswith("child")).split()[1])
+    deadline = time.time() + 10
+    while _alive(pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid)

@@ -19,6 +19,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 # Every script in benchmarks/ (tests/test_bench_cli.py checks this list against the folder).
@@ -73,12 +74,28 @@ def list_benchmarks(folder: Path) -> str:
 
 def run_script(cmd: list[str]) -> int:
     """Run one benchmark in its own session; on Ctrl-C stop it and its children quietly, then re-raise."""
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    proc, interrupted = _start_uninterrupted(cmd)
     try:
+        if interrupted:
+            raise KeyboardInterrupt
         return proc.wait()
     except KeyboardInterrupt:
         _stop(proc)
         raise
+
+
+def _start_uninterrupted(cmd: list[str]) -> tuple[subprocess.Popen, bool]:
+    """Start the script with Ctrl-C deferred: a KeyboardInterrupt raised inside ``Popen`` after the fork would lose
+    the handle of a child that runs in its own session, so nothing would stop it. Returns (process, interrupted)."""
+    if threading.current_thread() is not threading.main_thread():
+        return subprocess.Popen(cmd, start_new_session=True), False
+    seen: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+    try:
+        proc = subprocess.Popen(cmd, start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return proc, bool(seen)
 
 
 def _stop(proc: subprocess.Popen) -> None:
