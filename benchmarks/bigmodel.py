@@ -4,7 +4,7 @@
 
 Each (size, recipe) runs ``leantrain train --task causal-lm --init-weights scratch`` in its own child process on
 the bible corpus (batch 1 x 256 tokens, --val-size 4) and reads the child's ``metrics.json``: the measured
-``peak_rss_bytes`` (getrusage in the child), ``estimated_peak_bytes`` (leantrain/preflight.py) and s/step of the
+``peak_rss_bytes`` (the child's own VmHWM), ``estimated_peak_bytes`` (leantrain/preflight.py) and s/step of the
 loop (the first step includes GaLore's first projector refresh, so steps 2.. are timed separately from the log's
 timestamps where available). A size whose estimate exceeds ``--budget`` (default: available RAM) is not run; the
 table then shows the estimate only. Run one at a time on a quiet machine; the big sizes need most of the RAM.

@@ -9,7 +9,7 @@ child process assembles exactly the run ``leantrain train --task causal-lm --ini
 size) and measures its first two training steps -- the larger peak is the run's: optimizer states are created and
 GaLore computes its first bases in step 1, but under ``--layerwise`` all states sit beside all activations only
 from step 2 on -- with the CPU profiler's allocation events (``leantrain.memory.measuring.measure_run``: the
-exact tensor bytes), and, in a second child without the profiler, the same two steps' peak RSS (``getrusage``,
+exact tensor bytes), and, in a second child without the profiler, the same two steps' peak RSS (``VmHWM``,
 building included). Beside them: the estimator's
 tensor peak for the same config (``estimate_config`` with the corpus vocabulary) and the pre-flight's process
 estimate (that + ``preflight.RUNTIME_BYTES``). Goal (issue 19 item 6): both within +-10 %. ``--return-freed-memory``
@@ -22,7 +22,6 @@ import argparse
 import itertools
 import json
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +53,7 @@ def child(row: dict, optim: str, out: str, return_freed: bool = False, mode: str
     themselves hundreds of MB at 350m), for the process's peak RSS."""
     from leantrain.memory import estimate_config
     from leantrain.memory.measuring import assembled_step, measure_run
+    from leantrain.memory.rss import peak_rss_bytes
     from leantrain.preflight import RUNTIME_BYTES
 
     cfg = train_config(row, optim, out, return_freed)
@@ -61,7 +61,7 @@ def child(row: dict, optim: str, out: str, return_freed: bool = False, mode: str
         step, _ = assembled_step(cfg)
         step()
         step()
-        return {"rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        return {"rss_peak": peak_rss_bytes()}
     measured, run = measure_run(cfg, steps=2)
     report = estimate_config(cfg, vocab_size=int(run.model.config.vocab_size))
     return {**row, "optim": optim, "return_freed_memory": return_freed, "tensor_peak": measured.peak,

@@ -6,7 +6,6 @@ FSDP2 ``DTensor.numel()`` is the global count, so shards are counted with ``to_l
 from __future__ import annotations
 
 import math
-import resource
 import time
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 from .config import DEMO_DATA, DEMO_SIZES, TrainConfig
 from .dist_utils import local_bytes, optimizer_state_bytes_local
 from .loop import LoopResult
+from .memory.rss import peak_rss_bytes
 from .run import Run, trainable_parameters
 
 LAST_LOSSES = 20  # train_loss_last averages this many final finite step losses
@@ -36,7 +36,7 @@ def memory_figures(run: Run, final_state: dict[str, torch.Tensor]) -> dict[str, 
         "param_bytes": local_bytes(model.parameters()) + local_bytes(model.buffers()),
         "grad_bytes": local_bytes(trainable),
         "optimizer_state_bytes": optimizer_state_bytes_local(run.optimizer),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
         **run.memory_plan,  # the pre-flight estimate beside the measured peak
         **layerwise_figures(run),
     }

@@ -13,7 +13,6 @@ import bigmodel
 BIG_BUDGET = 64 * bigmodel.GIB
 
 
-@pytest.mark.slow  # passes alone; failed inside the full default run (interaction not yet found, see issue 19)
 @pytest.mark.parametrize("recipe", list(bigmodel.RECIPES))
 def test_every_recipe_runs_and_reports_estimate_and_rss(recipe: str) -> None:
     row = bigmodel.run_one("nano", recipe, steps=2, budget=BIG_BUDGET, return_freed=recipe == "adamw-bf16")
