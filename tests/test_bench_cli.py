@@ -38,8 +38,11 @@ def test_without_a_source_checkout_bench_refuses_in_one_line(monkeypatch, capsys
     assert len(err) == 1 and "source checkout" in err[0]
 
 
+# Ctrl-C's usual disposition, as a terminal's foreground job has it: a test session started in the background
+# (`make test &`, nohup) ignores SIGINT, its children inherit that, and Python then never raises KeyboardInterrupt.
 CHILD = """
-import sys
+import signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from pathlib import Path
 from leantrain.commands import bench
 from leantrain.cli import main
