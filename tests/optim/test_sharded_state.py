@@ -59,6 +59,7 @@ def _worker(rank: int, world: int, init: str, cls_name: str, out: str) -> None:
         result = {f"param.{i}": p.full_tensor().contiguous() for i, p in enumerate(ps)}
         result.update({f"state.{i}.{k}": v.contiguous() for i, p in enumerate(ps) for k, v in opt.state[p].items()})
         save_file(result, os.path.join(out, f"rank{rank}.safetensors"))
+        dist.barrier()  # as leantrain.dist.shutdown: no rank tears gloo down while a peer still talks to it
     finally:
         dist.destroy_process_group()
 
