@@ -21,7 +21,6 @@ import argparse
 import copy
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from leantrain import adapters
 from leantrain.adapters.shira import ShiraConfig
 from leantrain.commands.switch import build_stack
+from leantrain.memory.rss import peak_rss_bytes
 
 BERT_LINEARS = ["query", "key", "value", "dense"]  # every encoder Linear of MiniLM (= our "all-linear")
 
@@ -124,22 +124,14 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _reset_peak() -> bool:
-    """Reset the kernel's high-water mark (VmHWM) so start-up/import peaks are not counted (Linux >= 4.0)."""
+def _reset_peak() -> None:
+    """Reset the kernel's high-water mark (VmHWM) so start-up/import peaks are not counted (Linux >= 4.0; elsewhere
+    the peak is the whole process's)."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        return True
     except OSError:
-        return False
-
-
-def _peak_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+        pass
 
 
 def child_memory(method: str, layers: int, dim: int, rank: int, tokens: int, steps: int) -> dict:
@@ -182,9 +174,9 @@ def child_memory(method: str, layers: int, dim: int, rank: int, tokens: int, ste
     x = torch.randn(tokens, dim)
     target = torch.randn(tokens, dim)
     before = _rss_mb()
-    reset = _reset_peak()
+    _reset_peak()  # where it works, the peak below counts training only
     times, trainable = train(adapt(model, layers, rank), x, target, steps)
-    peak = _peak_mb() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_bytes() / 2**20
     return {"method": method, "trainable": trainable, "model_rss_mb": before,
                 "peak_rss_mb": peak, "training_overhead_mb": peak - before, "step_ms": statistics.median(times[1:] or times)}
 
