@@ -97,7 +97,7 @@ def test_ctrl_c_during_a_benchmark_is_one_line_and_exit_130(tmp_path):
         os.killpg(proc.pid, signal.SIGINT)
         try:
             _, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:  # rare, only seen inside long test runs: say where each process was
+        except subprocess.TimeoutExpired:  # say where each process was (how the ignored-SIGINT cause was found)
             pytest.fail(f"no exit 60 s after Ctrl-C: {_where(proc.pid)}; benchmark {_where(_pid_in(tmp_path))}")
     finally:
         proc.kill()
